@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""sharp-fpn: UNet++, UNet3+ and UNet# skip connections for detectron2 and the UNet family.
+
+Install with ``make`` (see README.md): torch and detectron2 are installed by tools/bootstrap.py
+before this package, since neither can be expressed as a plain PyPI requirement here.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+version = {}
+exec((ROOT / "sharp_fpn" / "version.py").read_text(), version)
+
+setup(
+    name="sharp-fpn",
+    version=version["__version__"],
+    description="Redesigned skip connections (UNet++, UNet3+, UNet#) as detectron2 FPN necks "
+    "and UNet-family models, for nuclei and medical image segmentation",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=("sharp_fpn", "sharp_fpn.*")),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.0",
+        "torchvision",
+        "numpy>=1.24",
+        "pycocotools>=2.0.7",
+        "opencv-python-headless>=4.8",
+        "scikit-image>=0.22",
+        "scikit-learn>=1.3",
+        "tifffile>=2023.7",
+        "Pillow>=10",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "fvcore>=0.1.5,<0.1.6",
+    ],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6.80"]},
+)
