@@ -1,0 +1,215 @@
+"""Training and evaluation glue for detectron2: the trainer, its evaluators, set-up and launch.
+
+``tools/train_net.py`` is a thin command line over this module.
+
+What differs from detectron2's ``DefaultTrainer``:
+
+* evaluators: COCO box/mask AP (with maxDets raised to ``TEST.DETECTIONS_PER_IMAGE``, and
+  detectron2's fast C++ COCOeval only where the compiled ops exist) plus the DSB2018 score and
+  foreground IoU/Dice (:class:`~sharp_fpn.evaluation.evaluators.DSBEvaluator`);
+* checkpoints are written to a temporary name and renamed when whole, ``last_checkpoint`` too,
+  so a run killed at any moment resumes from its last complete checkpoint;
+* on a machine without CUDA, ``--num-gpus N`` starts N CPU processes over gloo (detectron2
+  v0.6's ``launch`` requires CUDA and NCCL, and its DDP wrapper passes ``device_ids``, which CPU
+  modules reject).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.engine import launch as d2_launch
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from .config import add_sharp_fpn_config
+from .data.datasets import DATASETS, prepare
+from .evaluation.evaluators import DSBEvaluator
+
+
+def has_compiled_ops() -> bool:
+    """Whether detectron2's compiled ops exist (False for the Python-only fallback install)."""
+    try:
+        from detectron2 import _C
+    except ImportError:
+        return False
+    return not getattr(_C, "IS_STAND_IN", False)
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """A :class:`DetectionCheckpointer` whose files are written whole or not at all."""
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        target = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {target}")
+        _atomic_write(target, lambda f: torch.save(data, f), "wb")
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        target = os.path.join(self.save_dir, "last_checkpoint")
+        _atomic_write(target, lambda f: f.write(last_filename_basename), "w")
+
+
+def _atomic_write(path: str, write: Callable[[Any], Any], mode: str) -> None:
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _ddp_kwargs(cfg: CfgNode) -> dict:
+    """DDP arguments: no ``device_ids`` for CPU modules (one process per CPU worker)."""
+    if cfg.MODEL.DEVICE == "cpu":
+        return {"device_ids": None}
+    return {}
+
+
+class Trainer(DefaultTrainer):
+    """detectron2's DefaultTrainer with nuclei evaluators, atomic checkpoints and CPU DDP."""
+
+    def __init__(self, cfg: CfgNode) -> None:
+        # DefaultTrainer.__init__ as in detectron2 v0.6, but with our DDP arguments and
+        # checkpointer; TrainerBase.__init__ sets up the hook list.
+        super(DefaultTrainer, self).__init__()
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
+            if name in DATASETS:
+                prepare(name)
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False, **_ddp_kwargs(cfg))
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+
+def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+    """COCO AP (bbox, and segm when masks are on) and the DSB2018 score, IoU and Dice."""
+    if dataset_name in DATASETS:
+        prepare(dataset_name)
+    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+    evaluators = [
+        COCOEvaluator(
+            dataset_name,
+            tasks=tasks,
+            distributed=True,
+            output_dir=output_folder,
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            use_fast_impl=has_compiled_ops(),
+        )
+    ]
+    if cfg.MODEL.MASK_ON:
+        evaluators.append(
+            DSBEvaluator(
+                dataset_name,
+                score_threshold=cfg.TEST.DSB.SCORE_THRESHOLD,
+                distributed=True,
+                output_dir=output_folder,
+            )
+        )
+    return DatasetEvaluators(evaluators)
+
+
+def get_config(config_file: str | None = None, opts: Sequence[str] = ()) -> CfgNode:
+    """detectron2's defaults + sharp-fpn's keys, then ``config_file`` and ``opts`` merged in.
+
+    An unknown key in either fails with detectron2's ``KeyError`` naming it.
+    """
+    cfg = get_cfg()
+    add_sharp_fpn_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.SOLVER.IMS_PER_BATCH % max(comm.get_world_size(), 1):
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} does not divide by the "
+            f"{comm.get_world_size()} processes"
+        )
+    return cfg
+
+
+def setup(args: Any) -> CfgNode:
+    """Config from ``args.config_file`` and ``args.opts``, frozen; detectron2's default set-up."""
+    cfg = get_config(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def _find_free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cpu_worker(rank: int, main_func: Callable, world_size: int, dist_url: str, args: tuple) -> None:
+    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank)
+    comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world_size)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(
+    main_func: Callable,
+    num_processes: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str | None = None,
+    args: tuple = (),
+) -> None:
+    """detectron2's ``launch`` with GPUs; without CUDA, ``num_processes`` CPU workers over gloo."""
+    if torch.cuda.is_available() or num_processes <= 1:
+        d2_launch(main_func, num_processes, num_machines, machine_rank, dist_url, args=args)
+        return
+    if num_machines != 1:
+        raise ValueError("multi-machine runs need CUDA; on CPU use one machine")
+    if not dist_url or dist_url == "auto":
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    mp.spawn(_cpu_worker, nprocs=num_processes, args=(main_func, num_processes, dist_url, args))
