@@ -7,8 +7,6 @@
 
 Without CUDA, ``--num-gpus N`` runs N CPU processes (gloo); add ``MODEL.DEVICE cpu``.
 """
-
-
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm

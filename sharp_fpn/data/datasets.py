@@ -1,0 +1,202 @@
+"""The project's datasets, registered with detectron2 when ``sharp_fpn`` is imported.
+
+All data live under ``$DETECTRON2_DATASETS`` (default ``./datasets``)::
+
+    datasets/
+      dsb2018/                      # unzip Kaggle's 2018 Data Science Bowl (or BBBC038) here
+        stage1_train/<ImageId>/{images,masks}/
+        stage1_train_labels.csv
+        stage1_test/<ImageId>/images/
+        stage1_solution.csv
+        annotations/                # written by sharp-fpn: COCO json and the train/val split
+      nuclei_synth/                 # the embedded default: generated on first use
+        stage1_train/ ...
+        annotations/
+
+==========================  ==========================================================
+name                        content
+==========================  ==========================================================
+``dsb2018_train``           stage1_train minus the validation fifth (the paper's split)
+``dsb2018_val``             20 % of stage1_train: sklearn's ``train_test_split(ids,
+                            test_size=0.2, random_state=41)`` over the sorted ImageIds
+``dsb2018_stage1_test``     stage1_test, labels from stage1_solution.csv
+``nuclei_synth_train``      the synthetic set (DSB2018 layout), same split rule
+``nuclei_synth_val``
+==========================  ==========================================================
+
+Annotations are converted to COCO json the first time a dataset is used, and the split is
+written to ``annotations/<split>_split.json`` so that it never drifts, even if the folder later
+gains or loses images. Preparation holds a file lock, so the processes of a distributed run can
+all ask for the same dataset.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+SPLIT_RANDOM_STATE = 41
+SPLIT_VAL_FRACTION = 0.2
+
+#: The embedded default: DSB2018's layout and its common small image sizes (HxW).
+SYNTH_NUM_IMAGES = 60
+SYNTH_SEED = 2018
+SYNTH_SIZES = ((256, 256), (256, 320), (360, 360), (260, 347))
+
+DSB2018_WHERE = (
+    "Get the Kaggle 2018 Data Science Bowl data (https://www.kaggle.com/c/data-science-bowl-2018"
+    "/data: stage1_train.zip, stage1_train_labels.csv, stage1_test.zip, stage1_solution.csv) or "
+    "BBBC038 (https://bbbc.broadinstitute.org/BBBC038) and unzip it so that {folder} holds "
+    "stage1_train/<ImageId>/images/<ImageId>.png; see datasets/README.md."
+)
+
+
+@dataclass(frozen=True)
+class NucleiDataset:
+    """Where one registered dataset comes from."""
+
+    folder: str  # under the datasets root
+    split: str  # DSB2018 split folder, e.g. "stage1_train"
+    labels_csv: Optional[str] = None  # run-length labels (relative to folder); None: masks/
+    subset: Optional[str] = None  # "train" or "val" of the split; None: all of it
+    synthetic: bool = False  # generate the folder on first use
+
+    def root(self) -> Path:
+        return datasets_root() / self.folder
+
+    def annotation_dir(self) -> Path:
+        return self.root() / "annotations"
+
+    def json_file(self) -> Path:
+        suffix = f"_{self.subset}" if self.subset else ""
+        return self.annotation_dir() / f"{self.split}{suffix}.json"
+
+
+DATASETS: dict[str, NucleiDataset] = {
+    "dsb2018_train": NucleiDataset("dsb2018", "stage1_train", subset="train"),
+    "dsb2018_val": NucleiDataset("dsb2018", "stage1_train", subset="val"),
+    "dsb2018_stage1_test": NucleiDataset("dsb2018", "stage1_test", "stage1_solution.csv"),
+    "nuclei_synth_train": NucleiDataset("nuclei_synth", "stage1_train", subset="train", synthetic=True),
+    "nuclei_synth_val": NucleiDataset("nuclei_synth", "stage1_train", subset="val", synthetic=True),
+}
+
+
+def datasets_root() -> Path:
+    """``$DETECTRON2_DATASETS``, default ``./datasets`` (detectron2's convention)."""
+    return Path(os.environ.get("DETECTRON2_DATASETS", "datasets")).expanduser()
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".sharp_fpn.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def split_ids(ids: list[str]) -> dict[str, list[str]]:
+    """The paper's split: ``train_test_split(sorted(ids), test_size=0.2, random_state=41)``."""
+    from sklearn.model_selection import train_test_split
+
+    train, val = train_test_split(
+        sorted(ids), test_size=SPLIT_VAL_FRACTION, random_state=SPLIT_RANDOM_STATE
+    )
+    return {"train": sorted(train), "val": sorted(val)}
+
+
+def _subset(coco: dict, keep: set[str]) -> dict:
+    images = [im for im in coco["images"] if im["image_key"] in keep]
+    ids = {im["id"] for im in images}
+    return {
+        **coco,
+        "images": images,
+        "annotations": [a for a in coco["annotations"] if a["image_id"] in ids],
+    }
+
+
+def _ensure_source(name: str, spec: NucleiDataset) -> None:
+    root = spec.root()
+    if spec.synthetic and not (root / spec.split).is_dir():
+        from .synthetic import write_dataset
+
+        print(f"[sharp_fpn] {name}: generating the synthetic nuclei set in {root} (first use)")
+        write_dataset(root, SYNTH_NUM_IMAGES, SYNTH_SEED, split=spec.split, sizes=SYNTH_SIZES)
+    if not (root / spec.split).is_dir():
+        raise FileNotFoundError(
+            f"dataset {name!r}: {root / spec.split} does not exist. "
+            + DSB2018_WHERE.format(folder=root)
+        )
+    if spec.labels_csv and not (root / spec.labels_csv).is_file():
+        raise FileNotFoundError(
+            f"dataset {name!r}: {root / spec.labels_csv} does not exist. "
+            + DSB2018_WHERE.format(folder=root)
+        )
+
+
+def prepare(name: str) -> Path:
+    """Make sure dataset ``name``'s COCO json exists (converting on first use); return its path."""
+    spec = DATASETS[name]
+    target = spec.json_file()
+    if target.is_file():
+        return target
+    with _locked(spec.root()):
+        if target.is_file():  # another process made it while we waited
+            return target
+        _ensure_source(name, spec)
+        from .dsb2018 import convert_split, write_json_atomic
+
+        full_json = spec.annotation_dir() / f"{spec.split}.json"
+        if not full_json.is_file():
+            csv = spec.root() / spec.labels_csv if spec.labels_csv else None
+            print(f"[sharp_fpn] {name}: converting {spec.root() / spec.split} to {full_json}")
+            write_json_atomic(convert_split(spec.root(), spec.split, labels_csv=csv), full_json)
+        if spec.subset:
+            coco = json.loads(full_json.read_text())
+            split_file = spec.annotation_dir() / f"{spec.split}_split.json"
+            if split_file.is_file():
+                split = json.loads(split_file.read_text())
+            else:
+                split = split_ids([im["image_key"] for im in coco["images"]])
+                split["rule"] = (
+                    f"sklearn train_test_split(sorted ImageIds, test_size={SPLIT_VAL_FRACTION}, "
+                    f"random_state={SPLIT_RANDOM_STATE})"
+                )
+                write_json_atomic(split, split_file)
+            known = {im["image_key"] for im in coco["images"]}
+            missing = sorted(set(split[spec.subset]) - known)
+            if missing:
+                raise FileNotFoundError(
+                    f"dataset {name!r}: {split_file} lists {len(missing)} image(s) that "
+                    f"{spec.root() / spec.split} lacks, e.g. {missing[0]}; restore them, or delete "
+                    f"{spec.annotation_dir()} to convert and split the folder anew"
+                )
+            write_json_atomic(_subset(coco, set(split[spec.subset])), target)
+    return target
+
+
+def register_all() -> None:
+    """Register every dataset of :data:`DATASETS` with detectron2 (idempotent)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import load_coco_json
+
+    for name, spec in DATASETS.items():
+        if name in DatasetCatalog.list():
+            continue
+
+        def load(name: str = name, spec: NucleiDataset = spec) -> list[dict]:
+            return load_coco_json(str(prepare(name)), str(spec.root()), name)
+
+        DatasetCatalog.register(name, load)
+        MetadataCatalog.get(name).set(
+            thing_classes=["nucleus"],
+            evaluator_type="coco",
+            json_file=str(spec.json_file()),
+            image_root=str(spec.root()),
+        )
