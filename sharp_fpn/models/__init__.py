@@ -1,0 +1,17 @@
+"""Pure-PyTorch models of sharp-fpn (no detectron2 here): blocks, the grid decoder, the UNet family."""
+from .blocks import ConvNormReLU, VGGBlock, get_norm, he_init_, resample
+from .grid_decoder import GridDecoder
+from .unet import ARCHS, GridUNet, VGGEncoder, create_model
+
+__all__ = [
+    "ARCHS",
+    "ConvNormReLU",
+    "GridDecoder",
+    "GridUNet",
+    "VGGBlock",
+    "VGGEncoder",
+    "create_model",
+    "get_norm",
+    "he_init_",
+    "resample",
+]

@@ -1,0 +1,172 @@
+"""``GridDecoder``: the decoder of any scheme, built only from ``sharp_fpn.grid``'s listing."""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..grid import FULL_SCALE, Input, Node, Position, build_grid, node_name
+from .blocks import UPSAMPLE_MODES, ConvNormReLU, get_norm, he_init_, node_block, resample
+
+FULL_SCALE_OPS = ("upsample", "conv")
+Features = Union[Sequence[Tensor], Mapping[int, Tensor]]
+
+
+def _key(position: Position) -> str:
+    return f"{position[0]}_{position[1]}"
+
+
+class GridDecoder(nn.Module):
+    """Every decoder node (column ``j >= 1``) of one scheme, fed with given column-0 features.
+
+    The grid's column 0 (the encoder) is the input: a backbone's features, one map per level.
+    Each decoder node ``X[I][J]`` resamples its inputs to the size of ``X[I][0]``, concatenates
+    them in the grid's order and applies its op. Nothing here names a node: walk the listing,
+    attach an op per input role.
+
+    Ops per input role:
+
+    - ``dense``, ``up`` (and UNet3+'s ``encoder_down``, ``decoder_up``): resampling only
+      (``up`` uses ``upsample_mode``, pooling is max-pooling).
+    - ``full_scale`` (UNet#'s ``F``): ``full_scale="upsample"`` (the official code's live
+      version) upsamples only, channels unchanged; ``full_scale="conv"`` (its commented-out
+      version) upsamples, then a conv3x3 to ``full_scale_channels`` (one conv per source node,
+      shared by all its uses), one norm shared by all full-scale terms, ReLU.
+    - UNet3+ (nodes with ``project_inputs``): every resampled input through its own ``f`` to
+      ``project_channels``, then the node's op on the concatenation.
+
+    Args:
+        scheme: ``"unet"``, ``"2plus"``, ``"3plus"`` or ``"sharp"``.
+        depth: ``L``; levels ``0..L``, level ``i`` at half the resolution of level ``i-1``.
+        in_channels: channels of the column-0 feature of each level ``0..L`` (``L + 1`` ints).
+        widths: output channels of the decoder nodes of each level ``0..L-1`` (``L`` ints, or
+            one int for all); level ``L`` holds only the column-0 node.
+        block: the node op: ``"f2"`` (two conv3x3-norm-ReLU, the paper's) or ``"f"`` (one).
+        norm: ``"BN"``, ``"GN"`` or ``""``.
+        full_scale: ``"upsample"`` or ``"conv"`` (see above; UNet# only).
+        full_scale_channels: output channels of the ``"conv"`` full-scale op (32 officially).
+        project_channels: UNet3+'s common width of the projected inputs (CatChannels, 32).
+        upsample_mode: ``F.interpolate`` mode of every upsampling: ``"bilinear"`` (official,
+            ``align_corners=True``) or ``"nearest"`` (detectron2's FPN).
+
+    Attributes:
+        grid: the ``sharp_fpn.grid.Grid`` listing this decoder computes.
+        node_channels: ``{(i, j): channels}`` of every node's output, column 0 included.
+    """
+
+    def __init__(
+        self,
+        scheme: str,
+        depth: int,
+        in_channels: Sequence[int],
+        widths: Union[int, Sequence[int]],
+        *,
+        block: str = "f2",
+        norm: str = "BN",
+        full_scale: str = "upsample",
+        full_scale_channels: int = 32,
+        project_channels: int = 32,
+        upsample_mode: str = "bilinear",
+    ):
+        super().__init__()
+        self.grid = build_grid(scheme, depth)
+        if len(in_channels) != depth + 1:
+            raise ValueError(
+                f"in_channels needs one entry per level 0..{depth} ({depth + 1}), got {list(in_channels)}"
+            )
+        widths = [widths] * depth if isinstance(widths, int) else list(widths)
+        if len(widths) != depth:
+            raise ValueError(
+                f"widths needs one entry per decoder level 0..{depth - 1} ({depth}), got {widths}"
+            )
+        if full_scale not in FULL_SCALE_OPS:
+            raise ValueError(f"full_scale must be one of {FULL_SCALE_OPS}, got {full_scale!r}")
+        if upsample_mode not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}, got {upsample_mode!r}")
+        self.full_scale = full_scale
+        self.upsample_mode = upsample_mode
+
+        self.node_channels: Dict[Position, int] = {}
+        for node in self.grid:
+            i, j = node.position
+            self.node_channels[node.position] = in_channels[i] if j == 0 else widths[i]
+
+        self.blocks = nn.ModuleDict()
+        self.projections = nn.ModuleDict()
+        self.full_scale_convs = nn.ModuleDict()
+        uses_full_scale = False
+        for node in self.grid:
+            if node.column == 0:
+                continue
+            in_width = 0
+            for x in node.inputs:
+                source_channels = self.node_channels[x.source]
+                if node.project_inputs:
+                    in_width += project_channels
+                elif x.role == FULL_SCALE and full_scale == "conv":
+                    in_width += full_scale_channels
+                    if _key(x.source) not in self.full_scale_convs:
+                        self.full_scale_convs[_key(x.source)] = nn.Conv2d(
+                            source_channels, full_scale_channels, 3, padding=1
+                        )
+                else:
+                    in_width += source_channels
+                uses_full_scale |= x.role == FULL_SCALE
+            if node.project_inputs:
+                self.projections[_key(node.position)] = nn.ModuleList(
+                    ConvNormReLU(self.node_channels[x.source], project_channels, norm) for x in node.inputs
+                )
+            self.blocks[_key(node.position)] = node_block(block, in_width, widths[node.level], norm)
+        self.full_scale_norm = (
+            get_norm(norm, full_scale_channels) if uses_full_scale and full_scale == "conv" else None
+        )
+        he_init_(self)
+
+    def forward(self, features: Features, level: Optional[int] = None) -> Dict[Position, Tensor]:
+        """Compute the decoder nodes.
+
+        Args:
+            features: the column-0 maps ``X[i][0]``, ``(N, in_channels[i], H_i, W_i)`` with
+                ``H_i ~ H_0 / 2**i``, as a list indexed by level or a ``{level: tensor}`` dict.
+            level: compute only the sub-network pruned to this level (nodes needed by
+                ``X[0][level]``; ``i + j <= level`` for the nested schemes); then only the
+                features of levels ``0..level`` are read.
+
+        Returns:
+            ``{(i, j): (N, node_channels[(i, j)], H_i, W_i)}`` for every computed node,
+            column 0 included (``grid.decoder_outputs`` lists the anti-diagonal).
+        """
+        grid = self.grid if level is None else self.grid.pruned(level)
+        nodes: Dict[Position, Tensor] = {}
+        for node in grid:
+            i, j = node.position
+            if j == 0:
+                x = features[i]
+                if x.shape[1] != self.node_channels[(i, 0)]:
+                    raise ValueError(
+                        f"GridDecoder: the level-{i} feature has {x.shape[1]} channels, "
+                        f"expected in_channels[{i}] = {self.node_channels[(i, 0)]}"
+                    )
+                nodes[(i, 0)] = x
+                continue
+            size = nodes[(i, 0)].shape[-2:]
+            parts = [self._prepare(node, k, x, nodes, size) for k, x in enumerate(node.inputs)]
+            nodes[(i, j)] = self.blocks[_key((i, j))](torch.cat(parts, dim=1))
+        return nodes
+
+    def _prepare(
+        self, node: Node, index: int, x: Input, nodes: Dict[Position, Tensor], size: torch.Size
+    ) -> Tensor:
+        """The ``index``-th input of ``node``: resampled to ``size``, through its op if it has one."""
+        t = resample(nodes[x.source], x.scale, size, self.upsample_mode)
+        if node.project_inputs:
+            return self.projections[_key(node.position)][index](t)
+        if x.role == FULL_SCALE and self.full_scale == "conv":
+            return F.relu(self.full_scale_norm(self.full_scale_convs[_key(x.source)](t)))
+        return t
+
+    def extra_repr(self) -> str:
+        outputs = ", ".join(node_name(p) for p in self.grid.decoder_outputs)
+        return f"scheme={self.grid.scheme!r}, depth={self.grid.depth}, outputs: {outputs}"
