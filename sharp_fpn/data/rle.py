@@ -6,9 +6,16 @@ nucleus appears in the label CSVs as the single run ``1 1`` (see :data:`EMPTY_IM
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 EMPTY_IMAGE_RUN = "1 1"
+
+# ASCII decimal integers only (``int()`` would also take "1_000" and non-ASCII digits). At most
+# 18 digits, so that values and their sums fit int64; longer ones cannot describe an image anyway.
+_TOKEN = re.compile(r"-?[0-9]{1,18}")
+_LONG_INTEGER = re.compile(r"-?[0-9]+")
 
 
 class RLEError(ValueError):
@@ -36,15 +43,18 @@ def parse_runs(rle: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray
     """Parse and validate ``rle`` for an image of ``shape`` (H, W).
 
     Returns 0-based ``starts`` and ``lengths`` (int64). Raises :class:`RLEError` naming the
-    problem: a token that is not an integer, an odd count, a start below 1, a zero or negative
-    length, a run past the image's last pixel, runs out of order or overlapping.
+    problem: a token that is not an ASCII decimal integer (or has more than 18 digits), an odd
+    count, a start below 1, a zero or negative length, a run past the image's last pixel, runs
+    out of order or overlapping. Touching runs (one starting where the previous one ends) are
+    accepted, as they describe a valid mask; :func:`encode` never writes them.
     """
     tokens = rle.split()
-    try:
-        values = np.array([int(t) for t in tokens], dtype=np.int64)
-    except ValueError:
-        bad = next(t for t in tokens if not t.lstrip("+-").isdigit())
-        raise RLEError(f"run-length token {bad!r} is not an integer") from None
+    for token in tokens:
+        if not _TOKEN.fullmatch(token):
+            if _LONG_INTEGER.fullmatch(token):
+                raise RLEError(f"run-length value {token} is too large for any image")
+            raise RLEError(f"run-length token {token!r} is not an integer")
+    values = np.array([int(t) for t in tokens], dtype=np.int64)
     if len(values) % 2:
         raise RLEError(f"odd number of values ({len(values)}): runs are 'start length' pairs")
     starts, lengths = values[0::2] - 1, values[1::2]
