@@ -174,3 +174,17 @@ def test_empty_evaluation_warns_and_returns_nothing(caplog):
     with caplog.at_level(logging.WARNING):
         assert evaluator.evaluate() == {}
     assert "no image was processed" in caplog.text
+
+
+def test_overlapping_annotations_earlier_keeps_the_pixel():
+    # Two 10x10 annotations overlap on columns 7..11: the first keeps them, so the true
+    # nuclei are columns 2..11 (100 px) and 12..16 (50 px), which the prediction matches.
+    record = {
+        "file_name": "overlap.png",
+        "height": H,
+        "width": W,
+        "annotations": [{"segmentation": rle(box(2, 2, 10, 10), True)},
+                        {"segmentation": rle(box(2, 7, 10, 10), True)}],
+    }
+    output = {"instances": instances([box(2, 2, 10, 10), box(2, 12, 10, 5)], [0.9, 0.9])}
+    assert run(DSBEvaluator("unused"), [record], [output])["dsb"]["score"] == 1.0

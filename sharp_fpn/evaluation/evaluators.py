@@ -9,7 +9,7 @@ import csv
 import itertools
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -69,8 +69,8 @@ class DSBEvaluator(DatasetEvaluator):
     Ground truth comes from the dataset dict's ``"annotations"`` (each with a
     ``"segmentation"``, see :func:`annotation_mask`) and its ``"height"``/``"width"``. When the
     inputs carry no ``"annotations"`` (detectron2's test-time ``DatasetMapper`` drops them),
-    they are looked up by ``"image_id"`` in ``DatasetCatalog.get(dataset_name)``. Overlapping
-    true masks are resolved as :func:`labels_from_instances` does, earlier annotation first.
+    they are looked up by ``"image_id"`` in ``DatasetCatalog.get(dataset_name)``. Where true
+    masks overlap, the earlier annotation keeps the pixel.
 
     The prediction is ``output["instances"]`` with ``pred_masks`` (``(N, height, width)``
     bool, as ``detector_postprocess`` gives) and ``scores``; instances scoring below
@@ -124,21 +124,23 @@ class DSBEvaluator(DatasetEvaluator):
             )
         return self._gt_by_image_id[image_id]
 
-    def _true_labels(self, record: Dict[str, Any]) -> np.ndarray:
-        """``(H, W)`` int32 label image of the ground truth of one dataset dict."""
-        where = record.get("file_name", f"image_id {record.get('image_id')!r}")
+    def _true_labels(self, record: Dict[str, Any], where: str) -> np.ndarray:
+        """``(H, W)`` int32 label image of one dataset dict's annotations, 1..N in their
+        order; where annotations overlap, the earlier one keeps the pixel."""
         if "height" not in record or "width" not in record:
             raise ValueError(f"{where}: dataset dict needs 'height' and 'width'")
         height, width = int(record["height"]), int(record["width"])
-        masks = []
+        labels = np.zeros((height, width), dtype=np.int32)
         for k, ann in enumerate(record["annotations"]):
             if "segmentation" not in ann:
                 raise ValueError(f"{where}: annotation {k} has no 'segmentation'")
-            masks.append(annotation_mask(ann["segmentation"], height, width, where))
-        stacked = np.stack(masks) if masks else np.zeros((0, height, width), dtype=bool)
-        return labels_from_instances(stacked)
+            mask = annotation_mask(ann["segmentation"], height, width, where)
+            np.putmask(labels, mask & (labels == 0), k + 1)
+        return labels
 
-    def _pred_labels(self, output: Dict[str, Any], shape: tuple, where: str) -> np.ndarray:
+    def _pred_labels(
+        self, output: Dict[str, Any], shape: Tuple[int, int], where: str
+    ) -> np.ndarray:
         """``(H, W)`` int32 label image of the kept predicted instances of one output."""
         instances = output["instances"].to("cpu")
         if not instances.has("pred_masks"):
@@ -158,7 +160,7 @@ class DSBEvaluator(DatasetEvaluator):
         for record, output in zip(inputs, outputs):
             gt = self._ground_truth(record)
             where = gt.get("file_name", f"image_id {gt.get('image_id')!r}")
-            true_labels = self._true_labels(gt)
+            true_labels = self._true_labels(gt, where)
             pred_labels = self._pred_labels(output, true_labels.shape, where)
             self._records.append(
                 {

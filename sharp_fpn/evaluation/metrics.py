@@ -228,8 +228,9 @@ def labels_from_instances(masks: np.ndarray, scores: Optional[np.ndarray] = None
         if np.isnan(scores).any():
             raise ValueError("scores contain NaN")
         order = np.argsort(-scores, kind="stable")
-    if n == 0:
-        return np.zeros(masks.shape[1:], dtype=np.int32)
-    ranked = masks[order] != 0  # (N, H, W), best first
-    first = ranked.argmax(axis=0)  # index of the first (best) instance covering each pixel
-    return np.where(ranked.any(axis=0), first + 1, 0).astype(np.int32)
+    # Paint the worst-ranked instance first so that better ones overwrite it; one (H, W)
+    # temporary at a time, as N full-size masks can already take hundreds of MB.
+    labels = np.zeros(masks.shape[1:], dtype=np.int32)
+    for label in range(n, 0, -1):
+        np.putmask(labels, masks[order[label - 1]] != 0, label)
+    return labels
