@@ -106,6 +106,7 @@ class DSBEvaluator(DatasetEvaluator):
         self._records: List[Dict[str, Any]] = []
 
     def reset(self) -> None:
+        """Forget the images processed so far (called before each evaluation run)."""
         self._records = []
 
     def _ground_truth(self, record: Dict[str, Any]) -> Dict[str, Any]:
@@ -176,8 +177,9 @@ class DSBEvaluator(DatasetEvaluator):
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         """Means over all images (of all processes); ``{}`` off the main process or if empty.
 
-        ``n_true``/``n_pred`` in the CSV count the nuclei with at least one pixel in the label
-        images, after overlaps are resolved.
+        With an ``output_dir``, also writes one CSV row per image (sorted by file name);
+        ``n_true``/``n_pred`` there count the nuclei left with at least one pixel once
+        overlaps are resolved (and predictions thresholded).
         """
         if self._distributed:
             comm.synchronize()
