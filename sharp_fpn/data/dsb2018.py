@@ -26,6 +26,11 @@ each ImageId with a (kept) row must have its image file; an image folder with no
 left out with one warning, since a missing row cannot tell "no nucleus" (written ``1 1``) from
 "not labelled". Images whose rows all have another ``Usage`` are left out silently.
 
+``1 1`` (:data:`~sharp_fpn.data.rle.EMPTY_IMAGE_RUN`) as an image's only row marks an image
+with no nucleus: the image is listed with no annotation. Beside other rows it is what it says, a
+one-pixel nucleus at the top-left pixel. DSB2018's format cannot tell a lone one-pixel nucleus
+there from the marker; the mask folders can, so only for such an image do the two sources differ.
+
 Bad input raises :class:`DSBFormatError` naming the file or CSV line and what is wrong; an
 empty mask file is only warned about (:class:`DSBFormatWarning`) and skipped.
 """
@@ -288,12 +293,6 @@ def _convert_csv_image(task: _CsvImageTask) -> _ImageResult:
 
     runs: list[tuple[np.ndarray, np.ndarray]] = []
     for row in task.rows:
-        if " ".join(row.rle.split()) == EMPTY_IMAGE_RUN:
-            others = ", ".join(str(r.line) for r in task.rows if r is not row)
-            raise DSBFormatError(
-                f"{task.csv_name} line {row.line}: '{EMPTY_IMAGE_RUN}' marks an image with no "
-                f"nucleus, but ImageId {task.image_id!r} also has nuclei (lines {others})"
-            )
         try:
             runs.append(parse_runs(row.rle, shape))
         except RLEError as err:
