@@ -229,6 +229,17 @@ def test_stage1_solution_format_and_empty_image(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got[2], m1)
 
 
+def test_image_with_more_than_255_nuclei(tmp_path: Path) -> None:
+    """pycocotools' area() overflows past 255 RLEs per call under numpy 2: batched."""
+    write_image(tmp_path, SPLIT, "many", (20, 20), seed=0)
+    rows = [["many", f"{pixel} 1"] for pixel in range(1, 400)]
+    labels = write_csv(tmp_path / "labels.csv", ["ImageId", "EncodedPixels"], rows)
+    coco = convert_split(tmp_path, SPLIT, labels, workers=1, on_warning=lambda m: None)
+    assert len(coco["annotations"]) == 399
+    assert [a["area"] for a in coco["annotations"]] == [1] * 399
+    assert coco["annotations"][-1]["bbox"] == [19.0, 18.0, 1.0, 1.0]  # pixel 399: row 18, col 19
+
+
 def test_stage2_keeps_private_rows_only(tmp_path: Path) -> None:
     split = "stage2_test_final"
     for k, image_id in enumerate(["i1", "p1", "p2", "x9"]):

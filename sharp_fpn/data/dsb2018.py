@@ -547,7 +547,11 @@ def convert_split(
         rles = mask_utils.frPyObjects(
             [{"size": [height, width], "counts": n.counts} for n in result.nuclei], height, width
         )
-        areas = mask_utils.area(rles)
+        # pycocotools' area() sizes a scratch uint8 array by the number of RLEs, which numpy 2
+        # refuses past 255 (OverflowError): hand it at most 255 at a time.
+        areas = np.concatenate(
+            [mask_utils.area(rles[i : i + 255]) for i in range(0, len(rles), 255)]
+        )
         boxes = mask_utils.toBbox(rles)
         for rle, area, box in zip(rles, areas, boxes):
             annotations.append(

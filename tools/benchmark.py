@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Benchmarks (not tests): time the project's heavy paths on realistic inputs.
+
+    python tools/benchmark.py convert             # DSB2018 -> COCO on a DSB-size synthetic set
+
+Each subcommand prints its figures and writes them, with the machine and the arguments, to
+``output/benchmarks/<subcommand>.json`` (``--out-dir`` to change). A new benchmark is one
+function taking its parsed arguments and returning its figures, plus one that declares its
+arguments, registered in :data:`BENCHMARKS`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+DEFAULT_OUT_DIR = Path("output/benchmarks")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One subcommand: its help line, its arguments and the function that measures."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], dict[str, Any]]
+
+
+# --------------------------------------------------------------------------------------------
+# convert: DSB2018 -> COCO
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-images", type=int, default=670, help="images (%(default)s, DSB's)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed (%(default)s)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help="folder of the synthetic set, generated once and reused "
+        "(default: <out-dir>/cache/dsb_synth_<num-images>_seed<seed>)",
+    )
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (%(default)s)"
+    )
+
+
+def _synthetic_set(folder: Path, num_images: int, seed: int) -> float:
+    """Generate the synthetic DSB2018 set into ``folder`` unless it is there; return seconds."""
+    marker = folder / "benchmark_set.json"
+    wanted = {"num_images": num_images, "seed": seed, "split": "stage1_train"}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return 0.0
+    from sharp_fpn.data.synthetic import write_dataset
+
+    start = time.perf_counter()
+    write_dataset(folder, num_images, seed, split="stage1_train", overwrite=True)
+    seconds = time.perf_counter() - start
+    marker.write_text(json.dumps(wanted))
+    return seconds
+
+
+def _time_conversion(
+    root: Path, labels_csv: Optional[Path], workers: int, scratch: Path
+) -> tuple[float, dict[str, Any], str]:
+    """Convert and write the JSON as the CLI does; return seconds, the COCO dict, its sha256."""
+    from sharp_fpn.data.dsb2018 import convert_split, write_json_atomic
+
+    out = scratch / "coco.json"
+    start = time.perf_counter()
+    coco = convert_split(root, "stage1_train", labels_csv, workers=workers, on_warning=print)
+    write_json_atomic(coco, out)
+    seconds = time.perf_counter() - start
+    return seconds, coco, hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def run_convert(args: argparse.Namespace) -> dict[str, Any]:
+    """Time the folder and the CSV conversion of a DSB-size synthetic set per worker count."""
+    cache = args.cache or args.out_dir / "cache" / f"dsb_synth_{args.num_images}_seed{args.seed}"
+    generation = _synthetic_set(cache, args.num_images, args.seed)
+    sources = {"folders": None, "csv": cache / "stage1_train_labels.csv"}
+    seconds: dict[str, dict[str, float]] = {name: {} for name in sources}
+    digests = set()
+    coco: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, labels_csv in sources.items():
+            for workers in args.workers:
+                took, coco, digest = _time_conversion(cache, labels_csv, workers, Path(scratch))
+                seconds[name][str(workers)] = round(took, 2)
+                digests.add(digest)
+                print(f"{name:8s} {workers} worker(s): {took:6.1f} s")
+    masks_per_image = Counter(a["image_id"] for a in coco["annotations"])
+    sizes = Counter(f"{im['height']}x{im['width']}" for im in coco["images"])
+    lo, hi = str(min(args.workers)), str(max(args.workers))
+    return {
+        "dataset": str(cache),
+        "generation_s": round(generation, 1),  # 0: reused from the cache
+        "images": len(coco["images"]),
+        "masks": len(coco["annotations"]),
+        "masks_per_image": round(len(coco["annotations"]) / len(coco["images"]), 1),
+        "max_masks_per_image": max(masks_per_image.values(), default=0),
+        "size_mix": dict(sizes.most_common()),
+        "seconds": seconds,
+        f"speedup_{hi}_vs_{lo}_workers": {
+            name: round(s[lo] / s[hi], 2) for name, s in seconds.items()
+        },
+        "csv_vs_folders": {w: round(seconds["csv"][w] / seconds["folders"][w], 2)
+                           for w in seconds["csv"]},
+        "identical_json": len(digests) == 1,
+    }
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "convert": Benchmark(
+        "DSB2018 -> COCO conversion (folders and CSV) on a DSB-size synthetic set",
+        _convert_arguments,
+        run_convert,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _machine() -> dict[str, Any]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": cores,
+        "python": platform.python_version(),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="results folder (%(default)s)"
+    )
+    commands = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, benchmark in BENCHMARKS.items():
+        benchmark.add_arguments(commands.add_parser(name, help=benchmark.help))
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    figures = BENCHMARKS[args.benchmark].run(args)
+    record = {
+        "benchmark": args.benchmark,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "figures": figures,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"{args.benchmark}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
