@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal, Tuple
+from typing import Iterable, Iterator, Tuple
 
-Scheme = Literal["unet", "2plus", "3plus", "sharp"]
 SCHEMES: Tuple[str, ...] = ("unet", "2plus", "3plus", "sharp")
 SCHEME_NAMES = {"unet": "UNet", "2plus": "UNet++", "3plus": "UNet3+", "sharp": "UNet#"}
 
@@ -88,8 +87,9 @@ class Node:
         return (self.level, self.column)
 
     def describe(self, op: str = "f2") -> str:
-        """The node as a formula, e.g. ``X[0][2] = f2(cat[X[0][0], X[0][1], F(u^2 X[2][0]), u(X[1][1])])``.
+        """The node as a formula.
 
+        E.g. ``X[0][2] = f2(cat[X[0][0], X[0][1], F(u^2 X[2][0]), u(X[1][1])])``.
         ``op`` names the node's op; UNet3+ nodes are always written ``f(cat[f(...), ...])``.
         """
         if not self.inputs:
@@ -133,7 +133,9 @@ class Grid:
         for node in self.nodes:
             if node.position == position:
                 return node
-        raise KeyError(f"{node_name(position)} is not a node of {self.scheme} at depth {self.depth}")
+        raise KeyError(
+            f"{node_name(position)} is not a node of {self.scheme} at depth {self.depth}"
+        )
 
     @property
     def positions(self) -> Tuple[Position, ...]:
@@ -234,7 +236,8 @@ def build_grid(scheme: str, depth: int) -> Grid:
 
 def main(argv: "list[str] | None" = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m sharp_fpn.grid", description="Print which node feeds which (the paper's Eq. 1)."
+        prog="python -m sharp_fpn.grid",
+        description="Print which node feeds which (the paper's Eq. 1).",
     )
     parser.add_argument("scheme", choices=SCHEMES)
     parser.add_argument("depth", type=int, nargs="?", default=4, help="L: rows 0..L (default 4)")

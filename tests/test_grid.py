@@ -170,7 +170,8 @@ def test_describe():
     assert str(Input((1, 3), 1, UP)) == "u(X[1][3])"
     assert str(Input((0, 0), -2, ENCODER_DOWN)) == "p^2 X[0][0]"
     assert build_grid("3plus", 4)[(0, 4)].describe() == (
-        "X[0][4] = f(cat[f(X[0][0]), f(u(X[1][3])), f(u^2 X[2][2]), f(u^3 X[3][1]), f(u^4 X[4][0])])"
+        "X[0][4] = f(cat[f(X[0][0]), f(u(X[1][3])), f(u^2 X[2][2]), "
+        "f(u^3 X[3][1]), f(u^4 X[4][0])])"
     )
 
 
@@ -195,7 +196,7 @@ def test_cli_main(capsys):
 
 
 def test_cli_as_main(capsys, monkeypatch):
-    """What ``python -m sharp_fpn.grid sharp 4`` runs (in-process: importing the package is slow)."""
+    """What ``python -m sharp_fpn.grid sharp 4`` runs, in-process (a new interpreter is slow)."""
     monkeypatch.setattr(sys, "argv", ["grid.py", "sharp", "4"])
     runpy.run_path(str(ROOT / "sharp_fpn" / "grid.py"), run_name="__main__")
     assert SHARP_X04 in capsys.readouterr().out.splitlines()

@@ -1,4 +1,4 @@
-"""The pure-PyTorch UNet family and GridDecoder: exact parameter counts, shapes, gradients, order."""
+"""The pure-PyTorch UNet family and GridDecoder: parameter counts, shapes, gradients, order."""
 import ast
 import math
 from pathlib import Path
@@ -58,7 +58,8 @@ def test_full_scale_conv_is_shared_per_source():
     assert upsample.blocks["0_4"].conv1.in_channels == 4 * 32 + 512 + 256 + 128 + 64
 
 
-@pytest.mark.parametrize("arch", ["unet", "unet2plus", "unet3plus", "unet_sharp"])  # wunet = unet's code
+# one arch per scheme (wunet runs unet's code with other widths)
+@pytest.mark.parametrize("arch", ["unet", "unet2plus", "unet3plus", "unet_sharp"])
 def test_shapes_and_every_parameter_learns(arch):
     torch.manual_seed(0)
     model = create_model(arch, in_channels=1, classes=2)
@@ -153,7 +154,9 @@ def test_grid_decoder_neck_config(scheme, full_scale):
 
 @pytest.mark.parametrize("scheme", ["unet", "2plus", "3plus", "sharp"])
 def test_grid_decoder_non_power_of_two_sizes(scheme):
-    decoder = GridDecoder(scheme, 3, NECK_CHANNELS, [8, 12, 16], block="f", norm="", upsample_mode="nearest")
+    decoder = GridDecoder(
+        scheme, 3, NECK_CHANNELS, [8, 12, 16], block="f", norm="", upsample_mode="nearest"
+    )
     sizes = [(33, 47), (16, 23), (8, 11), (4, 5)]  # floor-pooled odd image
     with torch.no_grad():
         nodes = decoder(neck_features(sizes))
@@ -196,7 +199,8 @@ def test_grid_decoder_errors():
         GridDecoder("sharp", 3, NECK_CHANNELS, 8, full_scale="deconv")
     decoder = GridDecoder("unet", 3, NECK_CHANNELS, 8)
     bad = neck_features([(16, 16), (8, 8), (4, 4), (2, 2)], (16, 24, 33, 48))
-    with pytest.raises(ValueError, match="level-2 feature has 33 channels, expected in_channels\\[2\\] = 32"):
+    message = "level-2 feature has 33 channels, expected in_channels\\[2\\] = 32"
+    with pytest.raises(ValueError, match=message):
         decoder(bad)
 
 

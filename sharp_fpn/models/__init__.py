@@ -1,4 +1,4 @@
-"""Pure-PyTorch models of sharp-fpn (no detectron2 here): blocks, the grid decoder, the UNet family."""
+"""Pure-PyTorch models of sharp-fpn: blocks, the grid decoder, the UNet family (no detectron2)."""
 from .blocks import ConvNormReLU, VGGBlock, get_norm, he_init_, resample
 from .grid_decoder import GridDecoder
 from .unet import ARCHS, GridUNet, VGGEncoder, create_model

@@ -80,7 +80,7 @@ def node_block(block: str, in_channels: int, out_channels: int, norm: str = "BN"
 
 
 def resample(x: Tensor, scale: int, size: Sequence[int], mode: str = "bilinear") -> Tensor:
-    """Bring ``x`` ``(N, C, h, w)`` to ``(N, C, *size)``, where ``size`` is about ``2**scale * (h, w)``.
+    """Bring ``x`` ``(N, C, h, w)`` to ``(N, C, *size)``, ``size`` being ~``2**scale * (h, w)``.
 
     ``scale < 0``: max-pool by ``2**-scale`` (adaptive max-pooling when the sizes are not exact
     multiples). Otherwise interpolate to ``size`` with ``mode``; interpolating modes use

@@ -74,7 +74,8 @@ class GridDecoder(nn.Module):
         self.grid = build_grid(scheme, depth)
         if len(in_channels) != depth + 1:
             raise ValueError(
-                f"in_channels needs one entry per level 0..{depth} ({depth + 1}), got {list(in_channels)}"
+                f"in_channels needs one entry per level 0..{depth} ({depth + 1}), "
+                f"got {list(in_channels)}"
             )
         widths = [widths] * depth if isinstance(widths, int) else list(widths)
         if len(widths) != depth:
@@ -84,44 +85,45 @@ class GridDecoder(nn.Module):
         if full_scale not in FULL_SCALE_OPS:
             raise ValueError(f"full_scale must be one of {FULL_SCALE_OPS}, got {full_scale!r}")
         if upsample_mode not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample_mode must be one of {UPSAMPLE_MODES}, got {upsample_mode!r}")
+            raise ValueError(
+                f"upsample_mode must be one of {UPSAMPLE_MODES}, got {upsample_mode!r}"
+            )
         self.full_scale = full_scale
+        self.full_scale_channels = full_scale_channels
         self.upsample_mode = upsample_mode
 
-        self.node_channels: Dict[Position, int] = {}
-        for node in self.grid:
-            i, j = node.position
-            self.node_channels[node.position] = in_channels[i] if j == 0 else widths[i]
+        self.node_channels: Dict[Position, int] = {
+            (i, j): in_channels[i] if j == 0 else widths[i] for i, j in self.grid.positions
+        }
 
-        self.blocks = nn.ModuleDict()
-        self.projections = nn.ModuleDict()
+        # UNet# F = conv: one conv per source node (in grid order), one norm for all terms
         self.full_scale_convs = nn.ModuleDict()
-        uses_full_scale = False
+        self.full_scale_norm: Optional[nn.Module] = None
+        if full_scale == "conv":
+            sources = [x.source for n in self.grid for x in n.inputs if x.role == FULL_SCALE]
+            for source in dict.fromkeys(sources):
+                self.full_scale_convs[_key(source)] = nn.Conv2d(
+                    self.node_channels[source], full_scale_channels, 3, padding=1
+                )
+            if sources:
+                self.full_scale_norm = get_norm(norm, full_scale_channels)
+
+        self.blocks = nn.ModuleDict()  # the op of each decoder node
+        self.projections = nn.ModuleDict()  # UNet3+: one f per input of each node
         for node in self.grid:
             if node.column == 0:
                 continue
-            in_width = 0
-            for x in node.inputs:
-                source_channels = self.node_channels[x.source]
-                if node.project_inputs:
-                    in_width += project_channels
-                elif x.role == FULL_SCALE and full_scale == "conv":
-                    in_width += full_scale_channels
-                    if _key(x.source) not in self.full_scale_convs:
-                        self.full_scale_convs[_key(x.source)] = nn.Conv2d(
-                            source_channels, full_scale_channels, 3, padding=1
-                        )
-                else:
-                    in_width += source_channels
-                uses_full_scale |= x.role == FULL_SCALE
             if node.project_inputs:
                 self.projections[_key(node.position)] = nn.ModuleList(
-                    ConvNormReLU(self.node_channels[x.source], project_channels, norm) for x in node.inputs
+                    ConvNormReLU(self.node_channels[x.source], project_channels, norm)
+                    for x in node.inputs
                 )
-            self.blocks[_key(node.position)] = node_block(block, in_width, widths[node.level], norm)
-        self.full_scale_norm = (
-            get_norm(norm, full_scale_channels) if uses_full_scale and full_scale == "conv" else None
-        )
+                concat_width = project_channels * len(node.inputs)
+            else:
+                concat_width = sum(self._concat_width(x) for x in node.inputs)
+            self.blocks[_key(node.position)] = node_block(
+                block, concat_width, widths[node.level], norm
+            )
         he_init_(self)
 
     def forward(self, features: Features, level: Optional[int] = None) -> Dict[Position, Tensor]:
@@ -156,10 +158,16 @@ class GridDecoder(nn.Module):
             nodes[(i, j)] = self.blocks[_key((i, j))](torch.cat(parts, dim=1))
         return nodes
 
+    def _concat_width(self, x: Input) -> int:
+        """Channels that input ``x`` contributes to its node's concatenation (non-UNet3+ nodes)."""
+        if x.role == FULL_SCALE and self.full_scale == "conv":
+            return self.full_scale_channels
+        return self.node_channels[x.source]
+
     def _prepare(
         self, node: Node, index: int, x: Input, nodes: Dict[Position, Tensor], size: torch.Size
     ) -> Tensor:
-        """The ``index``-th input of ``node``: resampled to ``size``, through its op if it has one."""
+        """The ``index``-th input of ``node``, resampled to ``size``, through its op if any."""
         t = resample(nodes[x.source], x.scale, size, self.upsample_mode)
         if node.project_inputs:
             return self.projections[_key(node.position)][index](t)

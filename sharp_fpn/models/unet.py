@@ -132,35 +132,28 @@ class GridUNet(nn.Module):
             project_channels=channels[0],
             upsample_mode=upsample_mode,
         )
-        grid = self.decoder.grid
-        if deep_supervision:
-            if (0, 1) not in grid:
-                raise NotImplementedError(
-                    f"deep_supervision: scheme {scheme!r} has no top-row nodes X[0][1..{depth - 1}]; "
-                    "only the nested schemes ('2plus', 'sharp') support it so far (the decoder-branch "
-                    "heads of UNet3+ / UNet# are not implemented yet)"
-                )
-            supervised = [(0, j) for j in range(1, depth + 1)]
-        else:
-            supervised = [(0, depth)]
+        if deep_supervision and (0, 1) not in self.decoder.grid:
+            raise NotImplementedError(
+                f"deep_supervision: scheme {scheme!r} has no top-row nodes X[0][1..{depth - 1}]; "
+                "only the nested schemes ('2plus', 'sharp') support it so far (the "
+                "decoder-branch heads of UNet3+ / UNet# are not implemented yet)"
+            )
         self.deep_supervision = deep_supervision
-        self.heads = nn.ModuleDict(
-            {
-                str(j): nn.Conv2d(self.decoder.node_channels[(i, j)], classes, head_kernel, padding=head_kernel // 2)
-                for i, j in supervised
-            }
-        )
-        for head in self.heads.values():
-            he_init_(head)
+        self.heads = nn.ModuleDict()  # keyed by the column j of the top-row node X[0][j]
+        for j in range(1, depth + 1) if deep_supervision else [depth]:
+            width = self.decoder.node_channels[(0, j)]
+            self.heads[str(j)] = nn.Conv2d(width, classes, head_kernel, padding=head_kernel // 2)
+            he_init_(self.heads[str(j)])
 
     @property
     def depth(self) -> int:
         return self.decoder.grid.depth
 
     def forward_nodes(self, x: Tensor, level: Optional[int] = None) -> Dict[Position, Tensor]:
-        """Every node's features: ``(N, C, H, W)`` image -> ``{(i, j): (N, C_ij, H / 2**i, W / 2**i)}``.
+        """Every node's features, the hook for heads.
 
-        ``level`` computes only the sub-network pruned to ``X[0][level]``. The hook for heads.
+        ``(N, C, H, W)`` image -> ``{(i, j): (N, C_ij, H / 2**i, W / 2**i)}``.
+        ``level`` computes only the sub-network pruned to ``X[0][level]``.
         """
         return self.decoder(self.encoder(x, level), level)
 
