@@ -190,7 +190,9 @@ def _image_record(
     return {"file_name": rel, "height": height, "width": width, "image_key": image_id}
 
 
-def _read_mask(path: Path, rel: str, shape: tuple[int, int]) -> Optional[tuple[int, int, np.ndarray]]:
+def _read_mask(
+    path: Path, rel: str, shape: tuple[int, int]
+) -> Optional[tuple[int, int, np.ndarray]]:
     """Read one 0/255 mask PNG of an image of ``shape`` (H, W).
 
     Returns ``(top, left, foreground)`` with ``foreground`` the bool crop of the mask's bounding
@@ -372,7 +374,9 @@ def _parse_labels(reader: Any, name: str) -> _LabelsTable:
     column = {h: i for i, h in enumerate(header)}
     for required in ("ImageId", "EncodedPixels"):
         if required not in column:
-            raise DSBFormatError(f"{name} line 1: no {required} column (header: {','.join(header)})")
+            raise DSBFormatError(
+                f"{name} line 1: no {required} column (header: {','.join(header)})"
+            )
     if ("Height" in column) != ("Width" in column):
         raise DSBFormatError(
             f"{name} line 1: Height and Width come together (header: {','.join(header)})"
@@ -488,8 +492,9 @@ def _run(
                 yield work(task)
                 bar.update()
             return
-        # Chunks of ~1/16 of a worker's share: few round trips, yet balanced across image sizes.
-        chunksize = max(1, len(tasks) // (16 * workers))
+        # Small chunks (~1/64 of a worker's share): one image can cost 1000x another (a
+        # 1040x1388 image with hundreds of masks), so balance matters more than round trips.
+        chunksize = max(1, len(tasks) // (64 * workers))
         with multiprocessing.get_context().Pool(workers) as pool:
             for result in pool.imap(work, tasks, chunksize=chunksize):
                 yield result
