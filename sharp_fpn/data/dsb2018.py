@@ -22,9 +22,13 @@ overlap. So the folders and the CSV of the same data give byte-identical JSON wh
 file names or the CSV row order, and whatever the number of worker processes.
 
 Image set: with mask folders, every image folder of the split. With a CSV, the CSV defines it:
-each ImageId with a (kept) row must have its image file; an image folder with no row at all is
-left out with one warning, since a missing row cannot tell "no nucleus" (written ``1 1``) from
-"not labelled". Images whose rows all have another ``Usage`` are left out silently.
+each ImageId with a (kept) row must have its image file, whose size must match the Height and
+Width columns when the CSV has them. An image folder with no row at all is left out with one
+warning, since a missing row cannot tell "no nucleus" (written ``1 1``) from "not labelled".
+Images whose rows all have another ``Usage`` are left out silently.
+
+Masks are turned into COCO RLE from their runs (read off the mask's bounding box, or the CSV),
+not by re-encoding whole images: the counts strings are the same bytes, far fewer pixels.
 
 ``1 1`` (:data:`~sharp_fpn.data.rle.EMPTY_IMAGE_RUN`) as an image's only row marks an image
 with no nucleus: the image is listed with no annotation. Beside other rows it is what it says, a
@@ -88,12 +92,16 @@ class _ImageResult:
 
 @dataclass(frozen=True)
 class _CsvRow:
+    """One kept row of a labels CSV."""
+
     line: int  # line number in the CSV file, 1 = header
     rle: str
 
 
 @dataclass(frozen=True)
 class _CsvImageTask:
+    """One image of a labels CSV, as handed to a worker."""
+
     root: str
     split: str
     image_id: str
@@ -570,7 +578,11 @@ def convert_split(
                     "iscrowd": 0,
                 }
             )
-    return {"images": images, "annotations": annotations, "categories": CATEGORIES}
+    return {
+        "images": images,
+        "annotations": annotations,
+        "categories": [dict(c) for c in CATEGORIES],
+    }
 
 
 def write_json_atomic(obj: Any, path: PathLike) -> None:
