@@ -3,6 +3,7 @@
 Importing the package registers its datasets (and, once detectron2 is importable, its
 detectron2 components); the pure-PyTorch models and metrics work without detectron2.
 """
+from .models import create_model
 from .version import __version__
 
 try:
@@ -14,4 +15,4 @@ else:
 
     register_all()
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "create_model"]

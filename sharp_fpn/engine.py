@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -36,6 +35,7 @@ from detectron2.utils.logger import setup_logger
 from .config import add_sharp_fpn_config
 from .data.datasets import DATASETS, prepare
 from .evaluation.evaluators import DSBEvaluator
+from .utils import atomic_write, write_text_atomic
 
 
 def has_compiled_ops() -> bool:
@@ -60,28 +60,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         target = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {target}")
-        _atomic_write(target, lambda f: torch.save(data, f), "wb")
+        with atomic_write(target, "wb") as f:
+            torch.save(data, f)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        target = os.path.join(self.save_dir, "last_checkpoint")
-        _atomic_write(target, lambda f: f.write(last_filename_basename), "w")
-
-
-def _atomic_write(path: str, write: Callable[[Any], Any], mode: str) -> None:
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        write_text_atomic(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
 
 def _ddp_kwargs(cfg: CfgNode) -> dict:
