@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
 from detectron2.engine import launch as d2_launch
 from detectron2.engine.defaults import create_ddp_model
@@ -33,7 +34,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .config import add_sharp_fpn_config
-from .data.datasets import DATASETS, prepare
+from .data.datasets import DATASETS
 from .evaluation.evaluators import DSBEvaluator
 from .utils import atomic_write, write_text_atomic
 
@@ -86,9 +87,6 @@ class Trainer(DefaultTrainer):
         if not logger.isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
-            if name in DATASETS:
-                prepare(name)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -110,7 +108,7 @@ class Trainer(DefaultTrainer):
 def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
     """COCO AP (bbox, and segm when masks are on) and the DSB2018 score, IoU and Dice."""
     if dataset_name in DATASETS:
-        prepare(dataset_name)
+        DatasetCatalog.get(dataset_name)  # converts on first use: COCOEvaluator reads the json
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
     evaluators = [

@@ -65,15 +65,15 @@ class NucleiDataset:
     subset: Optional[str] = None  # "train" or "val" of the split; None: all of it
     synthetic: bool = False  # generate the folder on first use
 
-    def root(self) -> Path:
-        return datasets_root() / self.folder
+    def root(self, datasets: Path) -> Path:
+        return datasets / self.folder
 
-    def annotation_dir(self) -> Path:
-        return self.root() / "annotations"
+    def annotation_dir(self, datasets: Path) -> Path:
+        return self.root(datasets) / "annotations"
 
-    def json_file(self) -> Path:
+    def json_file(self, datasets: Path) -> Path:
         suffix = f"_{self.subset}" if self.subset else ""
-        return self.annotation_dir() / f"{self.split}{suffix}.json"
+        return self.annotation_dir(datasets) / f"{self.split}{suffix}.json"
 
 
 DATASETS: dict[str, NucleiDataset] = {
@@ -121,8 +121,7 @@ def _subset(coco: dict, keep: set[str]) -> dict:
     }
 
 
-def _ensure_source(name: str, spec: NucleiDataset) -> None:
-    root = spec.root()
+def _ensure_source(name: str, spec: NucleiDataset, root: Path) -> None:
     if spec.synthetic and not (root / spec.split).is_dir():
         from .synthetic import write_dataset
 
@@ -140,26 +139,32 @@ def _ensure_source(name: str, spec: NucleiDataset) -> None:
         )
 
 
-def prepare(name: str) -> Path:
-    """Make sure dataset ``name``'s COCO json exists (converting on first use); return its path."""
+def prepare(name: str, datasets: Optional[Path] = None) -> Path:
+    """Make sure dataset ``name``'s COCO json exists (converting on first use); return its path.
+
+    ``datasets`` is the datasets root (default :func:`datasets_root`).
+    """
     spec = DATASETS[name]
-    target = spec.json_file()
+    datasets = datasets_root() if datasets is None else datasets
+    root = spec.root(datasets)
+    target = spec.json_file(datasets)
     if target.is_file():
         return target
-    with _locked(spec.root()):
+    with _locked(root):
         if target.is_file():  # another process made it while we waited
             return target
-        _ensure_source(name, spec)
+        _ensure_source(name, spec, root)
         from .dsb2018 import convert_split, write_json_atomic
 
-        full_json = spec.annotation_dir() / f"{spec.split}.json"
+        annotations = spec.annotation_dir(datasets)
+        full_json = annotations / f"{spec.split}.json"
         if not full_json.is_file():
-            csv = spec.root() / spec.labels_csv if spec.labels_csv else None
-            print(f"[sharp_fpn] {name}: converting {spec.root() / spec.split} to {full_json}")
-            write_json_atomic(convert_split(spec.root(), spec.split, labels_csv=csv), full_json)
+            csv = root / spec.labels_csv if spec.labels_csv else None
+            print(f"[sharp_fpn] {name}: converting {root / spec.split} to {full_json}")
+            write_json_atomic(convert_split(root, spec.split, labels_csv=csv), full_json)
         if spec.subset:
             coco = json.loads(full_json.read_text())
-            split_file = spec.annotation_dir() / f"{spec.split}_split.json"
+            split_file = annotations / f"{spec.split}_split.json"
             if split_file.is_file():
                 split = json.loads(split_file.read_text())
             else:
@@ -174,29 +179,34 @@ def prepare(name: str) -> Path:
             if missing:
                 raise FileNotFoundError(
                     f"dataset {name!r}: {split_file} lists {len(missing)} image(s) that "
-                    f"{spec.root() / spec.split} lacks, e.g. {missing[0]}; restore them, or delete "
-                    f"{spec.annotation_dir()} to convert and split the folder anew"
+                    f"{root / spec.split} lacks, e.g. {missing[0]}; restore them, or delete "
+                    f"{annotations} to convert and split the folder anew"
                 )
             write_json_atomic(_subset(coco, set(split[spec.subset])), target)
     return target
 
 
-def register_all() -> None:
-    """Register every dataset of :data:`DATASETS` with detectron2 (idempotent)."""
+def register_all(datasets: Optional[Path] = None) -> None:
+    """Register every dataset of :data:`DATASETS` with detectron2 (idempotent).
+
+    ``datasets`` is the datasets root, read once here (default :func:`datasets_root`), as
+    detectron2 does for its builtin datasets.
+    """
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import load_coco_json
 
+    datasets = datasets_root() if datasets is None else datasets
     for name, spec in DATASETS.items():
         if name in DatasetCatalog.list():
             continue
 
-        def load(name: str = name, spec: NucleiDataset = spec) -> list[dict]:
-            return load_coco_json(str(prepare(name)), str(spec.root()), name)
+        def load(name: str = name, root: Path = spec.root(datasets)) -> list[dict]:
+            return load_coco_json(str(prepare(name, datasets)), str(root), name)
 
         DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(
             thing_classes=["nucleus"],
             evaluator_type="coco",
-            json_file=str(spec.json_file()),
-            image_root=str(spec.root()),
+            json_file=str(spec.json_file(datasets)),
+            image_root=str(spec.root(datasets)),
         )
