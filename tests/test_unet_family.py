@@ -88,7 +88,7 @@ def test_odd_input_size():
 
 def test_deep_supervision_and_pruned_inference():
     torch.manual_seed(0)
-    model = create_model("unet_sharp", deep_supervision=True).eval()
+    model = create_model("unet_sharp", deep_supervision="top").eval()
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         outputs = model(x)
@@ -102,8 +102,8 @@ def test_deep_supervision_and_pruned_inference():
 
 
 def test_model_errors():
-    with pytest.raises(NotImplementedError, match="nested schemes"):
-        create_model("unet3plus", deep_supervision=True)
+    with pytest.raises(ValueError, match="only the nested schemes"):
+        create_model("unet3plus", deep_supervision="top")
     with pytest.raises(ValueError, match="no head on X\\[0\\]\\[2\\]"):
         create_model("unet_sharp", level=3)(torch.randn(1, 3, 16, 16), level=2)
     with pytest.raises(ValueError, match="unknown arch"):

@@ -1,0 +1,108 @@
+"""Heads on the grid's nodes: segmentation heads and UNet#'s classification-guided modules.
+
+All feature maps are ``(N, C, H, W)``. These modules know nothing about the grid; ``GridUNet``
+decides which node gets which head (SPEC section 2).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import he_init_
+
+
+class SegmentationHead(nn.Module):
+    """A conv to ``classes`` logits, optionally followed by ReLU.
+
+    The paper puts a ReLU after every deep-supervision head (1x1 on the top row, 3x3 on the
+    decoder branches); its official code does not. A ReLU on logits clamps them to ``>= 0``,
+    i.e. sigmoid probabilities ``>= 0.5`` everywhere, so ``relu=False`` is the default.
+
+    ``(N, in_channels, H, W) -> (N, classes, H, W)``.
+    """
+
+    def __init__(self, in_channels: int, classes: int, kernel_size: int = 1, relu: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, classes, kernel_size, padding=kernel_size // 2)
+        self.relu = relu
+        he_init_(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        return F.relu(x) if self.relu else x
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+class GlobalAvgMaxPool(nn.Module):
+    """``cat[AdaptiveAvgPool2d(1), AdaptiveMaxPool2d(1)]``, flattened: ``(N, C, H, W) -> (N, 2C)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x.mean(dim=(-2, -1)), x.amax(dim=(-2, -1))], dim=1)
+
+
+class ClassificationGuidedModule(nn.Sequential):
+    """UNet#'s CGM: does the image contain any target? Two class logits from a node's features.
+
+    Heavy (the paper's, on ``X[4][0]`` and ``X[3][1]``)::
+
+        avg+max pool -> BatchNorm1d -> Dropout -> Linear(2C, hidden) -> ReLU
+                     -> BatchNorm1d -> Dropout -> Linear(hidden, 2)
+
+    Light (the other branches)::
+
+        avg+max pool -> BatchNorm1d -> Dropout -> Linear(2C, 2)
+
+    The paper ends both with a Softmax; this module returns the logits instead, so that
+    ``cgm_loss`` (cross-entropy on the two classes, which equals BCE on the softmax's
+    "has object" probability) stays numerically stable. ``argmax`` over the logits equals
+    ``argmax`` over the softmax: class 1 = "has object", and ``gate`` turns it into the 0/1
+    factor that multiplies the branch's segmentation at inference.
+
+    BatchNorm1d needs more than one image per batch in training mode.
+
+    Args:
+        in_channels: ``C`` of the ``(N, C, H, W)`` node features.
+        heavy: the heavy (two-layer) or light (one-layer) classifier.
+        hidden: width of the heavy classifier's hidden layer; the paper does not give it, the
+            default is ``C`` (half the pooled vector's ``2C``). Ignored when light.
+        dropout: probability of both Dropout layers (0.5, as UNet3+'s CGM).
+
+    ``(N, C, H, W) -> (N, 2)`` class logits.
+    """
+
+    def __init__(
+        self, in_channels: int, heavy: bool, hidden: Optional[int] = None, dropout: float = 0.5
+    ):
+        pooled = 2 * in_channels
+        layers = [GlobalAvgMaxPool(), nn.BatchNorm1d(pooled), nn.Dropout(dropout)]
+        if heavy:
+            hidden = in_channels if hidden is None else hidden
+            layers += [
+                nn.Linear(pooled, hidden),
+                nn.ReLU(inplace=True),
+                nn.BatchNorm1d(hidden),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, 2),
+            ]
+        else:
+            layers.append(nn.Linear(pooled, 2))
+        super().__init__(*layers)
+        self.heavy = heavy
+
+    @property
+    def classifier(self) -> nn.Linear:
+        """The last Linear layer (the one producing the two class logits)."""
+        return self[-1]
+
+    @staticmethod
+    def gate(class_logits: Tensor) -> Tensor:
+        """``(N, 2)`` class logits -> ``(N, 1, 1, 1)`` 0/1 factors (argmax; 1 = has object).
+
+        Multiply a branch's ``(N, classes, H, W)`` probabilities with it.
+        """
+        return class_logits.argmax(dim=1).to(class_logits.dtype).view(-1, 1, 1, 1)
