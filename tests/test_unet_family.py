@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from sharp_fpn.grid import build_grid
-from sharp_fpn.models import GridDecoder, GridUNet, create_model
+from sharp_fpn.losses import cgm_loss, deep_supervision_loss, mixed_loss
+from sharp_fpn.models import (
+    ClassificationGuidedModule,
+    GridDecoder,
+    GridUNet,
+    SegmentationOutput,
+    count_parameters,
+    create_model,
+)
+from sharp_fpn.models.heads import GlobalAvgMaxPool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +33,12 @@ def one_thread():
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def meta_model(arch, **kwargs):
+    """The model with parameters on the meta device: shapes only, built fast, for counting."""
+    with torch.device("meta"):
+        return create_model(arch, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -42,7 +57,7 @@ def n_params(model):
     ],
 )
 def test_parameter_counts(arch, kwargs, expected):
-    assert n_params(create_model(arch, **kwargs)) == expected
+    assert n_params(meta_model(arch, **kwargs)) == expected
 
 
 def test_full_scale_conv_is_shared_per_source():
@@ -217,3 +232,300 @@ def test_gridunet_custom_widths():
     model = GridUNet("sharp", in_channels=3, classes=3, channels=(8, 16, 24), norm="GN")
     assert model.depth == 2
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+
+
+# ---- deep supervision, pruning, classification-guided modules (SPEC section 2) ----------------
+
+
+def conv(c_in, k, classes=1):
+    """Parameters of a k x k conv head with bias: C * k * k * classes + classes."""
+    return c_in * k * k * classes + classes
+
+
+def light_cgm(c):
+    """BatchNorm1d(2C) (weight, bias) + Linear(2C, 2)."""
+    return 2 * 2 * c + (2 * c * 2 + 2)
+
+
+def heavy_cgm(c):
+    """BatchNorm1d(2C) + Linear(2C, C) + BatchNorm1d(C) + Linear(C, 2) (hidden width C)."""
+    return 2 * 2 * c + (2 * c * c + c) + 2 * c + (c * 2 + 2)
+
+
+# decoder-branch heads X[4][0], X[3][1], X[2][2], X[1][3] (3x3) and top-row X[0][1..3] (1x1)
+DECODER_HEADS = conv(512, 3) + conv(256, 3) + conv(128, 3) + conv(64, 3)
+TOP_HEADS = 3 * conv(32, 1)
+
+
+@pytest.mark.parametrize(
+    "arch, kwargs, expected",
+    [
+        ("unet", {"deep_supervision": True}, 7_852_545 + DECODER_HEADS),
+        (
+            "wunet",
+            {"deep_supervision": True},
+            9_392_916 + conv(560, 3) + conv(280, 3) + conv(140, 3) + conv(70, 3),
+        ),
+        ("unet2plus", {"deep_supervision": "all"}, 9_163_329 + TOP_HEADS + DECODER_HEADS),
+        # UNet3+'s decoder nodes are 5 * 32 = 160 wide; its heads are all 3x3
+        ("unet3plus", {"deep_supervision": True}, 6_748_993 + conv(512, 3) + 3 * conv(160, 3)),
+        ("unet_sharp", {"deep_supervision": True}, 10_748_481 + TOP_HEADS + DECODER_HEADS),
+        ("unet_sharp", {"deep_supervision": "top"}, 10_748_481 + TOP_HEADS),
+        ("unet_sharp", {"deep_supervision": "decoder"}, 10_748_481 + DECODER_HEADS),
+        (
+            "unet_sharp",
+            {"deep_supervision": True, "full_scale": "conv"},
+            9_716_545 + TOP_HEADS + DECODER_HEADS,
+        ),
+        (
+            "unet_sharp",
+            {"deep_supervision": True, "level": 3},
+            2_531_073 + 2 * conv(32, 1) + conv(256, 3) + conv(128, 3) + conv(64, 3),
+        ),
+        (
+            "unet_sharp",
+            {"deep_supervision": True, "classes": 2},
+            10_748_481 - conv(32, 1) + 4 * conv(32, 1, 2)
+            + conv(512, 3, 2) + conv(256, 3, 2) + conv(128, 3, 2) + conv(64, 3, 2),
+        ),
+        ("unet_sharp", {"deep_supervision": True, "head_relu": True}, 10_757_224),
+        # CGM: heavy on X[4][0], X[3][1]; light on X[2][2], X[1][3], X[0][1..4]
+        (
+            "unet_sharp",
+            {"deep_supervision": True, "cgm": True},
+            10_757_224 + heavy_cgm(512) + heavy_cgm(256) + light_cgm(128) + light_cgm(64)
+            + 4 * light_cgm(32),
+        ),
+        ("unet", {"cgm": True}, 7_852_545 + light_cgm(32)),
+        (
+            "unet3plus",
+            {"deep_supervision": True, "cgm": True},
+            6_757_925 + heavy_cgm(512) + heavy_cgm(160) + 2 * light_cgm(160) + light_cgm(160),
+        ),
+    ],
+)
+def test_parameter_counts_with_heads(arch, kwargs, expected):
+    assert count_parameters(meta_model(arch, **kwargs)) == expected
+
+
+def expected_branches(scheme, depth):
+    """Top row X[0][1..L-1] (nested schemes), decoder branches deepest first, final last."""
+    top = [(0, j) for j in range(1, depth)] if scheme in ("2plus", "sharp") else []
+    decoder = [(depth - j, j) for j in range(depth)] if scheme != "2plus" else []
+    return top + decoder + [(0, depth)]
+
+
+@pytest.mark.parametrize(
+    "arch, level",
+    [("unet", 4), ("wunet", 2), ("unet2plus", 4), ("unet3plus", 4), ("unet3plus", 2)]
+    + [("unet_sharp", k) for k in (1, 2, 3, 4)],
+)
+def test_branch_order_and_shapes(arch, level):
+    torch.manual_seed(0)
+    model = create_model(arch, in_channels=1, classes=2, deep_supervision=True, level=level)
+    assert list(model.branches) == expected_branches(model.scheme, level)
+    with torch.no_grad():
+        outputs = model.eval()(torch.randn(2, 1, 16, 16))
+    assert [tuple(o.shape) for o in outputs] == [
+        (2, 2, 16 >> i, 16 >> i) for i, _ in model.branches
+    ]
+
+
+def test_unet_sharp_has_the_papers_eight_branches():
+    model = meta_model("unet_sharp", deep_supervision=True)
+    assert model.branches == ((0, 1), (0, 2), (0, 3), (4, 0), (3, 1), (2, 2), (1, 3), (0, 4))
+    kernels = {key: head.conv.kernel_size for key, head in model.heads.items()}
+    assert kernels == {
+        "0_1": (1, 1), "0_2": (1, 1), "0_3": (1, 1), "0_4": (1, 1),
+        "4_0": (3, 3), "3_1": (3, 3), "2_2": (3, 3), "1_3": (3, 3),
+    }
+
+
+def test_head_relu():
+    torch.manual_seed(0)
+    model = create_model("unet_sharp", deep_supervision=True, level=2, head_relu=True).eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 16, 16))
+    assert all((o >= 0).all() for o in outputs)
+    assert any((o == 0).any() for o in outputs)  # the ReLU clamps some logits
+
+
+def trained_bn_statistics(model, x):
+    """One train-mode forward, so BatchNorm running statistics differ from their init."""
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "arch, kwargs, counts",
+    [
+        ("unet_sharp", {}, (103_041, 555_969, 2_531_073)),
+        ("unet_sharp", {"full_scale": "conv"}, None),
+        ("unet2plus", {}, None),
+    ],
+)
+def test_pruned_network_equals_full_branch(arch, kwargs, counts):
+    torch.manual_seed(0)
+    model = create_model(arch, deep_supervision=True, **kwargs)
+    x = torch.randn(2, 3, 16, 16)
+    model = trained_bn_statistics(model, x)
+    with torch.no_grad():
+        outputs = model(x)
+    for k in (1, 2, 3):
+        pruned = model.prune(k)
+        isolated = meta_model(arch, level=k, **kwargs)
+        # the same network as isolated training builds: one 1x1 head, on X[0][k]
+        assert count_parameters(pruned) == count_parameters(isolated)
+        if counts is not None:
+            assert count_parameters(pruned) == counts[k - 1]
+        assert set(pruned.decoder.grid.positions) == {
+            (i, j) for i in range(k + 1) for j in range(k + 1) if i + j <= k
+        }
+        assert list(pruned.heads) == [f"0_{k}"] and not pruned.training
+        with torch.no_grad():
+            assert set(pruned.forward_nodes(x)) == set(pruned.decoder.grid.positions)
+            assert torch.equal(pruned(x), outputs[model.branches.index((0, k))])
+    # a copy: training the pruned network leaves the full one alone
+    pruned = model.prune(2)
+    with torch.no_grad():
+        pruned.heads["0_2"].conv.bias.add_(1.0)
+    assert not torch.equal(pruned.heads["0_2"].conv.bias, model.heads["0_2"].conv.bias)
+    assert model.prune(1).train().training and model.train().prune(1).training
+
+
+def test_pruned_network_with_cgm():
+    torch.manual_seed(0)
+    model = create_model("unet_sharp", deep_supervision=True, cgm=True)
+    x = torch.randn(2, 3, 16, 16)
+    model = trained_bn_statistics(model, x)
+    with torch.no_grad():
+        full = model(x)
+        index = model.branches.index((0, 2))
+        pruned = model.prune(2)
+        out = pruned(x)
+    assert isinstance(out, SegmentationOutput) and out.branches == ((0, 2),)
+    assert count_parameters(pruned) == 555_969 + light_cgm(32)
+    assert torch.equal(out.logits[0], full.logits[index])
+    assert torch.equal(out.has_object[0], full.has_object[index])
+
+
+def test_pruning_errors():
+    with pytest.raises(ValueError, match="pruning needs a nested scheme"):
+        create_model("unet3plus", deep_supervision=True).prune(2)
+    with pytest.raises(ValueError, match="X\\[0\\]\\[2\\] has no head"):
+        create_model("unet_sharp", deep_supervision="decoder", level=3).prune(2)
+    with pytest.raises(ValueError, match="deep_supervision must be a bool or one of"):
+        create_model("unet_sharp", deep_supervision="middle")
+
+
+def cgm_structure(module):
+    return [type(m).__name__ for m in module]
+
+
+def test_cgm_heavy_and_light():
+    model = meta_model("unet_sharp", deep_supervision=True, cgm=True)
+    heavy = ["GlobalAvgMaxPool", "BatchNorm1d", "Dropout", "Linear", "ReLU", "BatchNorm1d",
+             "Dropout", "Linear"]
+    light = ["GlobalAvgMaxPool", "BatchNorm1d", "Dropout", "Linear"]
+    structures = {key: cgm_structure(m) for key, m in model.cgms.items()}
+    assert structures == {
+        "4_0": heavy, "3_1": heavy,
+        "2_2": light, "1_3": light, "0_1": light, "0_2": light, "0_3": light, "0_4": light,
+    }
+    assert model.cgms["4_0"][3].in_features == 2 * 512
+    assert model.cgms["4_0"].classifier.out_features == 2
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 2, 2)
+    torch.testing.assert_close(
+        GlobalAvgMaxPool()(x), torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
+    )
+
+
+def force_decision(cgm, has_object):
+    """Make a CGM answer "has object" (or "empty") for every image: zero weights, biased."""
+    with torch.no_grad():
+        cgm.classifier.weight.zero_()
+        cgm.classifier.bias.copy_(torch.tensor([-5.0, 5.0] if has_object else [5.0, -5.0]))
+
+
+def test_cgm_gating():
+    torch.manual_seed(0)
+    model = GridUNet("sharp", 3, 1, (4, 8, 16), deep_supervision="all", cgm=True).eval()
+    assert model.branches == ((0, 1), (2, 0), (1, 1), (0, 2))
+    for key, cgm in model.cgms.items():
+        force_decision(cgm, has_object=key != "1_1")
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 16, 16))
+    assert [tuple(c.shape) for c in out.has_object] == [(2, 2)] * 4
+    gated, raw = out.probabilities(), out.probabilities(gated=False)
+    for position, g, r, logits in zip(out.branches, gated, raw, out.logits):
+        torch.testing.assert_close(r, torch.sigmoid(logits))
+        if position == (1, 1):  # its classifier says "empty": the branch predicts background
+            assert torch.count_nonzero(g) == 0 and torch.count_nonzero(r) > 0
+        else:
+            assert torch.equal(g, r)
+    # the gate is per image
+    logits = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert ClassificationGuidedModule.gate(logits).flatten().tolist() == [1.0, 0.0]
+
+
+def toy_batch(n=4, size=16):
+    """Images whose bright squares are the foreground; odd images have none."""
+    torch.manual_seed(1)
+    target = torch.zeros(n, 1, size, size)
+    for k in range(0, n, 2):
+        target[k, :, 2 + k : 8 + k, 3 : 9 + k] = 1
+    image = 0.2 * torch.randn(n, 3, size, size) + 2 * target
+    return image, target
+
+
+def test_cgm_learns():
+    """UNet3+'s official CGM had no loss and never learned; this one must."""
+    torch.manual_seed(0)
+    model = GridUNet("sharp", 3, 1, (4, 8, 16), deep_supervision="all", cgm=True)
+    image, target = toy_batch()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        out = model(image)
+        loss = cgm_loss(out.has_object, target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    with torch.no_grad():  # inference: running statistics, no dropout
+        decisions = [g.flatten().tolist() for g in model.eval()(image).gates()]
+    assert decisions == [[1.0, 0.0, 1.0, 0.0]] * 4
+
+
+@pytest.mark.parametrize("arch", ["unet", "wunet", "unet2plus", "unet3plus", "unet_sharp"])
+def test_training_step_with_deep_supervision_mixed_loss_and_cgm(arch):
+    """One Adam step of the paper's recipe. Two images: BatchNorm1d (CGM) needs N > 1."""
+    torch.manual_seed(0)
+    model = create_model(arch, deep_supervision=True, cgm=True)
+    image, target = toy_batch(n=2, size=32)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    out = model(image)
+    assert len(out.logits) == len(model.branches) == len(out.has_object)
+    loss = deep_supervision_loss(out.logits, target, loss=mixed_loss)
+    loss = loss + cgm_loss(out.has_object, target)
+    assert torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+        assert not torch.equal(p.detach(), before[name]), name
+
+
+def test_batch_of_one_without_cgm():
+    """A 1x3x32x32 batch trains with deep supervision (no CGM: BatchNorm1d needs N > 1)."""
+    torch.manual_seed(0)
+    model = create_model("unet_sharp", deep_supervision=True)
+    image, target = toy_batch(n=2, size=32)
+    loss = deep_supervision_loss(model(image[:1]), target[:1], mode="upsample")
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
