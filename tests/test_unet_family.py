@@ -317,7 +317,8 @@ def expected_branches(scheme, depth):
 
 @pytest.mark.parametrize(
     "arch, level",
-    [("unet", 4), ("wunet", 2), ("unet2plus", 4), ("unet3plus", 4), ("unet3plus", 2)]
+    [("unet", 4), ("unet", 1), ("wunet", 2), ("unet2plus", 4), ("unet2plus", 2)]
+    + [("unet3plus", 4), ("unet3plus", 2)]
     + [("unet_sharp", k) for k in (1, 2, 3, 4)],
 )
 def test_branch_order_and_shapes(arch, level):

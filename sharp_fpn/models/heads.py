@@ -39,7 +39,10 @@ class SegmentationHead(nn.Module):
 
 
 class GlobalAvgMaxPool(nn.Module):
-    """``cat[AdaptiveAvgPool2d(1), AdaptiveMaxPool2d(1)]``, flattened: ``(N, C, H, W) -> (N, 2C)``."""
+    """``cat[AdaptiveAvgPool2d(1), AdaptiveMaxPool2d(1)]``, flattened.
+
+    ``(N, C, H, W) -> (N, 2C)``: the ``C`` channel means, then the ``C`` channel maxima.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x.mean(dim=(-2, -1)), x.amax(dim=(-2, -1))], dim=1)
