@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -69,18 +70,29 @@ def _synthetic_set(folder: Path, num_images: int, seed: int) -> float:
     return seconds
 
 
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its waited-for child processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _time_conversion(
     root: Path, labels_csv: Optional[Path], workers: int, scratch: Path
-) -> tuple[float, dict[str, Any], str]:
-    """Convert and write the JSON as the CLI does; return seconds, the COCO dict, its sha256."""
+) -> tuple[float, float, dict[str, Any], str]:
+    """Convert and write the JSON as the CLI does.
+
+    Returns wall seconds, CPU seconds (all processes), the COCO dict and the JSON's sha256.
+    """
     from sharp_fpn.data.dsb2018 import convert_split, write_json_atomic
 
     out = scratch / "coco.json"
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     coco = convert_split(root, "stage1_train", labels_csv, workers=workers, on_warning=print)
     write_json_atomic(coco, out)
-    seconds = time.perf_counter() - start
-    return seconds, coco, hashlib.sha256(out.read_bytes()).hexdigest()
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+    return wall, cpu, coco, hashlib.sha256(out.read_bytes()).hexdigest()
 
 
 def run_convert(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,15 +101,21 @@ def run_convert(args: argparse.Namespace) -> dict[str, Any]:
     generation = _synthetic_set(cache, args.num_images, args.seed)
     sources = {"folders": None, "csv": cache / "stage1_train_labels.csv"}
     seconds: dict[str, dict[str, float]] = {name: {} for name in sources}
+    cpu_seconds: dict[str, dict[str, float]] = {name: {} for name in sources}
+    load = {}
     digests = set()
     coco: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, labels_csv in sources.items():
             for workers in args.workers:
-                took, coco, digest = _time_conversion(cache, labels_csv, workers, Path(scratch))
-                seconds[name][str(workers)] = round(took, 2)
+                load[f"{name}_{workers}"] = round(os.getloadavg()[0], 1)
+                wall, cpu, coco, digest = _time_conversion(
+                    cache, labels_csv, workers, Path(scratch)
+                )
+                seconds[name][str(workers)] = round(wall, 2)
+                cpu_seconds[name][str(workers)] = round(cpu, 2)
                 digests.add(digest)
-                print(f"{name:8s} {workers} worker(s): {took:6.1f} s")
+                print(f"{name:8s} {workers} worker(s): {wall:6.1f} s wall, {cpu:6.1f} s CPU")
     masks_per_image = Counter(a["image_id"] for a in coco["annotations"])
     sizes = Counter(f"{im['height']}x{im['width']}" for im in coco["images"])
     lo, hi = str(min(args.workers)), str(max(args.workers))
@@ -109,7 +127,9 @@ def run_convert(args: argparse.Namespace) -> dict[str, Any]:
         "masks_per_image": round(len(coco["annotations"]) / len(coco["images"]), 1),
         "max_masks_per_image": max(masks_per_image.values(), default=0),
         "size_mix": dict(sizes.most_common()),
-        "seconds": seconds,
+        "seconds": seconds,  # wall clock, convert + write the JSON
+        "cpu_seconds": cpu_seconds,  # all processes: the work, whatever else loads the machine
+        "load_average_before": load,  # 1-minute load average as each run started
         f"speedup_{hi}_vs_{lo}_workers": {
             name: round(s[lo] / s[hi], 2) for name, s in seconds.items()
         },
