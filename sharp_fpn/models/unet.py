@@ -105,21 +105,20 @@ def supervised_branches(grid: Grid, mode: Optional[str]) -> Tuple[Position, ...]
         raise ValueError(
             f"deep_supervision must be a bool or one of {DEEP_SUPERVISION_MODES}, got {mode!r}"
         )
-    depth = grid.depth
-    top: Tuple[Position, ...] = ()
-    if mode in ("top", "all"):
-        missing = [(0, j) for j in range(1, depth) if (0, j) not in grid]
-        if missing:
-            raise ValueError(
-                f"deep_supervision={mode!r}: scheme {grid.scheme!r} has no top-row nodes "
-                f"{', '.join(node_name(p) for p in missing)} (only the nested schemes '2plus' "
-                "and 'sharp' have them); use 'decoder'"
-            )
-        top = tuple((0, j) for j in range(1, depth))
-    decoder: Tuple[Position, ...] = ()
-    if mode in ("decoder", "all"):
-        decoder = tuple(p for p in grid.decoder_outputs if p[0] > 0)
-    return top + decoder + ((0, depth),)
+    final = grid.decoder_outputs[-1]  # X[0][L]
+    top = tuple(sorted(p for p in grid.positions if p[0] == 0 and 0 < p[1] < final[1]))
+    if mode in ("top", "all") and len(top) < final[1] - 1:
+        raise ValueError(
+            f"deep_supervision={mode!r}: scheme {grid.scheme!r} has no top-row nodes "
+            f"X[0][1..{final[1] - 1}] (only the nested schemes '2plus' and 'sharp' have them); "
+            "use 'decoder'"
+        )
+    decoder = tuple(p for p in grid.decoder_outputs if p[0] > 0)  # X[L][0], ..., X[1][L-1]
+    return (
+        (top if mode in ("top", "all") else ())
+        + (decoder if mode in ("decoder", "all") else ())
+        + (final,)
+    )
 
 
 @dataclass
@@ -272,6 +271,7 @@ class GridUNet(nn.Module):
             mode = deep_supervision or None
         self.deep_supervision = mode
         self.branches = supervised_branches(self.decoder.grid, mode)
+        # heavy CGMs on the two deepest decoder branches (X[4][0], X[3][1] at L = 4)
         heavy = {p for p in self.branches if p[0] > 0 and p[0] >= depth - 1}
         self.heads = nn.ModuleDict()
         self.cgms = nn.ModuleDict()
