@@ -100,6 +100,16 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    def run_step(self) -> None:
+        # detectron2 checks the losses after each step and names the iteration and every loss
+        # term; a divergence caught inside the model (non-finite boxes) names neither.
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            if "iteration" in str(e):
+                raise
+            raise FloatingPointError(f"training diverged at iteration={self.iter}: {e}") from e
+
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
         return build_evaluator(cfg, dataset_name, output_folder)
@@ -133,16 +143,26 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | None =
     return DatasetEvaluators(evaluators)
 
 
+class ConfigError(ValueError):
+    """A config file or command-line option that does not fit the config (names both)."""
+
+
 def get_config(config_file: str | None = None, opts: Sequence[str] = ()) -> CfgNode:
     """detectron2's defaults + sharp-fpn's keys, then ``config_file`` and ``opts`` merged in.
 
-    An unknown key in either fails with detectron2's ``KeyError`` naming it.
+    An unknown key in either raises :class:`ConfigError` naming the key and where it was.
     """
     cfg = get_cfg()
     add_sharp_fpn_config(cfg)
     if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as e:  # yacs: "Non-existent config key: MODEL.X"
+            raise ConfigError(f"{config_file}: {e.args[0]}") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except AssertionError as e:  # yacs: "Non-existent key: MODEL.X", odd-length lists
+        raise ConfigError(f"command-line options: {e}") from None
     if cfg.SOLVER.IMS_PER_BATCH % max(comm.get_world_size(), 1):
         raise ValueError(
             f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} does not divide by the "
