@@ -1,0 +1,37 @@
+"""Nuclei segmentation for biologists: whole images of any size, depth and channel count in,
+label TIFF, outline overlay and per-nucleus table out (SPEC section 5).
+
+* :mod:`.image_io`: reading PNG/TIFF/JPEG, 8/16-bit, gray/RGB/RGBA, normalised to the model's
+  8-bit RGB input.
+* :mod:`.tiling`: tiles with overlap and exact stitching (pure numpy).
+* :mod:`.predictor`: a detectron2 model (Mask R-CNN or semantic) run tile by tile.
+* :mod:`.outputs`: the label TIFF, the overlay PNG, the per-nucleus CSV.
+* :mod:`.run`: :func:`predict_images`, the whole run (``tools/predict.py``, ``make demo``).
+* :mod:`.export`: TorchScript (and ONNX) export with a round-trip check (``tools/export.py``).
+* :mod:`.figures`: training curves and prediction figures (``tools/visualize.py``).
+"""
+from .image_io import ImageError, ImageReadError, LoadedImage, expand_inputs, load_image, normalise
+from .predictor import NucleiPredictor, Prediction
+from .run import Failure, ImageResult, PredictionReport, predict_images
+from .tiling import InstanceSet, Stitched, Tile, stitch_cores, stitch_instances, tile_grid
+
+__all__ = [
+    "Failure",
+    "ImageError",
+    "ImageReadError",
+    "ImageResult",
+    "InstanceSet",
+    "LoadedImage",
+    "NucleiPredictor",
+    "Prediction",
+    "PredictionReport",
+    "Stitched",
+    "Tile",
+    "expand_inputs",
+    "load_image",
+    "normalise",
+    "predict_images",
+    "stitch_cores",
+    "stitch_instances",
+    "tile_grid",
+]

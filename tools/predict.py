@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Segment the nuclei of microscopy images with a trained sharp-fpn model.
+
+    python tools/predict.py --config-file output/demo/config.yaml \\
+        --weights output/demo/model_final.pth --input images/ more/*.tif --output results/
+
+Per image: <stem>_labels.tif (uint16, 0 = background, one id per nucleus), <stem>_overlay.png
+(outlines over the image), <stem>_nuclei.csv (area, centroid, box, intensity, score per
+nucleus); and summary.csv for the run. Images of any size are cut into overlapping tiles
+(--tile, --overlap: nuclei up to the overlap in size are never cut nor duplicated); 8- or
+16-bit, gray, RGB or RGBA, PNG/TIFF/JPEG. Files that cannot be read are reported and skipped;
+the exit status is 1 when any input failed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+# detectron2 v0.6 scripts a few functions at import time; torch 2.x warns about each
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
+
+from sharp_fpn.engine import ConfigError  # noqa: E402
+from sharp_fpn.predict import NucleiPredictor, predict_images  # noqa: E402
+from sharp_fpn.predict.predictor import load_config  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", required=True, help="the model's config (yaml)")
+    parser.add_argument("--weights", required=True, help="the model's checkpoint (.pth)")
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="image files, folders (their images) or glob patterns")
+    parser.add_argument("--output", required=True, help="folder for the outputs")
+    parser.add_argument("--tile", type=int, default=512,
+                        help="tile side in pixels, 0 for whole images (%(default)s)")
+    parser.add_argument("--overlap", type=int, default=64,
+                        help="least overlap of neighbouring tiles in pixels; make it at least "
+                        "the largest nucleus diameter (%(default)s)")
+    parser.add_argument("--score-threshold", type=float, default=0.5,
+                        help="drop instances scoring below (%(default)s)")
+    parser.add_argument("--device", default=None, help="torch device (default: the config's)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config options to override, e.g. INPUT.MIN_SIZE_TEST 512")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        predictor = NucleiPredictor(
+            load_config(args.config_file, args.opts), args.weights, device=args.device,
+            score_threshold=args.score_threshold,
+        )
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    report = predict_images(
+        predictor.cfg, args.weights, args.input, args.output, tile=args.tile,
+        overlap=args.overlap, predictor=predictor,
+    )
+    for failure in report.failures:
+        print(f"FAILED {failure.reason}", file=sys.stderr)
+    nuclei = sum(r.nuclei for r in report.results)
+    print(f"{len(report.results)} image(s) processed ({nuclei} nuclei), "
+          f"{len(report.failures)} failed; outputs in {report.out_dir}, summary {report.summary}")
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
