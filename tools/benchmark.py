@@ -56,15 +56,23 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _synthetic_set(folder: Path, num_images: int, seed: int) -> float:
-    """Generate the synthetic DSB2018 set into ``folder`` unless it is there; return seconds."""
+    """Generate the synthetic DSB2018 set into ``folder`` unless it is there; return seconds.
+
+    The set is reused only if made with the same arguments by the same generator source.
+    """
+    from sharp_fpn.data import synthetic
+
     marker = folder / "benchmark_set.json"
-    wanted = {"num_images": num_images, "seed": seed, "split": "stage1_train"}
+    wanted = {
+        "num_images": num_images,
+        "seed": seed,
+        "split": "stage1_train",
+        "generator_sha256": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest(),
+    }
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return 0.0
-    from sharp_fpn.data.synthetic import write_dataset
-
     start = time.perf_counter()
-    write_dataset(folder, num_images, seed, split="stage1_train", overwrite=True)
+    synthetic.write_dataset(folder, num_images, seed, split="stage1_train", overwrite=True)
     seconds = time.perf_counter() - start
     marker.write_text(json.dumps(wanted))
     return seconds
