@@ -137,14 +137,18 @@ class NucleiPredictor:
                 f"with this config?"
             )
 
+    def model_input(self, rgb: np.ndarray) -> torch.Tensor:
+        """``(h, w, 3)`` uint8 RGB -> the model's ``(3, h', w')`` float32 input: channels in
+        ``INPUT.FORMAT`` order, resized as detectron2 resizes test images."""
+        image = rgb[:, :, ::-1] if self.cfg.INPUT.FORMAT == "BGR" else rgb
+        resized = self.resize.get_transform(image).apply_image(image)
+        return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32)
+
     @torch.no_grad()
     def run_model(self, rgb: np.ndarray) -> Dict[str, Any]:
         """The model's raw output for one ``(h, w, 3)`` uint8 RGB image (or tile), at its size."""
-        image = rgb[:, :, ::-1] if self.cfg.INPUT.FORMAT == "BGR" else rgb
-        height, width = image.shape[:2]
-        resized = self.resize.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32)
-        return self.model([{"image": tensor, "height": height, "width": width}])[0]
+        height, width = rgb.shape[:2]
+        return self.model([{"image": self.model_input(rgb), "height": height, "width": width}])[0]
 
     def predict(self, rgb: np.ndarray, tile: int = 512, overlap: int = 64) -> Prediction:
         """Label the nuclei of a ``(H, W, 3)`` uint8 RGB image, tile by tile.

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Export trained models for deployment (TorchScript; ONNX when the onnx package is installed).
+
+    # UNet family, one file per pruning level (the paper's fast mode, for phones):
+    python tools/export.py unet --config-file CFG --weights W --output export/   # trained
+    python tools/export.py unet --arch unet_sharp --output export/               # random weights
+    # Mask R-CNN through detectron2's TracingAdapter, traced on a sample image:
+    python tools/export.py mask-rcnn --config-file CFG --weights W --output export/ [--image IMG]
+
+Every exported file is loaded back and run on images other than the traced one (other sizes
+too); the largest absolute difference from the PyTorch model is printed and the export fails
+(exit status 1) beyond the tolerance. A report goes to <output>/export_report.json. What each
+file takes and returns: sharp_fpn/predict/export.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+# detectron2 v0.6 scripts a few functions at import time; torch 2.x warns about each, and
+# about tracing; the export checks its own results
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
+warnings.filterwarnings("ignore", category=__import__("torch").jit.TracerWarning)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sharp_fpn.data.synthetic import generate_image  # noqa: E402
+from sharp_fpn.engine import get_config  # noqa: E402
+from sharp_fpn.models import ARCHS, GridUNet, create_model  # noqa: E402
+from sharp_fpn.predict import NucleiPredictor, load_image  # noqa: E402
+from sharp_fpn.predict.export import (  # noqa: E402
+    ExportCheck,
+    export_mask_rcnn,
+    export_unet_levels,
+    onnx_status,
+)
+from sharp_fpn.utils import write_text_atomic  # noqa: E402
+
+
+def sample_images(paths: list[str], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """``(H, W, 3)`` uint8 RGB check images: the given files, else synthetic nuclei images."""
+    if paths:
+        return [load_image(Path(p)).rgb for p in paths]
+    rng = np.random.default_rng(0)
+    styles = ("fluorescence", "he")
+    return [generate_image(rng, h, w, styles[i % 2])[0][..., :3] for i, (h, w) in enumerate(sizes)]
+
+
+def run_unet(args: argparse.Namespace) -> list:
+    if args.config_file:
+        predictor = NucleiPredictor(get_config(args.config_file, args.opts), args.weights)
+        cfg = predictor.cfg
+        network = getattr(predictor.model, "network", None)
+        if not isinstance(network, GridUNet):
+            raise SystemExit(
+                f"{args.config_file}: the model is {cfg.MODEL.META_ARCHITECTURE} with "
+                f"{type(network).__name__} inside; 'unet' exports the semantic meta-architecture"
+                f" built on sharp_fpn.models (MODEL.UNET.USE_BACKBONE False)"
+            )
+        name = Path(args.config_file).stem
+    else:
+        cfg = get_config(None, args.opts)
+        network = create_model(args.arch, deep_supervision="top" if ARCHS[args.arch].scheme in
+                               ("2plus", "sharp") else False, full_scale=args.full_scale)
+        name = args.arch
+        print(f"{args.arch}: random weights (no --config-file): checks that it exports")
+    levels = args.levels or [k for k in range(1, network.depth + 1) if (0, k) in network.branches]
+    multiple = 2 ** network.depth
+    sizes = [(args.size, args.size), (args.size // 2 // multiple * multiple or multiple,
+                                      (args.size * 3 // 4) // multiple * multiple or multiple)]
+    images = sample_images(args.image, sizes)
+    order = slice(None, None, -1) if cfg.INPUT.FORMAT == "BGR" else slice(None)
+    inputs = []
+    for rgb in images:  # crop to multiples of 2**depth, as the exported model needs
+        h, w = (rgb.shape[0] // multiple) * multiple, (rgb.shape[1] // multiple) * multiple
+        pixels = np.ascontiguousarray(rgb[:h, :w, order].transpose(2, 0, 1), dtype=np.float32)
+        inputs.append(torch.from_numpy(pixels)[None])
+    network.eval()
+    return export_unet_levels(
+        network, levels, Path(args.output), inputs, name=name, pixel_mean=cfg.MODEL.PIXEL_MEAN,
+        pixel_std=cfg.MODEL.PIXEL_STD, tolerance=args.tolerance, onnx=not args.no_onnx,
+    )
+
+
+def run_mask_rcnn(args: argparse.Namespace) -> list:
+    cfg = get_config(args.config_file, args.opts)
+    # the export keeps the config's test-time score threshold (detectron2's default 0.05)
+    predictor = NucleiPredictor(cfg, args.weights,
+                                score_threshold=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
+    images = [predictor.model_input(rgb) for rgb in sample_images(args.image, [(256, 256), (260, 347)])]
+    describe = {
+        "config": args.config_file,
+        "weights": args.weights,
+        "input": f"(3, h, w) float32 pixels 0..255 in {cfg.INPUT.FORMAT} order, resized "
+                 f"by ResizeShortestEdge({cfg.INPUT.MIN_SIZE_TEST}, {cfg.INPUT.MAX_SIZE_TEST})",
+        "score_threshold": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+    }
+    check = export_mask_rcnn(predictor.model, images, Path(args.output),
+                             name=Path(args.config_file).stem, tolerance=args.tolerance,
+                             describe=describe)
+    onnx_ok, onnx_reason = onnx_status()
+    reason = onnx_reason if not onnx_ok else (
+        "not implemented for Mask R-CNN (detectron2 v0.6's own ONNX export goes through Caffe2)")
+    return [check, ExportCheck(check.name, "onnx", None, float("nan"), args.tolerance, False,
+                               skipped=reason)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="kind", required=True)
+    unet = commands.add_parser("unet", help="UNet family (pure PyTorch), every pruning level")
+    source = unet.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config-file", help="a trained semantic model's config")
+    source.add_argument("--arch", choices=sorted(ARCHS), help="random weights of this arch")
+    unet.add_argument("--weights", help="checkpoint of --config-file's model")
+    unet.add_argument("--levels", type=int, nargs="+", help="pruning levels (default: all)")
+    unet.add_argument("--size", type=int, default=256, help="check image side (%(default)s)")
+    unet.add_argument("--full-scale", default="upsample", help="--arch unet_sharp's F op")
+    unet.add_argument("--no-onnx", action="store_true", help="TorchScript only")
+    unet.add_argument("--tolerance", type=float, default=1e-5, help="%(default)s")
+    mrcnn = commands.add_parser("mask-rcnn", help="detectron2 Mask R-CNN via TracingAdapter")
+    mrcnn.add_argument("--config-file", required=True)
+    mrcnn.add_argument("--weights", required=True)
+    mrcnn.add_argument("--tolerance", type=float, default=1e-4, help="%(default)s")
+    for sub in (unet, mrcnn):
+        sub.add_argument("--image", nargs="+", default=[],
+                         help="check images, the first also traced (default: synthetic)")
+        sub.add_argument("--output", required=True, help="folder for the exported files")
+        sub.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                         help="config options to override")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.kind == "unet" and args.config_file and not args.weights:
+        parser.error("unet --config-file needs --weights")
+    torch.manual_seed(0)
+    checks = run_unet(args) if args.kind == "unet" else run_mask_rcnn(args)
+    for check in checks:
+        print(check.line())
+    report = Path(args.output) / "export_report.json"
+    write_text_atomic(report, json.dumps([c.as_dict() for c in checks], indent=2) + "\n")
+    failed = [c for c in checks if not c.skipped and not c.ok]
+    print(f"{len(checks) - len(failed)} of {len(checks)} exports ok or skipped; report {report}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
