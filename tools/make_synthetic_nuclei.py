@@ -4,7 +4,8 @@
 Example::
 
     python tools/make_synthetic_nuclei.py --out datasets/synthetic --num-images 670 --seed 0
-    python tools/make_synthetic_nuclei.py --out /tmp/tiny --num-images 8 --seed 1 --sizes 64x64,96x128
+    python tools/make_synthetic_nuclei.py --out /tmp/tiny --num-images 8 --seed 1 \
+        --sizes 64x64,96x128
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="dataset root folder")
     parser.add_argument("--num-images", required=True, type=int, help="number of images (>= 1)")
     parser.add_argument("--seed", required=True, type=int, help="non-negative integer seed")
-    parser.add_argument("--split", default="stage1_train", help="split folder name (default: %(default)s)")
+    parser.add_argument(
+        "--split", default="stage1_train", help="split folder name (default: %(default)s)"
+    )
     parser.add_argument(
         "--sizes",
         default="default",

@@ -12,9 +12,9 @@ a dark, unevenly lit background, R = G = B) and H&E-like histology (hematoxylin-
 eosin-pink tissue, rendered through Beer-Lambert optical density). Nuclei are irregular
 ellipses 6 to 38 px across, clustered and touching but never overlapping: they are rasterized
 into one label image, so every pixel belongs to at most one nucleus, and each written mask is a
-single 4-connected region of at least :data:`MIN_NUCLEUS_AREA` pixels. Every
-:data:`EMPTY_BLOCK`-th image (one at a random position in each block of that many indices) has no
-nucleus and appears in the CSV with the run ``1 1``, as in the real file.
+single 4-connected region of at least :data:`MIN_NUCLEUS_AREA` pixels. One image in each block
+of :data:`EMPTY_BLOCK` consecutive indices, at a random position, has no nucleus and appears in
+the CSV with the run ``1 1``, as in the real file.
 
 Everything is a function of ``(seed, index)`` through :class:`numpy.random.SeedSequence`, and PNGs
 are written by OpenCV with fixed settings and no metadata, so the same seed gives the same bytes
@@ -31,7 +31,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -40,7 +40,6 @@ from tqdm import tqdm
 
 from sharp_fpn.data import rle
 
-Style = Literal["fluorescence", "he"]
 STYLES: tuple[str, ...] = ("fluorescence", "he")
 FLUORESCENCE_FRACTION = 0.7
 """Share of fluorescence images when the style is not forced (the rest are H&E-like)."""
@@ -71,7 +70,9 @@ MAX_NUCLEI = 300
 _IMAGE_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 3]
 # Masks are mostly zeros: unfiltered rows and zlib's run-length strategy write them ~5x faster
 # than the default adaptive filters, and smaller. (IMWRITE_PNG_FILTER is OpenCV >= 4.10.)
-_MASK_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+_MASK_PNG = [
+    cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE
+]
 if hasattr(cv2, "IMWRITE_PNG_FILTER"):
     _MASK_PNG += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
 
@@ -297,7 +298,8 @@ def _blur_small(image: np.ndarray, sigma: float) -> np.ndarray:
     """Large-sigma Gaussian blur done at reduced resolution (cheap halos and haze)."""
     h, w = image.shape[:2]
     factor = max(1, int(sigma // 4))
-    small = cv2.resize(image, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
+    small_size = (max(1, w // factor), max(1, h // factor))
+    small = cv2.resize(image, small_size, interpolation=cv2.INTER_AREA)
     small = cv2.GaussianBlur(small, (0, 0), sigmaX=sigma / factor, borderType=cv2.BORDER_REFLECT)
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
@@ -503,14 +505,17 @@ def write_dataset(
     plans = plan_images(num_images, seed, sizes, style)
     out = Path(out_dir)
     target, csv_target = out / split, out / f"{split}_labels.csv"
-    existing = [p for p in (target, csv_target) if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    existing = [
+        p for p in (target, csv_target) if p.is_file() or (p.is_dir() and any(p.iterdir()))
+    ]
     if existing and not overwrite:
         raise FileExistsError(
             f"{existing[0]} already exists and is not empty; choose another --out or --split, "
             f"or pass --overwrite (overwrite=True) to replace {target} and {csv_target}"
         )
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        affinity = getattr(os, "sched_getaffinity", None)
+        workers = len(affinity(0)) if affinity else os.cpu_count()
     workers = max(1, min(int(workers or 1), num_images))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -519,7 +524,9 @@ def write_dataset(
         split_dir = staging / split
         split_dir.mkdir()
         runs: dict[int, list[str]] = {}
-        bar = tqdm(total=num_images, unit="img", desc=f"{split}", disable=not progress or num_images < 20)
+        bar = tqdm(
+            total=num_images, unit="img", desc=split, disable=not progress or num_images < 20
+        )
         if workers == 1:
             for plan in plans:
                 index, image_runs = _make_image(plan, seed, split_dir)
@@ -533,7 +540,8 @@ def write_dataset(
             cv2.setNumThreads(1)
             try:
                 biggest_first = sorted(plans, key=lambda p: -p.height * p.width)
-                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                fork = multiprocessing.get_context("fork")
+                with ProcessPoolExecutor(workers, mp_context=fork) as pool:
                     futures = [pool.submit(_make_image, p, seed, split_dir) for p in biggest_first]
                     for future in as_completed(futures):
                         index, image_runs = future.result()
