@@ -2,6 +2,7 @@
 """Benchmarks (not tests): time the project's heavy paths on realistic inputs.
 
     python tools/benchmark.py convert             # DSB2018 -> COCO on a DSB-size synthetic set
+    python tools/benchmark.py predict             # prediction MP/s, whole image and tiled
 
 Each subcommand prints its figures and writes them, with the machine and the arguments, to
 ``output/benchmarks/<subcommand>.json`` (``--out-dir`` to change). A new benchmark is one
@@ -147,11 +148,89 @@ def run_convert(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------------------------
+# predict: nuclei prediction throughput (tools/predict.py's library), whole image and tiled
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--configs", nargs="+", default=["configs/demo/mask_rcnn_fpn_R18.yaml"],
+        help="model configs (%(default)s)",
+    )
+    parser.add_argument(
+        "--weights", nargs="+",
+        help="one checkpoint per config (default: random weights; a Mask R-CNN's cost grows "
+        "with its detections, so trained weights give the realistic figure)",
+    )
+    parser.add_argument("--size", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"),
+                        help="synthetic image size (%(default)s)")
+    parser.add_argument("--tile", type=int, default=256, help="tile side (%(default)s)")
+    parser.add_argument("--overlap", type=int, default=32, help="tile overlap (%(default)s)")
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs per mode (%(default)s)")
+    parser.add_argument("--score-threshold", type=float, default=0.5)
+
+
+def run_predict(args: argparse.Namespace) -> dict[str, Any]:
+    """Megapixels of input image per second, whole-image and tiled, per config, on the CPU."""
+    import numpy as np
+    import torch
+
+    from sharp_fpn.data.synthetic import generate_image
+    from sharp_fpn.predict import NucleiPredictor
+
+    if args.weights and len(args.weights) != len(args.configs):
+        raise SystemExit(f"--weights: {len(args.weights)} given for {len(args.configs)} configs")
+    height, width = args.size
+    rgb = np.ascontiguousarray(
+        generate_image(np.random.default_rng(0), height, width, "fluorescence")[0][..., :3]
+    )
+    megapixels = height * width / 1e6
+    results = {}
+    for k, config in enumerate(args.configs):
+        weights = args.weights[k] if args.weights else None
+        torch.manual_seed(0)
+        predictor = NucleiPredictor(config, weights, device="cpu",
+                                    score_threshold=args.score_threshold)
+        predictor.predict(rgb[: args.tile, : args.tile], tile=0)  # warm-up
+        per_mode = {}
+        for mode, tile in (("whole_image", 0), ("tiled", args.tile)):
+            load = round(os.getloadavg()[0], 1)
+            seconds, cpu = [], []
+            for _ in range(args.repeat):
+                start, cpu_start = time.perf_counter(), _cpu_seconds()
+                prediction = predictor.predict(rgb, tile=tile, overlap=args.overlap)
+                seconds.append(time.perf_counter() - start)
+                cpu.append(_cpu_seconds() - cpu_start)
+            best = min(seconds)
+            per_mode[mode] = {
+                "tiles": prediction.tiles,
+                "nuclei": prediction.count,
+                "seconds": [round(s, 2) for s in seconds],
+                "cpu_seconds": [round(c, 2) for c in cpu],
+                "megapixels_per_s": round(megapixels / best, 3),  # best of the runs
+                "load_average_before": load,
+            }
+            print(f"{config} {mode:11s}: {megapixels / best:6.3f} MP/s "
+                  f"({best:.1f} s, {prediction.tiles} tiles, {prediction.count} nuclei)")
+        results[config] = {
+            "weights": weights or "random",
+            "test_resize": [predictor.cfg.INPUT.MIN_SIZE_TEST, predictor.cfg.INPUT.MAX_SIZE_TEST],
+            **per_mode,
+        }
+    return {"image": [height, width], "torch_threads": torch.get_num_threads(),
+            "results": results}
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "convert": Benchmark(
         "DSB2018 -> COCO conversion (folders and CSV) on a DSB-size synthetic set",
         _convert_arguments,
         run_convert,
+    ),
+    "predict": Benchmark(
+        "nuclei prediction throughput (MP/s), whole image and tiled, per config",
+        _predict_arguments,
+        run_predict,
     ),
 }
 
