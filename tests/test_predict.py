@@ -336,3 +336,29 @@ def test_predict_cli_end_to_end(tmp_path, capsys):
         intensity[labels16 == int(first["label"])].mean(), abs=1e-3
     )
     assert not list(out.glob(".*.tmp"))  # written whole, no temporary file left
+
+
+def test_semantic_model_labels_are_connected_components_of_stitched_probabilities():
+    """A real (random, narrow) UNet# of the semantic meta-architecture, tiled."""
+    from sharp_fpn.predict import NucleiPredictor
+    from sharp_fpn.predict.predictor import load_config
+    from skimage.measure import label as connected_components
+
+    cfg = load_config(ROOT / "configs" / "semantic" / "table1" / "unet_sharp_ds.yaml",
+                      ["MODEL.UNET.WIDTH_MULT", 0.125, "MODEL.DEVICE", "cpu",
+                       "INPUT.SEMANTIC.SIZE", [64, 64]])
+    torch.manual_seed(0)
+    predictor = NucleiPredictor(cfg, None)
+    rgb = cv2.GaussianBlur(np.random.default_rng(2).integers(0, 256, (90, 120, 3), np.uint8),
+                           (9, 9), 4)
+    tiles = tile_grid(90, 120, 64, 16)
+    maps = [predictor.run_model(rgb[t.slices])["sem_seg"][0].numpy() for t in tiles]
+    probabilities = stitch_cores((90, 120), tiles, maps)
+
+    prediction = predictor.predict(rgb, tile=64, overlap=16)
+    assert prediction.kind == "semantic" and prediction.tiles == len(tiles) == 6
+    expected = connected_components(probabilities > 0.5, connectivity=2)
+    np.testing.assert_array_equal(prediction.labels, expected)
+    assert prediction.count == expected.max() > 0
+    for k in (1, prediction.count):
+        assert prediction.scores[k - 1] == pytest.approx(probabilities[expected == k].mean())

@@ -214,7 +214,7 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
                   f"({best:.1f} s, {prediction.tiles} tiles, {prediction.count} nuclei)")
         results[config] = {
             "weights": weights or "random",
-            "test_resize": [predictor.cfg.INPUT.MIN_SIZE_TEST, predictor.cfg.INPUT.MAX_SIZE_TEST],
+            "test_preprocessing": repr(predictor.augmentations),
             **per_mode,
         }
     return {"image": [height, width], "torch_threads": torch.get_num_threads(),

@@ -96,8 +96,8 @@ def run_mask_rcnn(args: argparse.Namespace) -> list:
     describe = {
         "config": args.config_file,
         "weights": args.weights,
-        "input": f"(3, h, w) float32 pixels 0..255 in {cfg.INPUT.FORMAT} order, resized "
-                 f"by ResizeShortestEdge({cfg.INPUT.MIN_SIZE_TEST}, {cfg.INPUT.MAX_SIZE_TEST})",
+        "input": f"(3, h, w) float32 pixels 0..255 in {cfg.INPUT.FORMAT} order, after "
+                 f"{predictor.augmentations!r}",
         "score_threshold": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
     }
     check = export_mask_rcnn(predictor.model, images, Path(args.output),

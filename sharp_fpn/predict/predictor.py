@@ -1,11 +1,13 @@
 """A trained detectron2 model (Mask R-CNN or semantic) as a nucleus labeller for whole images.
 
-:class:`NucleiPredictor` runs the model on each tile (:mod:`.tiling`) as detectron2's
-``DefaultPredictor`` runs it on an image: the tile, in the config's ``INPUT.FORMAT``, resized
-by ``ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``, the outputs brought back
-to the tile's size. All tiles of an image have the same size, so the model sees every part
-of the image at the same scale; choose ``tile`` near the image sizes the model was trained on
-(``tile=0`` predicts the whole image at once, exactly as ``DefaultPredictor`` would).
+:class:`NucleiPredictor` runs the model on each tile (:mod:`.tiling`) as the model's own test
+pipeline runs it on an image (:func:`test_augmentations`): the tile in the config's
+``INPUT.FORMAT``, resized as at test time (Mask R-CNN: ``ResizeShortestEdge(INPUT.
+MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``, as ``DefaultPredictor``; the semantic models:
+``Resize(INPUT.SEMANTIC.SIZE)``, as their test mapper), the outputs brought back to the tile's
+size. All tiles of an image have the same size, so the model sees every part of the image at
+the same scale; choose ``tile`` near the size of the images the model was trained on (``tile=0``
+predicts the whole image at once).
 
 What the model returns decides the labelling:
 
@@ -32,12 +34,19 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from skimage.measure import label as connected_components
 
-import sharp_fpn.modeling  # noqa: F401  (registers the necks and meta-architectures)
-
 from ..engine import get_config
+from ..modeling.semantic import is_semantic  # also registers the necks and meta-architectures
+from ..modeling.semantic_data import build_semantic_augmentation
 from .tiling import InstanceSet, Tile, stitch_cores, stitch_instances, tile_grid
 
-__all__ = ["SEMANTIC_THRESHOLD", "NucleiPredictor", "Prediction", "load_config", "semantic_labels"]
+__all__ = [
+    "SEMANTIC_THRESHOLD",
+    "NucleiPredictor",
+    "Prediction",
+    "load_config",
+    "semantic_labels",
+    "test_augmentations",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +88,15 @@ def load_config(config: Union[CfgNode, str, os.PathLike], opts: Optional[List[st
     return get_config(os.fspath(config), opts or [])
 
 
+def test_augmentations(cfg: CfgNode) -> List[T.Augmentation]:
+    """The test-time pre-processing of the model ``cfg`` builds, as its evaluation applies it:
+    the semantic meta-architecture's test mapper (``INPUT.SEMANTIC.SIZE``), else detectron2's
+    ``ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``."""
+    if is_semantic(cfg):
+        return build_semantic_augmentation(cfg, is_train=False)
+    return [T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)]
+
+
 class NucleiPredictor:
     """A detectron2 model that labels the nuclei of ``(H, W, 3)`` uint8 RGB images.
 
@@ -117,9 +135,7 @@ class NucleiPredictor:
             logger.warning("no weights given: the model keeps its random initialisation")
         else:
             self._load_weights(os.fspath(weights))
-        self.resize = T.ResizeShortestEdge(
-            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
-        )
+        self.augmentations = T.AugmentationList(test_augmentations(cfg))
 
     def _load_weights(self, path: str) -> None:
         if not os.path.isfile(path):
@@ -139,10 +155,13 @@ class NucleiPredictor:
 
     def model_input(self, rgb: np.ndarray) -> torch.Tensor:
         """``(h, w, 3)`` uint8 RGB -> the model's ``(3, h', w')`` float32 input: channels in
-        ``INPUT.FORMAT`` order, resized as detectron2 resizes test images."""
+        ``INPUT.FORMAT`` order, resized as the model's test pipeline resizes images."""
         image = rgb[:, :, ::-1] if self.cfg.INPUT.FORMAT == "BGR" else rgb
-        resized = self.resize.get_transform(image).apply_image(image)
-        return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32)
+        resized = T.AugInput(np.ascontiguousarray(image))
+        self.augmentations(resized)
+        return torch.as_tensor(
+            np.ascontiguousarray(resized.image.transpose(2, 0, 1)), dtype=torch.float32
+        )
 
     @torch.no_grad()
     def run_model(self, rgb: np.ndarray) -> Dict[str, Any]:
