@@ -71,7 +71,6 @@ def _train_deterministic(json_file: str, image_root: str, output_dir: str) -> No
         "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.RESNETS.NORM", "FrozenBN",
     ])
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -158,7 +157,6 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
 def test_checkpoints_load_under_torch_load_defaults(synth_json, tmp_path):
     cfg = get_config(str(DEMO), TINY + ["SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "1",
                                          "OUTPUT_DIR", str(tmp_path)])
-    torch.set_num_threads(1)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -172,7 +170,6 @@ def test_checkpoints_load_under_torch_load_defaults(synth_json, tmp_path):
 def _trainer(tmp_path, *opts):
     cfg = get_config(str(DEMO), TINY + ["SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "1",
                                          "OUTPUT_DIR", str(tmp_path), *opts])
-    torch.set_num_threads(1)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     return trainer

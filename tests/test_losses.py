@@ -23,14 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LN3 = math.log(3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def as_map(values):
     """A 2-D list -> a (1, 1, H, W) float64 tensor."""
     return torch.tensor(values, dtype=torch.float64)[None, None]

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
@@ -30,14 +29,6 @@ def tiny_cfg(output_dir: Path, *opts):
         ],
     )
     return cfg
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_one_training_iteration_and_one_inference(tmp_path):

@@ -22,15 +22,6 @@ from sharp_fpn.models.heads import GlobalAvgMaxPool
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs run fastest single-threaded, especially on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 

@@ -44,7 +44,6 @@ import csv
 import json
 import multiprocessing
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from ..utils import atomic_write
 from .rle import EMPTY_IMAGE_RUN, RLEError, parse_runs
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -586,22 +586,7 @@ def convert_split(
 
 
 def write_json_atomic(obj: Any, path: PathLike) -> None:
-    """Write ``obj`` as compact JSON to ``path``, all or nothing.
-
-    The JSON goes to a temporary file in the target folder (created if needed), which replaces
-    ``path`` only once complete; on any failure the temporary file is removed.
-    """
-    path = Path(path)
+    """Write ``obj`` as compact JSON to ``path``, all or nothing (:func:`~sharp_fpn.utils.atomic_write`)."""
     text = json.dumps(obj, separators=(",", ":"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as out:
+        out.write(text)
