@@ -7,23 +7,29 @@ so a 3-D variant only needs 3-D counterparts of these few pieces; the connectivi
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 NORMS = ("BN", "GN", "")
+Norm = Union[str, Callable[[int], nn.Module]]
+"""A norm name of ``NORMS``, or a factory ``channels -> nn.Module`` (e.g. a framework's own
+norms, such as detectron2's SyncBN, handed in by an adapter)."""
 UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest", "nearest-exact")
 
 
-def get_norm(norm: str, channels: int) -> nn.Module:
+def get_norm(norm: Norm, channels: int) -> nn.Module:
     """A normalization layer for ``channels`` feature maps.
 
     Args:
         norm: ``"BN"`` (BatchNorm2d, the paper's), ``"GN"`` (GroupNorm with
-            ``gcd(32, channels)`` groups, so any width works) or ``""`` (none).
+            ``gcd(32, channels)`` groups, so any width works), ``""`` (none), or a callable
+            ``channels -> nn.Module``.
         channels: number of channels ``C`` of the ``(N, C, H, W)`` input.
     """
+    if callable(norm):
+        return norm(channels)
     if norm == "BN":
         return nn.BatchNorm2d(channels)
     if norm == "GN":
@@ -39,7 +45,9 @@ class ConvNormReLU(nn.Sequential):
     ``(N, in_channels, H, W) -> (N, out_channels, H, W)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "BN", kernel_size: int = 3):
+    def __init__(
+        self, in_channels: int, out_channels: int, norm: Norm = "BN", kernel_size: int = 3
+    ):
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
             get_norm(norm, out_channels),
@@ -54,7 +62,9 @@ class VGGBlock(nn.Module):
     ``(N, in_channels, H, W) -> (N, out_channels, H, W)``.
     """
 
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, norm: str = "BN"):
+    def __init__(
+        self, in_channels: int, mid_channels: int, out_channels: int, norm: Norm = "BN"
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, mid_channels, 3, padding=1)
         self.bn1 = get_norm(norm, mid_channels)
@@ -70,7 +80,7 @@ class VGGBlock(nn.Module):
 BLOCKS = ("f2", "f")
 
 
-def node_block(block: str, in_channels: int, out_channels: int, norm: str = "BN") -> nn.Module:
+def node_block(block: str, in_channels: int, out_channels: int, norm: Norm = "BN") -> nn.Module:
     """The op of a grid node: ``"f2"`` (VGGBlock, mid = out) or ``"f"`` (one ConvNormReLU)."""
     if block == "f2":
         return VGGBlock(in_channels, out_channels, out_channels, norm)

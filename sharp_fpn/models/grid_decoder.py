@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..grid import FULL_SCALE, Input, Node, Position, build_grid, node_name
-from .blocks import UPSAMPLE_MODES, ConvNormReLU, get_norm, he_init_, node_block, resample
+from .blocks import UPSAMPLE_MODES, ConvNormReLU, Norm, get_norm, he_init_, node_block, resample
 
 FULL_SCALE_OPS = ("upsample", "conv")
 Features = Union[Sequence[Tensor], Mapping[int, Tensor]]
@@ -16,6 +16,11 @@ Features = Union[Sequence[Tensor], Mapping[int, Tensor]]
 
 def _key(position: Position) -> str:
     return f"{position[0]}_{position[1]}"
+
+
+def _edge_key(node: Position, source: Position) -> str:
+    """``((0, 3), (3, 0))`` -> ``"0_3_from_3_0"``: the input edge ``X[3][0] -> X[0][3]``."""
+    return f"{_key(node)}_from_{_key(source)}"
 
 
 class GridDecoder(nn.Module):
@@ -37,6 +42,15 @@ class GridDecoder(nn.Module):
     - UNet3+ (nodes with ``project_inputs``): every resampled input through its own ``f`` to
       ``project_channels``, then the node's op on the concatenation.
 
+    ``reduce_upsampled`` bounds the cost of wide, deep inputs at fine levels: every upsampled
+    input wider than the conv that reads it (the node's width; UNet3+'s ``project_channels``)
+    first goes through its own bias-free 1x1 conv to that width, at its source's resolution,
+    and is upsampled afterwards. A bias-free 1x1 conv commutes with interpolation (one mixes
+    channels, the other pixels, both linearly), so this is exactly a 1x1 reduction after the
+    upsampling, computed on ``4**k`` times fewer pixels: it limits the rank of the node conv's
+    weights on that input, nothing else. Full-scale terms with ``full_scale="conv"`` keep their
+    own (shared) conv and are not reduced.
+
     Args:
         scheme: ``"unet"``, ``"2plus"``, ``"3plus"`` or ``"sharp"``.
         depth: ``L``; levels ``0..L``, level ``i`` at half the resolution of level ``i-1``.
@@ -44,12 +58,14 @@ class GridDecoder(nn.Module):
         widths: output channels of the decoder nodes of each level ``0..L-1`` (``L`` ints, or
             one int for all); level ``L`` holds only the column-0 node.
         block: the node op: ``"f2"`` (two conv3x3-norm-ReLU, the paper's) or ``"f"`` (one).
-        norm: ``"BN"``, ``"GN"`` or ``""``.
+        norm: ``"BN"``, ``"GN"``, ``""`` or a factory ``channels -> nn.Module``.
         full_scale: ``"upsample"`` or ``"conv"`` (see above; UNet# only).
         full_scale_channels: output channels of the ``"conv"`` full-scale op (32 officially).
         project_channels: UNet3+'s common width of the projected inputs (CatChannels, 32).
         upsample_mode: ``F.interpolate`` mode of every upsampling: ``"bilinear"`` (official,
             ``align_corners=True``) or ``"nearest"`` (detectron2's FPN).
+        reduce_upsampled: reduce wide upsampled inputs at their source's resolution (see
+            above). Off by default: the paper's networks.
 
     Attributes:
         grid: the ``sharp_fpn.grid.Grid`` listing this decoder computes.
@@ -64,11 +80,12 @@ class GridDecoder(nn.Module):
         widths: Union[int, Sequence[int]],
         *,
         block: str = "f2",
-        norm: str = "BN",
+        norm: Norm = "BN",
         full_scale: str = "upsample",
         full_scale_channels: int = 32,
         project_channels: int = 32,
         upsample_mode: str = "bilinear",
+        reduce_upsampled: bool = False,
     ):
         super().__init__()
         self.grid = build_grid(scheme, depth)
@@ -88,9 +105,12 @@ class GridDecoder(nn.Module):
             raise ValueError(
                 f"upsample_mode must be one of {UPSAMPLE_MODES}, got {upsample_mode!r}"
             )
+        self.widths = widths
         self.full_scale = full_scale
         self.full_scale_channels = full_scale_channels
+        self.project_channels = project_channels
         self.upsample_mode = upsample_mode
+        self.reduce_upsampled = reduce_upsampled
 
         self.node_channels: Dict[Position, int] = {
             (i, j): in_channels[i] if j == 0 else widths[i] for i, j in self.grid.positions
@@ -108,6 +128,16 @@ class GridDecoder(nn.Module):
             if sources:
                 self.full_scale_norm = get_norm(norm, full_scale_channels)
 
+        # reduce_upsampled: one 1x1 conv per reduced input edge, applied before upsampling
+        self.reductions = nn.ModuleDict()
+        for node in self.grid:
+            for x in node.inputs:
+                width = self._reduced_width(node, x)
+                if width is not None:
+                    self.reductions[_edge_key(node.position, x.source)] = nn.Conv2d(
+                        self.node_channels[x.source], width, 1, bias=False
+                    )
+
         self.blocks = nn.ModuleDict()  # the op of each decoder node
         self.projections = nn.ModuleDict()  # UNet3+: one f per input of each node
         for node in self.grid:
@@ -115,12 +145,12 @@ class GridDecoder(nn.Module):
                 continue
             if node.project_inputs:
                 self.projections[_key(node.position)] = nn.ModuleList(
-                    ConvNormReLU(self.node_channels[x.source], project_channels, norm)
+                    ConvNormReLU(self._input_width(node, x), project_channels, norm)
                     for x in node.inputs
                 )
                 concat_width = project_channels * len(node.inputs)
             else:
-                concat_width = sum(self._concat_width(x) for x in node.inputs)
+                concat_width = sum(self._input_width(node, x) for x in node.inputs)
             self.blocks[_key(node.position)] = node_block(
                 block, concat_width, widths[node.level], norm
             )
@@ -158,17 +188,31 @@ class GridDecoder(nn.Module):
             nodes[(i, j)] = self.blocks[_key((i, j))](torch.cat(parts, dim=1))
         return nodes
 
-    def _concat_width(self, x: Input) -> int:
-        """Channels that input ``x`` contributes to its node's concatenation (non-UNet3+ nodes)."""
+    def _reduced_width(self, node: Node, x: Input) -> Optional[int]:
+        """The width ``reduce_upsampled`` brings input ``x`` of ``node`` to, or None."""
+        if not self.reduce_upsampled or x.scale <= 0:
+            return None
+        if x.role == FULL_SCALE and self.full_scale == "conv":
+            return None  # F has its own conv, shared by all uses of its source
+        target = self.project_channels if node.project_inputs else self.widths[node.level]
+        return target if self.node_channels[x.source] > target else None
+
+    def _input_width(self, node: Node, x: Input) -> int:
+        """Channels of input ``x`` once prepared for ``node`` (before any UNet3+ projection)."""
         if x.role == FULL_SCALE and self.full_scale == "conv":
             return self.full_scale_channels
-        return self.node_channels[x.source]
+        reduced = self._reduced_width(node, x)
+        return self.node_channels[x.source] if reduced is None else reduced
 
     def _prepare(
         self, node: Node, index: int, x: Input, nodes: Dict[Position, Tensor], size: torch.Size
     ) -> Tensor:
-        """The ``index``-th input of ``node``, resampled to ``size``, through its op if any."""
-        t = resample(nodes[x.source], x.scale, size, self.upsample_mode)
+        """The ``index``-th input of ``node``, resampled to ``size``, through its ops if any."""
+        t = nodes[x.source]
+        edge = _edge_key(node.position, x.source)
+        if edge in self.reductions:  # at the source's resolution, before upsampling
+            t = self.reductions[edge](t)
+        t = resample(t, x.scale, size, self.upsample_mode)
         if node.project_inputs:
             return self.projections[_key(node.position)][index](t)
         if x.role == FULL_SCALE and self.full_scale == "conv":
