@@ -97,3 +97,20 @@ def test_mask_rcnn_trace_round_trip(tmp_path):
     assert info["outputs"] == ["pred_boxes", "pred_classes", "pred_masks", "scores", "image_size"]
     boxes, classes, masks, scores, size = torch.jit.load(check.path)(images[1])
     assert masks.shape == (20, 1, 28, 28) and tuple(size.tolist()) == (72, 64)
+
+
+def test_probability_model_is_the_semantic_meta_architecture_at_inference():
+    """What ``tools/export.py unet --config-file`` exports computes the detectron2 model's
+    ``sem_seg`` (normalisation, final branch, sigmoid, CGM gate)."""
+    cfg = get_config(str(ROOT / "configs" / "semantic" / "table1" / "unet_sharp_ds.yaml"),
+                     ["MODEL.UNET.WIDTH_MULT", 0.125, "MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    network = model.network
+    exported = ProbabilityModel(network.prune(network.depth), cfg.MODEL.PIXEL_MEAN,
+                                cfg.MODEL.PIXEL_STD).eval()
+    image = pixels(3, 48, 64)
+    with torch.no_grad():
+        expected = model([{"image": image, "height": 48, "width": 64}])[0]["sem_seg"]
+        got = exported(image[None])[0]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

@@ -7,7 +7,7 @@
     # Mask R-CNN through detectron2's TracingAdapter, traced on a sample image:
     python tools/export.py mask-rcnn --config-file CFG --weights W --output export/ [--image IMG]
 
-Every exported file is loaded back and run on images other than the traced one (other sizes
+Models are traced on the CPU. Every exported file is loaded back and run on images other than the traced one (other sizes
 too); the largest absolute difference from the PyTorch model is printed and the export fails
 (exit status 1) beyond the tolerance. A report goes to <output>/export_report.json. What each
 file takes and returns: sharp_fpn/predict/export.py.
@@ -53,7 +53,8 @@ def sample_images(paths: list[str], sizes: list[tuple[int, int]]) -> list[np.nda
 
 def run_unet(args: argparse.Namespace) -> list:
     if args.config_file:
-        predictor = NucleiPredictor(get_config(args.config_file, args.opts), args.weights)
+        predictor = NucleiPredictor(get_config(args.config_file, args.opts), args.weights,
+                                    device="cpu")
         cfg = predictor.cfg
         network = getattr(predictor.model, "network", None)
         if not isinstance(network, GridUNet):
@@ -90,7 +91,7 @@ def run_unet(args: argparse.Namespace) -> list:
 def run_mask_rcnn(args: argparse.Namespace) -> list:
     cfg = get_config(args.config_file, args.opts)
     # the export keeps the config's test-time score threshold (detectron2's default 0.05)
-    predictor = NucleiPredictor(cfg, args.weights,
+    predictor = NucleiPredictor(cfg, args.weights, device="cpu",
                                 score_threshold=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
     images = [predictor.model_input(rgb) for rgb in sample_images(args.image, [(256, 256), (260, 347)])]
     describe = {

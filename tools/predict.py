@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the largest nucleus diameter (%(default)s)")
     parser.add_argument("--score-threshold", type=float, default=0.5,
                         help="drop instances scoring below (%(default)s)")
-    parser.add_argument("--device", default=None, help="torch device (default: the config's)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1... "
+                        "(%(default)s)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config options to override, e.g. INPUT.MIN_SIZE_TEST 512")
     return parser

@@ -38,7 +38,7 @@ def run_predictions(args: argparse.Namespace) -> int:
     from sharp_fpn.predict.predictor import load_config
 
     predictor = NucleiPredictor(load_config(args.config_file, args.opts), args.weights,
-                                score_threshold=args.score_threshold)
+                                device=args.device, score_threshold=args.score_threshold)
     records = DatasetCatalog.get(args.dataset)[: args.num]
     if not records:
         raise SystemExit(f"dataset {args.dataset!r} has no image")
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     predictions.add_argument("--tile", type=int, default=512)
     predictions.add_argument("--overlap", type=int, default=64)
     predictions.add_argument("--score-threshold", type=float, default=0.5)
+    predictions.add_argument("--device", default="cpu", help="torch device (%(default)s)")
     predictions.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                              help="config options to override")
     predictions.set_defaults(run=run_predictions)
