@@ -50,7 +50,9 @@ def test_torchscript_of_every_pruning_level_matches_pytorch(tmp_path, cgm):
         for x in inputs:
             got = loaded(x)
             # the pruned export computes the full network's branch X[0][level]
-            normalised = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+            normalised = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+                1, 3, 1, 1
+            )
             with torch.no_grad():
                 output = network(normalised, level=level)
                 if cgm:
@@ -87,7 +89,8 @@ def test_tracing_adapter_loads_and_leaves_detectron2_export_as_it_was():
 def test_mask_rcnn_trace_round_trip(tmp_path):
     torch.manual_seed(0)
     cfg = get_config(str(DEMO), ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05,
-                                 "TEST.DETECTIONS_PER_IMAGE", 20, "MODEL.RPN.POST_NMS_TOPK_TEST", 100])
+                                 "TEST.DETECTIONS_PER_IMAGE", 20,
+                                 "MODEL.RPN.POST_NMS_TOPK_TEST", 100])
     model = build_model(cfg).eval()
     images = [pixels(3, 64, 80), pixels(3, 72, 64, seed=1)]
     check = export_mask_rcnn(model, images, tmp_path, name="tiny_rcnn", tolerance=1e-4)

@@ -107,7 +107,8 @@ def assert_same_nuclei(truth, stitched):
     """Same background, and a one-to-one map between the nuclei with identical pixel sets."""
     np.testing.assert_array_equal(truth > 0, stitched > 0)
     pairs = np.unique(np.stack([truth[truth > 0], stitched[truth > 0]]), axis=1)
-    assert pairs.shape[1] == len(np.unique(truth[truth > 0])) == len(np.unique(stitched[stitched > 0]))
+    n_true, n_stitched = len(np.unique(truth[truth > 0])), len(np.unique(stitched[stitched > 0]))
+    assert pairs.shape[1] == n_true == n_stitched
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -189,7 +190,8 @@ def write_cv2(path, rgb_or_gray):
     """cv2 writes BGR(A); give it RGB(A)."""
     image = rgb_or_gray
     if image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR if image.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+        code = cv2.COLOR_RGB2BGR if image.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
+        image = cv2.cvtColor(image, code)
     assert cv2.imwrite(str(path), image)
 
 
@@ -234,7 +236,8 @@ def test_16_bit_inputs_are_stretched_by_percentiles(tmp_path, samples):
     write_cv2(tmp_path / "gray16.png", gray16)
     write_cv2(tmp_path / "rgb16.png", rgb16)
     tifffile.imwrite(tmp_path / "gray16.tif", gray16)
-    tifffile.imwrite(tmp_path / "rgba16.tif", np.dstack([rgb16, np.full((20, 30), 65535, np.uint16)]))
+    opaque = np.full((20, 30), 65535, np.uint16)
+    tifffile.imwrite(tmp_path / "rgba16.tif", np.dstack([rgb16, opaque]))
     tifffile.imwrite(tmp_path / "float.tif", gray16.astype(np.float32) / 7)
     for name in ("gray16.png", "gray16.tif"):
         image = load_image(tmp_path / name)

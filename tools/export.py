@@ -2,15 +2,16 @@
 """Export trained models for deployment (TorchScript; ONNX when the onnx package is installed).
 
     # UNet family, one file per pruning level (the paper's fast mode, for phones):
-    python tools/export.py unet --config-file CFG --weights W --output export/   # trained
-    python tools/export.py unet --arch unet_sharp --output export/               # random weights
+    python tools/export.py unet --config-file CFG --weights W --output export/  # trained
+    python tools/export.py unet --arch unet_sharp --output export/              # random weights
     # Mask R-CNN through detectron2's TracingAdapter, traced on a sample image:
-    python tools/export.py mask-rcnn --config-file CFG --weights W --output export/ [--image IMG]
+    python tools/export.py mask-rcnn --config-file CFG --weights W --output export/ \
+        [--image IMG]
 
-Models are traced on the CPU. Every exported file is loaded back and run on images other than the traced one (other sizes
-too); the largest absolute difference from the PyTorch model is printed and the export fails
-(exit status 1) beyond the tolerance. A report goes to <output>/export_report.json. What each
-file takes and returns: sharp_fpn/predict/export.py.
+Models are traced on the CPU. Every exported file is loaded back and run on images other than
+the traced one (other sizes too); the largest absolute difference from the PyTorch model is
+printed and the export fails (exit status 1) beyond the tolerance. A report goes to
+<output>/export_report.json. What each file takes and returns: sharp_fpn/predict/export.py.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from pathlib import Path
 
 # detectron2 v0.6 scripts a few functions at import time; torch 2.x warns about each, and
 # about tracing; the export checks its own results
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
-warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
+for _message in (r".*torch\.jit\.\w+` is deprecated", r"torch\.meshgrid: in an upcoming release"):
+    warnings.filterwarnings("ignore", message=_message)
 warnings.filterwarnings("ignore", category=__import__("torch").jit.TracerWarning)
 
 import numpy as np  # noqa: E402
@@ -93,7 +94,8 @@ def run_mask_rcnn(args: argparse.Namespace) -> list:
     # the export keeps the config's test-time score threshold (detectron2's default 0.05)
     predictor = NucleiPredictor(cfg, args.weights, device="cpu",
                                 score_threshold=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
-    images = [predictor.model_input(rgb) for rgb in sample_images(args.image, [(256, 256), (260, 347)])]
+    rgbs = sample_images(args.image, [(256, 256), (260, 347)])
+    images = [predictor.model_input(rgb) for rgb in rgbs]
     describe = {
         "config": args.config_file,
         "weights": args.weights,

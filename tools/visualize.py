@@ -15,8 +15,8 @@ import warnings
 from pathlib import Path
 
 # detectron2 v0.6 scripts a few functions at import time; torch 2.x warns about each
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
-warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
+for _message in (r".*torch\.jit\.\w+` is deprecated", r"torch\.meshgrid: in an upcoming release"):
+    warnings.filterwarnings("ignore", message=_message)
 
 from sharp_fpn.predict.figures import plot_training_curves, read_metrics  # noqa: E402
 

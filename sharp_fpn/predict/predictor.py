@@ -1,7 +1,7 @@
 """A trained detectron2 model (Mask R-CNN or semantic) as a nucleus labeller for whole images.
 
 :class:`NucleiPredictor` runs the model on each tile (:mod:`.tiling`) as the model's own test
-pipeline runs it on an image (:func:`test_augmentations`): the tile in the config's
+pipeline runs it on an image (:func:`inference_augmentations`): the tile in the config's
 ``INPUT.FORMAT``, resized as at test time (Mask R-CNN: ``ResizeShortestEdge(INPUT.
 MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``, as ``DefaultPredictor``; the semantic models:
 ``Resize(INPUT.SEMANTIC.SIZE)``, as their test mapper), the outputs brought back to the tile's
@@ -45,7 +45,7 @@ __all__ = [
     "Prediction",
     "load_config",
     "semantic_labels",
-    "test_augmentations",
+    "inference_augmentations",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,9 @@ class Prediction:
         return int(self.scores.size)
 
 
-def load_config(config: Union[CfgNode, str, os.PathLike], opts: Optional[List[str]] = None) -> CfgNode:
+def load_config(
+    config: Union[CfgNode, str, os.PathLike], opts: Optional[List[str]] = None
+) -> CfgNode:
     """A config object from a config (cloned) or a yaml file (with sharp-fpn's keys), plus
     ``opts`` (``["KEY", value, ...]``)."""
     if isinstance(config, CfgNode):
@@ -88,7 +90,7 @@ def load_config(config: Union[CfgNode, str, os.PathLike], opts: Optional[List[st
     return get_config(os.fspath(config), opts or [])
 
 
-def test_augmentations(cfg: CfgNode) -> List[T.Augmentation]:
+def inference_augmentations(cfg: CfgNode) -> List[T.Augmentation]:
     """The test-time pre-processing of the model ``cfg`` builds, as its evaluation applies it:
     the semantic meta-architecture's test mapper (``INPUT.SEMANTIC.SIZE``), else detectron2's
     ``ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``."""
@@ -135,7 +137,7 @@ class NucleiPredictor:
             logger.warning("no weights given: the model keeps its random initialisation")
         else:
             self._load_weights(os.fspath(weights))
-        self.augmentations = T.AugmentationList(test_augmentations(cfg))
+        self.augmentations = T.AugmentationList(inference_augmentations(cfg))
 
     def _load_weights(self, path: str) -> None:
         if not os.path.isfile(path):

@@ -7,15 +7,15 @@ overlap between two neighbours is split at its middle, and the image border belo
 tile touching it. The cores partition the image.
 
 Instances (Mask R-CNN): a tile keeps exactly the instances whose box centre lies in its core
-(:func:`stitch_instances`). Why this is exact for every nucleus whose extent along each axis
-is at most the overlap (``e <= overlap``): take two neighbours along one axis, the first
-ending at ``b1``, the second starting at ``a2``, overlap ``o = b1 - a2 >= overlap``, core
-boundary ``m = (a2 + b1) / 2``. A nucleus ``[s, s + e)`` with its centre ``c >= m`` starts at
-``c - e / 2 >= m - o / 2 = a2``, so the second tile sees it whole; with ``c < m`` it ends
-before ``m + o / 2 = b1``, so the first tile sees it whole. A tile that sees it cut by its
-border sees a piece ``[a2, s + e)`` whose centre ``(a2 + s + e) / 2 < (a2 + b1) / 2 = m`` lies
-outside its core (symmetrically for the first tile), so a cut piece is never kept; in 2-D a
-piece cut along one axis has its centre outside the core along that axis. Every tile that sees the nucleus whole
+(:func:`stitch_instances`). Why this is exact for every nucleus whose extent along each axis is
+at most the overlap (``e <= overlap``): take two neighbours along one axis, the first ending at
+``b1``, the second starting at ``a2``, overlap ``o = b1 - a2 >= overlap``, core boundary ``m =
+(a2 + b1) / 2``. A nucleus ``[s, s + e)`` with its centre ``c >= m`` starts at ``c - e / 2 >= m
+- o / 2 = a2``, so the second tile sees it whole; with ``c < m`` it ends before ``m + o / 2 =
+b1``, so the first tile sees it whole. A tile that sees it cut by its border sees a piece
+``[a2, s + e)`` whose centre ``(a2 + s + e) / 2 < (a2 + b1) / 2 = m`` lies outside its core
+(symmetrically for the first tile), so a cut piece is never kept; in 2-D a piece cut along one
+axis has its centre outside the core along that axis. Every tile that sees the nucleus whole
 computes the same centre, which lies in exactly one core: the nucleus is kept once, whole.
 Larger nuclei may be cut or kept twice; the residual overlaps are then resolved by score as
 :func:`sharp_fpn.evaluation.metrics.labels_from_instances` does (better instances take the
@@ -38,8 +38,15 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["InstanceSet", "Stitched", "Tile", "axis_spans", "stitch_cores", "stitch_instances",
-           "tile_grid"]
+__all__ = [
+    "InstanceSet",
+    "Stitched",
+    "Tile",
+    "axis_spans",
+    "stitch_cores",
+    "stitch_instances",
+    "tile_grid",
+]
 
 
 @dataclass(frozen=True)
