@@ -3,6 +3,8 @@
 Every key is listed here with what it does and its default; a key in a yaml file that is not
 defined here or by detectron2 fails at merge time, naming the key.
 """
+from typing import Any
+
 from detectron2.config import CfgNode as CN
 
 
@@ -17,4 +19,104 @@ def add_sharp_fpn_config(cfg: CN) -> CN:
     # Predicted instances scoring below this are dropped before the DSB score and the
     # foreground IoU/Dice are computed (COCO AP always uses every detection).
     _C.TEST.DSB.SCORE_THRESHOLD = 0.5
+
+    add_unet_config(cfg)
     return cfg
+
+
+def add_unet_config(cfg: CN) -> CN:
+    """Add the keys of the semantic models (``SemanticNucleiSegmentor``, Table 1 and Table 2's
+    upper half) and of the solver choice to ``cfg`` in place; return it."""
+    _C = cfg
+
+    # ---------------------------------------------------------------------------------------
+    # Semantic nuclei segmentation (sharp_fpn.modeling.semantic), META_ARCHITECTURE
+    # "SemanticNucleiSegmentor". Ground truth: the union of each image's nucleus masks.
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.UNET = CN()
+    # False: the paper's VGG-block networks of Table 1 (ARCH, WIDTH_MULT). True: the bottom-up
+    # named by MODEL.BACKBONE.NAME (build_resnet_backbone, build_vgg_backbone) with a grid
+    # decoder on its IN_FEATURES (DECODER, WIDTHS, UPSAMPLE_WIDTHS): Table 2's upper half.
+    _C.MODEL.UNET.USE_BACKBONE = False
+    # Table 1 network: "unet", "wunet", "unet2plus", "unet3plus" or "unet_sharp".
+    _C.MODEL.UNET.ARCH = "unet_sharp"
+    # Table 1 networks: multiplies the arch's widths (UNet [32..512], WUNet [35..560]), rounded;
+    # 1.0 gives the paper's networks, exactly create_model(ARCH); smaller for smoke runs.
+    _C.MODEL.UNET.WIDTH_MULT = 1.0
+    # Backbone networks: which node feeds which in the decoder: "unet", "2plus", "3plus" or
+    # "sharp" (sharp_fpn.grid).
+    _C.MODEL.UNET.DECODER = "sharp"
+    # Backbone networks: the bottom-up's maps forming the grid's column 0, finest first,
+    # strides doubling (ResNet: res2..res5; VGG: pool2..pool5, strides 4..32).
+    _C.MODEL.UNET.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Backbone networks: channels of the decoder nodes of each level but the coarsest (one per
+    # IN_FEATURES entry minus one, finest first). UNet3+ projects its inputs to WIDTHS[0].
+    _C.MODEL.UNET.WIDTHS = [64, 128, 256]
+    # Backbone networks: widths of the conv blocks that take the final node from the stride of
+    # IN_FEATURES[0] to full resolution, one per doubling (stride 4: two).
+    _C.MODEL.UNET.UPSAMPLE_WIDTHS = [32, 16]
+    # Backbone networks: 1x1-reduce upsampled inputs wider than their node at their own
+    # resolution (GridDecoder's reduce_upsampled); False feeds them to the 3x3 convs whole.
+    _C.MODEL.UNET.REDUCE_UPSAMPLED = True
+    # Norm of the VGG blocks, decoder nodes and heads: "BN" (the paper's), "GN" or "".
+    _C.MODEL.UNET.NORM = "BN"
+    # Interpolation of the grid's upsamplings: "bilinear" (official, align_corners=True),
+    # "bicubic", "nearest" or "nearest-exact".
+    _C.MODEL.UNET.UPSAMPLE = "bilinear"
+    # UNet#'s full-scale op F: "upsample" (official code, default) or "conv" (its commented-out
+    # version; the paper's 9.71M parameters). Only UNet# has full-scale skips.
+    _C.MODEL.UNET.FULL_SCALE = "upsample"
+    # Deep supervision: a head on every supervised branch, the mixed loss averaged over them
+    # (the paper's accurate mode). False: one head, on the final node.
+    _C.MODEL.UNET.DEEP_SUPERVISION = False
+    # Which branches deep supervision adds: "" = the scheme's own (UNet, UNet3+: "decoder";
+    # UNet++: "top"; UNet#: "all"), or "top" (X[0][1..L-1], needed for pruning), "decoder"
+    # (X[L][0]..X[1][L-1]) or "all".
+    _C.MODEL.UNET.DS_BRANCHES = ""
+    # Ground truth of a coarse branch: "pool" (max-pooled down to it, the paper's) or
+    # "upsample" (its logits upsampled to full size, the official code's).
+    _C.MODEL.UNET.DS_TARGET = "pool"
+    # Weights of focal (alpha 0.25, gamma 2), soft Dice and Lovasz hinge in the mixed loss.
+    _C.MODEL.UNET.LOSS_WEIGHTS = [0.5, 1.0, 0.5]
+    # Classification-guided modules on every branch: trained to tell whether an image holds
+    # any nucleus; at inference their 0/1 decision multiplies the prediction.
+    _C.MODEL.UNET.CGM = False
+    # Dropout probability inside the CGMs.
+    _C.MODEL.UNET.CGM_DROPOUT = 0.5
+    # Weight of the CGM loss (cross-entropy) beside the segmentation loss.
+    _C.MODEL.UNET.CGM_LOSS_WEIGHT = 1.0
+    # Inference with the sub-network ending at X[0][k] (the paper's fast mode), k = 1..4; 0 =
+    # the whole network. Table 1 networks with a head there (DS_BRANCHES "top" or "all").
+    _C.MODEL.UNET.PRUNE_LEVEL = 0
+
+    # Pre-processing of the semantic models (SemanticNucleiMapper), the paper's.
+    _C.INPUT.SEMANTIC = CN()
+    # Every image is resized to this [height, width] (pytorch-nested-unet: 96x96); [] keeps
+    # each image's size. Predictions are resized back to the original size.
+    _C.INPUT.SEMANTIC.SIZE = [96, 96]
+    # Training: rotate by a random multiple of 90 degrees.
+    _C.INPUT.SEMANTIC.ROTATE90 = True
+    # Training: flip horizontally and vertically, each with probability 1/2.
+    _C.INPUT.SEMANTIC.FLIP = True
+    # Training: one of an HSV shift (hue +-20, saturation +-30, value +-20), a brightness or a
+    # contrast change (factor 0.8..1.2), chosen uniformly per image.
+    _C.INPUT.SEMANTIC.COLOR_JITTER = True
+
+    _C.TEST.SEMANTIC = CN()
+    # SemanticIoUEvaluator: a pixel is foreground where its probability exceeds this.
+    _C.TEST.SEMANTIC.THRESHOLD = 0.5
+
+    # Optimizer built by sharp_fpn.engine.Trainer for every model: "SGD" (detectron2's, with
+    # SOLVER.MOMENTUM and NESTEROV), "Adam" or "AdamW" (torch's, default betas); all use
+    # SOLVER.BASE_LR, WEIGHT_DECAY, WEIGHT_DECAY_NORM, BIAS_LR_FACTOR and CLIP_GRADIENTS.
+    _C.SOLVER.OPTIMIZER = "SGD"
+    return cfg
+
+
+def check_value(key: str, value: Any, ok: bool, expected: str) -> None:
+    """Raise ``ValueError("KEY: expected EXPECTED, got VALUE")`` unless ``ok``.
+
+    For builders that validate config values: the message names the key to fix.
+    """
+    if not ok:
+        raise ValueError(f"{key}: expected {expected}, got {value!r}")

@@ -6,7 +6,10 @@ What differs from detectron2's ``DefaultTrainer``:
 
 * evaluators: COCO box/mask AP (with maxDets raised to ``TEST.DETECTIONS_PER_IMAGE``, and
   detectron2's fast C++ COCOeval only where the compiled ops exist) plus the DSB2018 score and
-  foreground IoU/Dice (:class:`~sharp_fpn.evaluation.evaluators.DSBEvaluator`);
+  foreground IoU/Dice (:class:`~sharp_fpn.evaluation.evaluators.DSBEvaluator`); semantic
+  models (``SemanticNucleiSegmentor``) get foreground IoU/Dice
+  (:class:`~sharp_fpn.evaluation.semantic.SemanticIoUEvaluator`) and their own data mapper;
+* ``SOLVER.OPTIMIZER`` picks SGD (detectron2's), Adam or AdamW;
 * checkpoints are written to a temporary name and renamed when whole, ``last_checkpoint`` too,
   so a run killed at any moment resumes from its last complete checkpoint;
 * on a machine without CUDA, ``--num-gpus N`` starts N CPU processes over gloo (detectron2
@@ -25,17 +28,25 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import DatasetCatalog
+from detectron2.data import (
+    DatasetCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
 from detectron2.engine import launch as d2_launch
 from detectron2.engine.defaults import create_ddp_model
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .config import add_sharp_fpn_config
+from .config import add_sharp_fpn_config, check_value
 from .data.datasets import DATASETS
 from .evaluation.evaluators import DSBEvaluator
+from .evaluation.semantic import SemanticIoUEvaluator
+from .modeling.semantic import is_semantic
+from .modeling.semantic_data import SemanticNucleiMapper
 from .utils import atomic_write, write_text_atomic
 
 
@@ -114,12 +125,56 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
         return build_evaluator(cfg, dataset_name, output_folder)
 
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        """detectron2's loader; semantic models map through ``SemanticNucleiMapper``."""
+        if is_semantic(cfg):
+            return build_detection_train_loader(cfg, mapper=SemanticNucleiMapper(cfg, True))
+        return super().build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        if is_semantic(cfg):
+            mapper = SemanticNucleiMapper(cfg, False)
+            return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        return super().build_test_loader(cfg, dataset_name)
+
+
+OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+
+
+def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """``SOLVER.OPTIMIZER``: detectron2's SGD, or torch's Adam/AdamW (the paper's recipe: Adam,
+    lr 1e-3, weight decay 1e-4), with detectron2's parameter groups and gradient clipping."""
+    name = cfg.SOLVER.OPTIMIZER
+    check_value("SOLVER.OPTIMIZER", name, name in OPTIMIZERS, f"one of {sorted(OPTIMIZERS)}")
+    if name == "SGD":
+        return DefaultTrainer.build_optimizer(cfg, model)
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    optimizer = maybe_add_gradient_clipping(cfg, OPTIMIZERS[name])
+    return optimizer(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
 
 def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
-    """COCO AP (bbox, and segm when masks are on) and the DSB2018 score, IoU and Dice."""
+    """COCO AP (bbox, and segm when masks are on) and the DSB2018 score, IoU and Dice; for the
+    semantic models, foreground IoU and Dice of the thresholded probabilities."""
     if dataset_name in DATASETS:
         DatasetCatalog.get(dataset_name)  # converts on first use: COCOEvaluator reads the json
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    if is_semantic(cfg):
+        return SemanticIoUEvaluator(
+            dataset_name, threshold=cfg.TEST.SEMANTIC.THRESHOLD, output_dir=output_folder
+        )
     tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
     evaluators = [
         COCOEvaluator(
