@@ -158,19 +158,28 @@ def normalise(pixels: np.ndarray) -> Tuple[np.ndarray, Optional[Tuple[float, flo
     colour = _colour_channels(pixels)  # (H, W, 1) or (H, W, 3)
     stretch = None
     if colour.dtype != np.uint8:
-        values = colour.astype(np.float64)
-        low, high = (float(v) for v in np.percentile(values, STRETCH_PERCENTILES))
+        low, high = (float(v) for v in np.percentile(colour, STRETCH_PERCENTILES))
         if high <= low:
-            low, high = float(values.min()), float(values.max())
+            low, high = float(colour.min()), float(colour.max())
         stretch = (low, high)
-        if high <= low:
-            colour = np.zeros(colour.shape, dtype=np.uint8)
+        if colour.dtype.kind == "u" and colour.dtype.itemsize <= 2:
+            # one table entry per possible value: no float copy of a large image
+            table = _stretched(np.arange(np.iinfo(colour.dtype).max + 1, dtype=np.float64),
+                               low, high)
+            colour = table[colour]
         else:
-            scaled = np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0
-            colour = np.rint(scaled).astype(np.uint8)
+            colour = _stretched(colour.astype(np.float64), low, high)
     if colour.shape[2] == 1:
         colour = np.repeat(colour, 3, axis=2)
     return np.ascontiguousarray(colour), stretch
+
+
+def _stretched(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``values`` mapped linearly from ``[low, high]`` to ``[0, 255]``, clipped, rounded, uint8;
+    all 0 when ``high <= low`` (a constant image)."""
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.rint(np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _colour_channels(pixels: np.ndarray) -> np.ndarray:
@@ -191,8 +200,11 @@ def load_image(path: Path) -> LoadedImage:
     """
     pixels = read_pixels(path)
     rgb, stretch = normalise(pixels)
-    colour = _colour_channels(pixels).astype(np.float64)
-    intensity = colour[:, :, 0] if colour.shape[2] == 1 else colour.mean(axis=2)
+    colour = _colour_channels(pixels)
+    if colour.shape[2] == 1:
+        intensity = colour[:, :, 0].astype(np.float64)
+    else:
+        intensity = colour.mean(axis=2, dtype=np.float64)
     channels = 1 if pixels.ndim == 2 else pixels.shape[2]
     return LoadedImage(Path(path), pixels.dtype, channels, rgb, intensity, stretch)
 
