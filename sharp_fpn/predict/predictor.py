@@ -33,6 +33,7 @@ from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from skimage.measure import label as connected_components
+from tqdm import tqdm
 
 from ..engine import get_config
 from ..modeling.semantic import is_semantic  # also registers the necks and meta-architectures
@@ -171,7 +172,9 @@ class NucleiPredictor:
         height, width = rgb.shape[:2]
         return self.model([{"image": self.model_input(rgb), "height": height, "width": width}])[0]
 
-    def predict(self, rgb: np.ndarray, tile: int = 512, overlap: int = 64) -> Prediction:
+    def predict(
+        self, rgb: np.ndarray, tile: int = 512, overlap: int = 64, progress: bool = False
+    ) -> Prediction:
         """Label the nuclei of a ``(H, W, 3)`` uint8 RGB image, tile by tile.
 
         Args:
@@ -179,6 +182,7 @@ class NucleiPredictor:
             tile: tile side in pixels; 0 (or a side at least the image's) for one tile.
             overlap: minimum overlap of neighbouring tiles in pixels; nuclei up to this size
                 are never cut nor duplicated (:mod:`.tiling`).
+            progress: a tqdm bar over the tiles (when there are several).
         """
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
@@ -188,7 +192,9 @@ class NucleiPredictor:
         # hundreds of instances in every tile would not fit in memory together
         sets: List[InstanceSet] = []
         maps: List[np.ndarray] = []
-        for t in tiles:
+        bar = tqdm(tiles, desc="tiles", unit="tile", leave=False,
+                   disable=not progress or len(tiles) == 1)
+        for t in bar:
             output = self.run_model(rgb[t.slices])
             if "instances" in output and not maps:
                 sets.append(self._instance_set(output, t))

@@ -143,7 +143,7 @@ def predict_images(
         tile, overlap: tiling in pixels (:meth:`NucleiPredictor.predict`).
         score_threshold: instances scoring below are dropped.
         device: torch device; default the config's ``MODEL.DEVICE``.
-        progress: show a tqdm progress bar.
+        progress: show tqdm progress bars (images, and tiles of large images).
         predictor: a model already built (then ``cfg``, ``weights``, ``device`` and
             ``score_threshold`` are not used).
 
@@ -165,7 +165,7 @@ def predict_images(
         list(zip(files, _output_stems(files))), desc="nuclei", unit="image", disable=not progress
     ):
         try:
-            result = _predict_one(predictor, path, out_dir, stem, tile, overlap)
+            result = _predict_one(predictor, path, out_dir, stem, tile, overlap, progress)
         except ImageError as e:
             report.failures.append(Failure(str(path), str(e)))
             rows.append({"image": str(path), "status": "failed", "error": str(e)})
@@ -178,11 +178,17 @@ def predict_images(
 
 
 def _predict_one(
-    predictor: NucleiPredictor, path: Path, out_dir: Path, stem: str, tile: int, overlap: int
+    predictor: NucleiPredictor,
+    path: Path,
+    out_dir: Path,
+    stem: str,
+    tile: int,
+    overlap: int,
+    progress: bool,
 ) -> ImageResult:
     start = time.perf_counter()
     image = load_image(path)
-    prediction = predictor.predict(image.rgb, tile=tile, overlap=overlap)
+    prediction = predictor.predict(image.rgb, tile=tile, overlap=overlap, progress=progress)
     if prediction.count > MAX_LABELS:
         raise TooManyNuclei(
             f"{path}: {prediction.count} nuclei do not fit a uint16 label image "
