@@ -13,6 +13,56 @@ def add_sharp_fpn_config(cfg: CN) -> CN:
     _C = cfg
 
     # ---------------------------------------------------------------------------------------
+    # The grid necks: FPN with UNet++ / UNet3+ / UNet# skips (Table 2's lower half, SPEC 3)
+    # built by build_{resnet,vgg16}_grid_fpn_backbone. They read MODEL.FPN.IN_FEATURES (C2..C5,
+    # strides 4..32, finest first) and MODEL.FPN.OUT_CHANNELS (the channels of p2..p6).
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.SHARP_FPN = CN()
+    # Which node feeds which (sharp_fpn.grid): "2plus" (UNet++), "3plus" (UNet3+), "sharp"
+    # (UNet#), or "unet" (the anti-diagonal alone: FPN with concatenation and conv nodes).
+    _C.MODEL.SHARP_FPN.SCHEME = "sharp"
+    # Op of each decoder node on its concatenated inputs: "f2" (two conv3x3-norm-ReLU, the
+    # paper's) or "f" (one). UNet3+ nodes always project each input with its own "f" first.
+    _C.MODEL.SHARP_FPN.NODE_OP = "f2"
+    # Norm of the laterals, the nodes and the output convs: "" (none; convs get biases),
+    # "GN" (GroupNorm, gcd(32, C) groups so any width works), "BN", "SyncBN", "FrozenBN",
+    # "nnSyncBN" or "naiveSyncBN" (detectron2's). GN: batch statistics of 2 images a GPU are
+    # too noisy for BN.
+    _C.MODEL.SHARP_FPN.NORM = "GN"
+    # UNet#'s full-scale op F: "upsample" (the official code's live version: upsampling only)
+    # or "conv" (its commented-out version: upsampling, then a conv3x3 per source to
+    # WIDTHS[0] channels, one shared norm, ReLU).
+    _C.MODEL.SHARP_FPN.FULL_SCALE = "upsample"
+    # Channels of the grid's nodes at levels 0..3 (strides 4..32): the laterals (column 0)
+    # and the decoder nodes of each level. One entry per MODEL.FPN.IN_FEATURES. The outputs
+    # p2..p5 are then projected to MODEL.FPN.OUT_CHANNELS. UNet3+ projects each input of a
+    # node to WIDTHS[0] channels (its CatChannels). Widths decide the cost, level 0's most
+    # (~w0^2): with these, a UNet# neck on R101 at 512x512 costs ~2.2x detectron2's FPN on
+    # CPU (29 vs 15 GMACs), a whole Mask R-CNN ~1.1-1.2x the plain FPN's.
+    _C.MODEL.SHARP_FPN.WIDTHS = [96, 128, 256, 256]
+    # Interpolation of every upsampling in the grid: "nearest" (detectron2's FPN),
+    # "bilinear" (the official UNet code, align_corners=True), "bicubic", "nearest-exact".
+    _C.MODEL.SHARP_FPN.UPSAMPLE = "nearest"
+    # Bring every upsampled input that is wider than its node to the node's width with a
+    # bias-free 1x1 conv at its own, coarser resolution before upsampling (the same as
+    # doing it after: a 1x1 conv commutes with interpolation), so deep, wide maps do not
+    # enter the fine levels' 3x3 convs at full width. False: the paper's grid as it is.
+    _C.MODEL.SHARP_FPN.REDUCE_UPSAMPLED = True
+
+    # ---------------------------------------------------------------------------------------
+    # VGG bottom-up (build_vgg_backbone and the vgg16 necks), torchvision's layout
+    # ---------------------------------------------------------------------------------------
+    _C.MODEL.VGG = CN()
+    # 11, 13, 16 or 19 conv/fc layers (torchvision's vgg11..vgg19).
+    _C.MODEL.VGG.DEPTH = 16
+    # "" : torchvision's vgg16 (conv-ReLU). A detectron2 norm name ("BN", "FrozenBN",
+    # "SyncBN", "GN") puts it after every conv: torchvision's vgg16_bn layout.
+    _C.MODEL.VGG.NORM = ""
+    # Stages to return, named by the pool that ends them: pool1..pool5, strides 2..32,
+    # channels 64, 128, 256, 512, 512. The necks use pool2..pool5 as C2..C5.
+    _C.MODEL.VGG.OUT_FEATURES = ["pool2", "pool3", "pool4", "pool5"]
+
+    # ---------------------------------------------------------------------------------------
     # Evaluation of instance models (Table 2's lower half and the DSB2018 challenge metric)
     # ---------------------------------------------------------------------------------------
     _C.TEST.DSB = CN()
