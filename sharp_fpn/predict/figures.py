@@ -1,7 +1,7 @@
 """Figures: training curves from detectron2's ``metrics.json``, and predictions beside the truth.
 
-* :func:`plot_training_curves`: ``losses.png`` (every loss term, the training statistics of
-  the heads, the learning rate) and ``metrics.png`` (the evaluation results: one panel per
+* :func:`plot_training_curves`: ``losses.png`` (every loss term, the heads' training
+  accuracies and sample counts, the learning rate) and ``metrics.png`` (the evaluation results: one panel per
   evaluator, e.g. ``bbox``, ``segm``, ``dsb``) against the iteration.
 * :func:`plot_predictions`: for a few images of a registered dataset, the image, its ground
   truth and the model's prediction side by side, one image per row (the paper's Figure 6
@@ -121,7 +121,10 @@ def plot_training_curves(series: Series, out_dir: PathLike, smooth: int = 20) ->
         raise ValueError("metrics hold neither losses nor evaluation results")
     written = []
 
-    panels = [("losses", losses, True), ("training statistics", stats, False),
+    rates = [k for k in stats if not k.split("/")[1].startswith("num_")]
+    counts = [k for k in stats if k.split("/")[1].startswith("num_")]
+    panels = [("losses", losses, True), ("head accuracies and error rates", rates, False),
+              ("sampled anchors and proposals per image", counts, False),
               ("learning rate", [k for k in ("lr",) if k in series], False)]
     panels = [p for p in panels if p[1]]
     if panels:
