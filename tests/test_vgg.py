@@ -95,6 +95,11 @@ def test_freeze_at_two_freezes_up_to_stride_4():
     assert vgg.features[0].weight.grad is None and vgg.features[14].weight.grad is not None
 
 
+def test_freeze_past_the_last_stage_freezes_all():
+    vgg = VGG(16, out_features=["pool2"], freeze_at=5)
+    assert not any(p.requires_grad for p in vgg.parameters())
+
+
 def test_build_from_config():
     cfg = add_sharp_fpn_config(get_cfg())
     cfg.MODEL.VGG.NORM = "FrozenBN"

@@ -14,8 +14,16 @@ which those configs set (see the note the tool prints). Details:
 """
 import argparse
 import sys
+import warnings
 
-from sharp_fpn.modeling.torchvision_weights import DEFAULT_PREFIX, NOTE, convert_file
+# detectron2 v0.6 scripts a few functions at import time; torch 2.x warns about each
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated")
+
+from sharp_fpn.modeling.torchvision_weights import (  # noqa: E402
+    DEFAULT_PREFIX,
+    NOTE,
+    convert_file,
+)
 
 
 def main(argv=None) -> int:

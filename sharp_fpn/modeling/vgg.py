@@ -108,9 +108,10 @@ class VGG(Backbone):
 
     def freeze(self, freeze_at: int = 0) -> "VGG":
         """Freeze the layers of the first ``freeze_at`` stages (see the class doc); return self."""
-        if freeze_at == 0:
+        frozen_stages = min(freeze_at, len(self._stage_ends))  # stages past the last aren't built
+        if frozen_stages == 0:
             return self
-        end = self.stage_ends[STAGES[freeze_at - 1]]
+        end = self.stage_ends[STAGES[frozen_stages - 1]]
         for index in range(end + 1):
             layer = FrozenBatchNorm2d.convert_frozen_batchnorm(self.features[index])
             for p in layer.parameters():
