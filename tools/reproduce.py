@@ -21,7 +21,8 @@ IoU and Dice. Written under ``--output`` (atomically):
 
 ``--quick`` runs every row on the embedded synthetic set (``nuclei_synth_train``/``_val``) on
 the CPU with tiny widths, small inputs and few iterations: it tests the pipeline, it does not
-reproduce the paper, and the table says so.
+reproduce the paper, and the table says so. Rows run one after the other in this process (one
+GPU, or the CPU); for multi-GPU training of a row use ``tools/train_net.py`` with its config.
 """
 from __future__ import annotations
 
@@ -158,10 +159,10 @@ QUICK_INSTANCE = [
     "SOLVER.IMS_PER_BATCH", 2,
     "SOLVER.BASE_LR", 0.01,
     "SOLVER.STEPS", (),
-    "INPUT.MIN_SIZE_TRAIN", (160,),
-    "INPUT.MAX_SIZE_TRAIN", 224,
-    "INPUT.MIN_SIZE_TEST", 160,
-    "INPUT.MAX_SIZE_TEST", 224,
+    "INPUT.MIN_SIZE_TRAIN", (128,),
+    "INPUT.MAX_SIZE_TRAIN", 192,
+    "INPUT.MIN_SIZE_TEST", 128,
+    "INPUT.MAX_SIZE_TEST", 192,
     "MODEL.RESNETS.WIDTH_PER_GROUP", 16,
     "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
     "MODEL.FPN.OUT_CHANNELS", 64,
@@ -173,9 +174,9 @@ QUICK_INSTANCE = [
     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,
     "MODEL.ROI_BOX_HEAD.FC_DIM", 256,
     "MODEL.ROI_MASK_HEAD.CONV_DIM", 64,
-    "TEST.DETECTIONS_PER_IMAGE", 200,
+    "TEST.DETECTIONS_PER_IMAGE", 100,  # pasting masks of untrained detections dominates
 ]
-QUICK_ITERS = {1: 60, 2: 30}  # per row
+QUICK_ITERS = {1: 50, 2: 16}  # per row: each table within 30 minutes on a shared 2-core CPU
 
 
 @dataclass
@@ -186,7 +187,8 @@ class RowResult:
     status: str  # "done", or why the row did not run
     iou: Optional[float] = None
     dice: Optional[float] = None
-    params: Optional[int] = None
+    params: Optional[int] = None  # the trained network (tiny with --quick)
+    config_params: Optional[int] = None  # the yaml's own network (the paper's widths)
     train_seconds: Optional[float] = None
     eval_seconds: Optional[float] = None
     per_image_iou: Optional[List[float]] = None
@@ -206,7 +208,9 @@ def select_rows(table: int, keys: Optional[Sequence[str]]) -> List[Row]:
     known = {row.key: row for row in rows + extras}
     unknown = [k for k in keys if k not in known]
     if unknown:
-        raise SystemExit(f"--rows: unknown row(s) {unknown} for table {table}; known: {list(known)}")
+        raise SystemExit(
+            f"--rows: unknown row(s) {unknown} for table {table}; known: {list(known)}"
+        )
     return [row for row in rows + extras if row.key in keys]
 
 
@@ -216,10 +220,10 @@ def row_config(row: Row, quick: bool, iters: Optional[int], opts: Sequence[str],
     overrides: List = ["OUTPUT_DIR", str(output)]
     if quick:
         overrides += QUICK_COMMON + (QUICK_SEMANTIC if is_semantic(base) else QUICK_INSTANCE)
+    if quick:  # a few iterations: no warm-up (the semantic configs have none anyway)
+        overrides += ["SOLVER.WARMUP_ITERS", 0]
     if iters is not None:
         overrides += ["SOLVER.MAX_ITER", iters]
-    if quick or iters is not None:
-        overrides += ["SOLVER.WARMUP_ITERS", 0]
     cfg = get_config(str(ROOT / row.config), overrides + list(opts))
     cfg.freeze()
     return cfg
@@ -303,10 +307,17 @@ def pruning_study(
     return levels
 
 
+def config_parameters(row: Row) -> int:
+    """Parameters of the network the row's yaml describes, as is (the paper's widths)."""
+    cfg = get_config(str(ROOT / row.config), ["MODEL.DEVICE", "cpu"])
+    return count_parameters(Trainer.build_model(cfg))
+
+
 def run_row(
     row: Row, cfg: CfgNode, output: Path, pruning: bool, speed_seconds: float
 ) -> RowResult:
-    """Train ``row`` with the Trainer, evaluate it (and its pruned levels if ``pruning``)."""
+    """Train ``row`` with the Trainer, evaluate it (and its pruned levels if ``pruning``);
+    write ``result.json``."""
     output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output / "config.yaml", cfg.dump())
     seed_all_rng(cfg.SEED if cfg.SEED >= 0 else None)
@@ -328,6 +339,7 @@ def run_row(
         iou=iou,
         dice=dice,
         params=count_parameters(model),
+        config_params=config_parameters(row),
         train_seconds=train_seconds,
         eval_seconds=time.perf_counter() - start,
         per_image_iou=per_image,
@@ -346,19 +358,24 @@ def _millions(params: Optional[int]) -> Optional[float]:
     return None if params is None else params / 1e6
 
 
-def table_rows(table: int, rows: Sequence[Row], results: Dict[str, RowResult]) -> List[Dict]:
-    """One dict per row: the table's columns (None where there is no value)."""
+def table_rows(
+    table: int, rows: Sequence[Row], results: Dict[str, RowResult], quick: bool
+) -> List[Dict]:
+    """One dict per row: the table's columns (None where there is no value). ``params_M`` is
+    the config's own network; with ``quick``, ``trained_params_M`` the tiny one trained."""
     records = []
     for row in rows:
         r = results[row.key]
         record = {"row": row.key, "model": row.model}
         if table == 1:
             record["DS"] = "yes" if row.deep_supervision else "no"
-            record["params_M"] = _millions(r.params)
-            record["paper_params_M"] = row.paper_params
         else:
             record["backbone"] = row.backbone
-            record["params_M"] = _millions(r.params)
+        record["params_M"] = _millions(r.config_params)
+        if table == 1:
+            record["paper_params_M"] = row.paper_params
+        if quick:
+            record["trained_params_M"] = _millions(r.params)
         record.update(
             iou=r.iou,
             paper_iou=row.paper_iou,
@@ -373,9 +390,18 @@ def table_rows(table: int, rows: Sequence[Row], results: Dict[str, RowResult]) -
 
 HEADERS = {
     "row": "Row", "model": "Model", "DS": "DS", "backbone": "Backbone",
-    "params_M": "Params (M)", "paper_params_M": "Params, paper (M)", "iou": "IoU %",
+    "params_M": "Params (M)", "paper_params_M": "Params, paper (M)",
+    "trained_params_M": "Params trained (M)", "iou": "IoU %",
     "paper_iou": "IoU %, paper", "dice": "Dice %", "paper_dice": "Dice %, paper",
     "train_s": "Train (s)", "status": "Status",
+}
+
+
+QUICK_MODELS = {
+    1: "Table 1 networks at 1/4 of the paper's widths (UNet 8..128), 64x64 inputs",
+    2: "the semantic decoders at widths 16/32/64 on ResNet-101 at 1/4 width or on the full "
+    "VGG16, 64x64 inputs; Mask R-CNN on the same bottom-ups with 64-channel FPNs (grid widths "
+    "16..64) at 128 px",
 }
 
 
@@ -390,17 +416,18 @@ def header_note(table: int, quick: bool, iters: Dict[str, int], load: str) -> st
     if quick:
         note = (
             f"**Smoke run (`--quick`), not a reproduction.** Every row trained {counts} "
-            "iterations from scratch on the embedded synthetic nuclei set (nuclei_synth_train, "
-            "evaluated on nuclei_synth_val) on the CPU, with tiny widths and small inputs "
-            "(64x64 semantic inputs; Mask R-CNN at 160 px). These numbers check that the "
-            "pipeline runs end to end; they say nothing about the paper's claims."
+            "iterations from scratch, on the CPU, on the embedded synthetic nuclei set "
+            "(nuclei_synth_train; evaluated on nuclei_synth_val), with small models: "
+            f"{QUICK_MODELS[table]}. These numbers check that the pipeline runs end to end; "
+            "they say nothing about the paper's claims. Params (M) counts the configs' own "
+            "networks (the paper's widths), Params trained (M) the small ones trained here."
         )
     else:
         note = (
-            f"Trained {counts} iterations per row on dsb2018_train, evaluated on dsb2018_val "
-            "(the paper's 80/20 split); semantic rows on the union mask at the original image "
-            "size, Mask R-CNN rows by the foreground of their instances (score >= "
-            "TEST.DSB.SCORE_THRESHOLD)."
+            f"Trained {counts} iterations per row on its config's DATASETS.TRAIN "
+            "(dsb2018_train: the paper's 80 %), evaluated on DATASETS.TEST (dsb2018_val); "
+            "semantic rows against the union mask at the original image size, Mask R-CNN rows "
+            "by the union of their instances scoring >= TEST.DSB.SCORE_THRESHOLD."
         )
     return f"# {what}\n\n{note}\n\nMachine load when the run ended: {load}.\n"
 
@@ -488,7 +515,8 @@ def machine_load() -> str:
         one, five, fifteen = os.getloadavg()
     except OSError:
         return "unknown"
-    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} CPUs"
+    cpus = os.cpu_count()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {cpus} CPUs"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -511,6 +539,68 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_rows(
+    args: argparse.Namespace, output: Path
+) -> Tuple[Dict[str, RowResult], Dict[str, int]]:
+    """Every selected row: trained and evaluated, reused (``--resume``) or listed as not run.
+
+    Returns the results by row key and the iterations each row trained.
+    """
+    iters = args.iters
+    if iters is None and args.quick:
+        iters = QUICK_ITERS[args.table]
+    rows = select_rows(args.table, args.rows)
+    results: Dict[str, RowResult] = {}
+    used_iters: Dict[str, int] = {}
+    for n, row in enumerate(rows, 1):
+        where = f"[{n}/{len(rows)}] {row.key}"
+        row_dir = output / "rows" / row.key
+        if not (ROOT / row.config).is_file():
+            results[row.key] = RowResult(row.key, f"not run: {row.config} does not exist yet")
+            logger.warning(f"{where}: {results[row.key].status}")
+            continue
+        cfg = row_config(row, args.quick, iters, args.opts, row_dir)
+        used_iters[row.key] = cfg.SOLVER.MAX_ITER
+        done = row_dir / "result.json"
+        if args.resume and done.is_file():
+            results[row.key] = RowResult(**json.loads(done.read_text()))
+            logger.info(f"{where}: reused {done}")
+            continue
+        logger.info(f"{where}: training {cfg.SOLVER.MAX_ITER} iterations ({row.config})")
+        pruning = args.table == 1 and row.key == PRUNING_ROW
+        r = results[row.key] = run_row(row, cfg, row_dir, pruning, args.speed_seconds)
+        logger.info(f"{where}: IoU {r.iou:.2f}%, Dice {r.dice:.2f}%, "
+                    f"{r.train_seconds:.0f} s training, {r.eval_seconds:.0f} s evaluation")
+    return results, used_iters
+
+
+def write_figures(
+    output: Path, table: int, quick: bool, rows: Sequence[Row], results: Dict[str, RowResult]
+) -> Optional[List[Dict]]:
+    """The boxplot of the rows that ran; Table 1's pruning figure and CSV. Returns the pruning
+    levels, if any row measured them."""
+    finished = [(row, results[row.key]) for row in rows if results[row.key].status == "done"]
+    smoke = " (smoke run)" if quick else ""
+    if finished:
+        labels = [
+            f"{row.model}{'_DS' if row.deep_supervision else ''}"
+            + (f" {row.backbone}" if row.backbone else "")
+            for row, _ in finished
+        ]
+        values = [r.per_image_iou for _, r in finished]
+        title = f"Table {table}: IoU per image{smoke}"
+        plot_boxplot(output / f"table{table}_iou_boxplot.png", labels, values, title)
+    pruning = next((r.pruning for _, r in finished if r.pruning), None)
+    if pruning:
+        plot_pruning(output / "fig7_pruning.png", pruning, f"UNet# pruned to L1..L4{smoke}")
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(pruning[0]))
+        writer.writeheader()
+        writer.writerows(pruning)
+        write_text_atomic(output / "pruning.csv", buffer.getvalue())
+    return pruning
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """Run the reproducer; return the output folder."""
     args = parse_args(argv)
@@ -519,54 +609,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     output = args.output or ROOT / "output" / "reproduce" / (
         f"table{args.table}" + ("_quick" if args.quick else "")
     )
-    iters = args.iters if args.iters is not None else (QUICK_ITERS[args.table] if args.quick else None)
-    rows = select_rows(args.table, args.rows)
-    results: Dict[str, RowResult] = {}
-    used_iters: Dict[str, int] = {}
     started = time.perf_counter()
-    for n, row in enumerate(rows, 1):
-        row_dir = output / "rows" / row.key
-        if not (ROOT / row.config).is_file():
-            results[row.key] = RowResult(row.key, f"not run: {row.config} does not exist yet")
-            logger.warning(f"[{n}/{len(rows)}] {row.key}: {results[row.key].status}")
-            continue
-        cfg = row_config(row, args.quick, iters, args.opts, row_dir)
-        used_iters[row.key] = cfg.SOLVER.MAX_ITER
-        done = row_dir / "result.json"
-        if args.resume and done.is_file():
-            results[row.key] = RowResult(**json.loads(done.read_text()))
-            logger.info(f"[{n}/{len(rows)}] {row.key}: reused {done}")
-            continue
-        logger.info(f"[{n}/{len(rows)}] {row.key}: training {cfg.SOLVER.MAX_ITER} iterations "
-                    f"({row.config})")
-        pruning = args.table == 1 and row.key == PRUNING_ROW
-        results[row.key] = run_row(row, cfg, row_dir, pruning, args.speed_seconds)
-        r = results[row.key]
-        logger.info(f"[{n}/{len(rows)}] {row.key}: IoU {r.iou:.2f}%, Dice {r.dice:.2f}%, "
-                    f"{r.train_seconds:.0f} s training")
-
+    results, used_iters = run_rows(args, output)
+    rows = select_rows(args.table, args.rows)
+    pruning = write_figures(output, args.table, args.quick, rows, results)
     note = header_note(args.table, args.quick, used_iters, machine_load())
     note += f"Total wall time: {time.perf_counter() - started:.0f} s.\n"
-    pruning = next((r.pruning for r in results.values() if r.pruning), None)
-    write_tables(output, args.table, table_rows(args.table, rows, results), note, pruning)
-    finished = [(row, results[row.key]) for row in rows if results[row.key].status == "done"]
-    if finished:
-        labels = [
-            f"{row.model}{'_DS' if row.deep_supervision else ''}"
-            + (f" {row.backbone}" if row.backbone else "")
-            for row, _ in finished
-        ]
-        title = f"Table {args.table} rows: per-image IoU" + (" (smoke run)" if args.quick else "")
-        plot_boxplot(output / f"table{args.table}_iou_boxplot.png", labels,
-                     [r.per_image_iou for _, r in finished], title)
-    if pruning:
-        title = "UNet# pruned to L1..L4" + (" (smoke run: tiny widths)" if args.quick else "")
-        plot_pruning(output / "fig7_pruning.png", pruning, title)
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(pruning[0]))
-        writer.writeheader()
-        writer.writerows(pruning)
-        write_text_atomic(output / "pruning.csv", buffer.getvalue())
+    records = table_rows(args.table, rows, results, args.quick)
+    write_tables(output, args.table, records, note, pruning)
     logger.info(f"wrote {output / f'table{args.table}.md'}")
     return output
 

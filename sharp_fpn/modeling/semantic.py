@@ -1,4 +1,4 @@
-"""Semantic (binary) nuclei segmentation in detectron2: the paper's Table 1 and Table 2's upper half.
+"""Semantic (binary) nuclei segmentation in detectron2: Table 1 and Table 2's upper half.
 
 ``SemanticNucleiSegmentor`` (registered in ``META_ARCH_REGISTRY``) trains and runs a UNet-family
 network on the registered instance datasets; its ground truth is the union of each image's
@@ -376,7 +376,9 @@ class SemanticNucleiSegmentor(nn.Module):
         """
         super().__init__()
         if ds_target not in DEEP_SUPERVISION_TARGETS:
-            raise ValueError(f"ds_target must be one of {DEEP_SUPERVISION_TARGETS}, got {ds_target!r}")
+            raise ValueError(
+                f"ds_target must be one of {DEEP_SUPERVISION_TARGETS}, got {ds_target!r}"
+            )
         if len(loss_weights) != 3:
             raise ValueError(f"loss_weights needs (focal, dice, lovasz), got {list(loss_weights)}")
         self.network = network
