@@ -16,10 +16,12 @@ import json
 import time
 from pathlib import Path
 
+from detectron2.data import DatasetCatalog
 from detectron2.engine import default_setup
 from detectron2.utils.logger import setup_logger
 
 from sharp_fpn.engine import Trainer, get_config
+from sharp_fpn.predict import predict_images
 from sharp_fpn.utils import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +83,17 @@ def main() -> int:
         out = Path(run["output_dir"])
         print(f"{label}: weights {out / 'model_final.pth'}, config {out / 'config.yaml'}")
     print(f"all figures: {results_file}")
+
+    # What a biologist gets (tools/predict.py): labels, overlay and table of held-out images.
+    first = Path(runs[0][1]["output_dir"])
+    images = [r["file_name"] for r in DatasetCatalog.get("nuclei_synth_val")[:3]]
+    report = predict_images(first / "config.yaml", first / "model_final.pth", images,
+                            args.output / "predictions", progress=False)
+    print(f"\nPredictions of {runs[0][0]} on held-out images, in {report.out_dir}:")
+    for r in report.results:
+        print(f"  {r.image.name}: {r.nuclei} nuclei -> {r.labels.name}, {r.overlay.name}, "
+              f"{r.table.name}")
+    print(f"  summary: {report.summary}")
     return 0
 
 
