@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from sharp_fpn.engine import get_config
@@ -117,3 +118,24 @@ def test_probability_model_is_the_semantic_meta_architecture_at_inference():
         expected = model([{"image": image, "height": 48, "width": 64}])[0]["sem_seg"]
         got = exported(image[None])[0]
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_export_cli_on_a_trained_semantic_checkpoint(tmp_path, capsys):
+    config = ROOT / "configs" / "semantic" / "table1" / "unet_sharp_ds.yaml"
+    opts = ["MODEL.UNET.WIDTH_MULT", "0.125", "MODEL.DEVICE", "cpu"]
+    torch.manual_seed(0)
+    model = build_model(get_config(str(config), opts))
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("semantic")
+    spec = importlib.util.spec_from_file_location("tool_export", ROOT / "tools" / "export.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    code = tool.main(["unet", "--config-file", str(config), "--weights",
+                      str(tmp_path / "semantic.pth"), "--levels", "1", "4", "--size", "32",
+                      "--output", str(tmp_path / "out"), *opts])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "unet_sharp_ds_L1 [torchscript]: ok" in printed
+    assert "unet_sharp_ds_L4 [torchscript]: ok" in printed
+    report = json.loads((tmp_path / "out" / "export_report.json").read_text())
+    assert [r["name"] for r in report if r["format"] == "torchscript"] == [
+        "unet_sharp_ds_L1", "unet_sharp_ds_L4"]
