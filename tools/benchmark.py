@@ -3,6 +3,7 @@
 
     python tools/benchmark.py convert             # DSB2018 -> COCO on a DSB-size synthetic set
     python tools/benchmark.py predict             # prediction MP/s, whole image and tiled
+    python tools/benchmark.py necks               # Mask R-CNN cost of each neck vs FPN
 
 Each subcommand prints its figures and writes them, with the machine and the arguments, to
 ``output/benchmarks/<subcommand>.json`` (``--out-dir`` to change). A new benchmark is one
@@ -25,6 +26,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+import torch
+
+from sharp_fpn.utils import write_text_atomic
 
 DEFAULT_OUT_DIR = Path("output/benchmarks")
 
@@ -221,6 +226,193 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
             "results": results}
 
 
+# --------------------------------------------------------------------------------------------
+# necks: Mask R-CNN inference cost of each grid neck beside detectron2's own FPN
+
+#: name -> (config scheme, extra options). "sharp-256": the paper's grid as it is (every node
+#: 256 wide, nothing reduced): the faithful, expensive variant.
+NECK_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "fpn": ("fpn", []),
+    "2plus": ("2plus", []),
+    "3plus": ("3plus", []),
+    "sharp": ("sharp", []),
+    "sharp-256": ("sharp", ["MODEL.SHARP_FPN.WIDTHS", "[256, 256, 256, 256]",
+                            "MODEL.SHARP_FPN.REDUCE_UPSAMPLED", "False"]),
+}
+
+
+def _necks_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, default=512, help="square input side (%(default)s)")
+    parser.add_argument("--backbones", nargs="+", default=["R101", "VGG16"], choices=["R101", "VGG16"])
+    parser.add_argument("--necks", nargs="+", default=list(NECK_VARIANTS), choices=list(NECK_VARIANTS))
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="timed inferences per model, interleaved across models (%(default)s)")
+    parser.add_argument("--detections", type=int, default=100,
+                        help="detections every model returns, so the heads do equal work (%(default)s)")
+
+
+def _neck_config(backbone: str, neck: str, detections: int):
+    from sharp_fpn.engine import get_config
+
+    scheme, extra = NECK_VARIANTS[neck]
+    # Random weights give random scores: keep the top `detections` boxes without a score
+    # threshold or NMS, so the box and mask heads do the same work behind every neck.
+    return get_config(f"configs/mask_rcnn_{scheme}_{backbone}.yaml", [
+        "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+        "MODEL.ROI_HEADS.NMS_THRESH_TEST", "1.0", "TEST.DETECTIONS_PER_IMAGE", str(detections),
+        *extra,
+    ])
+
+
+def _calibrated_model(cfg, image):
+    """The model with random weights whose frozen norms are set to the statistics of ``image``.
+
+    A randomly initialised ResNet with FrozenBN (identity statistics) lets activations grow
+    block after block until boxes and scores are not finite; one calibrating pass, in which
+    every FrozenBN takes the mean and variance of its own input, keeps them at unit scale.
+    """
+    from detectron2.layers import FrozenBatchNorm2d
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+
+    def calibrate(module, inputs):
+        x = inputs[0]
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)))
+        module.weight.fill_(1.0)
+        module.bias.zero_()
+
+    hooks = [m.register_forward_pre_hook(calibrate) for m in model.modules()
+             if isinstance(m, FrozenBatchNorm2d)]
+    with torch.no_grad():
+        model([{"image": image}])
+    for hook in hooks:
+        hook.remove()
+    return model
+
+
+class _TensorOutputs(torch.nn.Module):
+    """A detectron2 model as a function of one image tensor returning tensors, for fvcore.
+
+    (detectron2's own FlopCountAnalysis goes through detectron2.export, which v0.6 cannot
+    import without caffe2.)
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        instances = self.model([{"image": image}])[0]["instances"]
+        return instances.pred_boxes.tensor, instances.scores, instances.pred_masks
+
+
+def _neck_memory(backbone: str, neck: str, detections: int, size: int) -> dict[str, float]:
+    """Peak resident memory (MiB) of a fresh process that builds the model and runs it twice."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model = _calibrated_model(_neck_config(backbone, neck, detections), image)
+    with torch.no_grad():
+        model([{"image": image}])
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a spawned child would
+    # report its parent's peak.
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return {"peak_rss_mib": round(kib / 1024, 1)}
+
+
+def run_necks(args: argparse.Namespace) -> dict[str, Any]:
+    """Parameters, GFLOPs, median latency and peak memory of Mask R-CNN with each neck.
+
+    All models run in one process, their timed inferences interleaved round by round, so a
+    change in the machine's load hits every model alike; ratios are to the plain FPN on the
+    same backbone.
+    """
+    import multiprocessing
+    import statistics
+
+    from fvcore.nn import FlopCountAnalysis
+
+    image = torch.randint(0, 256, (3, args.size, args.size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    models, rows = {}, {}
+    for backbone in args.backbones:
+        for neck in args.necks:
+            key = f"{backbone} {neck}"
+            model = _calibrated_model(_neck_config(backbone, neck, args.detections), image)
+            neck_params = sum(p.numel() for n, p in model.backbone.named_parameters()
+                              if not n.startswith("bottom_up."))
+            flops = FlopCountAnalysis(_TensorOutputs(model), (image,))
+            flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            by_module = flops.by_module()
+            rows[key] = {
+                "backbone": backbone, "neck": neck,
+                "params_total_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+                "params_neck_M": round(neck_params / 1e6, 3),
+                "gflops_total": round(flops.total() / 1e9, 2),
+                "gflops_neck": round(
+                    (by_module["model.backbone"] - by_module["model.backbone.bottom_up"]) / 1e9, 2
+                ),
+                "seconds": [],
+            }
+            models[key] = model
+            print(f"built {key}: {rows[key]['params_total_M']} M parameters, "
+                  f"{rows[key]['gflops_total']} GFLOPs", flush=True)
+
+    with torch.no_grad():
+        for key, model in models.items():  # warm-up
+            model([{"image": image}])
+        for round_ in range(args.repeat):
+            for key, model in models.items():
+                start = time.perf_counter()
+                outputs = model([{"image": image}])
+                rows[key]["seconds"].append(time.perf_counter() - start)
+                rows[key]["detections"] = len(outputs[0]["instances"])
+            print(f"round {round_ + 1}/{args.repeat} done (load {os.getloadavg()[0]:.1f})", flush=True)
+
+    context = multiprocessing.get_context("spawn")
+    os.environ["BENCH_THREADS"] = str(torch.get_num_threads())
+    with context.Pool(1, maxtasksperchild=1) as pool:
+        for key, row in rows.items():
+            row.update(pool.apply(_neck_memory, (row["backbone"], row["neck"], args.detections, args.size)))
+
+    for key, row in rows.items():
+        row["median_latency_ms"] = round(1000 * statistics.median(row["seconds"]), 1)
+        row["seconds"] = [round(s, 3) for s in row["seconds"]]
+        base = rows.get(f"{row['backbone']} fpn")
+        if base:
+            for field in ("params_total_M", "gflops_total", "median_latency_ms", "peak_rss_mib"):
+                row[f"{field}_vs_fpn"] = round(row[field] / base[field], 3)
+    table = _necks_table(rows, args)
+    print(table)
+    write_text_atomic(args.out_dir / "necks.md", table)
+    return {"size": args.size, "torch_threads": torch.get_num_threads(),
+            "load_average_after": round(os.getloadavg()[0], 1), "rows": rows}
+
+
+def _necks_table(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        f"Mask R-CNN inference, {args.size}x{args.size}, CPU, random weights, GFLOPs as fvcore "
+        "counts them (multiply-adds), "
+        f"{args.detections} detections per model, median of {args.repeat} interleaved runs; "
+        "ratios to the plain FPN on the same backbone.",
+        "",
+        "| model | params (M) | neck params (M) | GFLOPs | neck GFLOPs | latency (ms) | peak RSS (MiB) "
+        "| params x | GFLOPs x | latency x | memory x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in rows.items():
+        lines.append(
+            f"| {key} | {r['params_total_M']} | {r['params_neck_M']} | {r['gflops_total']} "
+            f"| {r['gflops_neck']} | {r['median_latency_ms']} | {r['peak_rss_mib']} "
+            f"| {r.get('params_total_M_vs_fpn', '')} | {r.get('gflops_total_vs_fpn', '')} "
+            f"| {r.get('median_latency_ms_vs_fpn', '')} | {r.get('peak_rss_mib_vs_fpn', '')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "convert": Benchmark(
         "DSB2018 -> COCO conversion (folders and CSV) on a DSB-size synthetic set",
@@ -231,6 +423,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         "nuclei prediction throughput (MP/s), whole image and tiled, per config",
         _predict_arguments,
         run_predict,
+    ),
+    "necks": Benchmark(
+        "Mask R-CNN with each neck: parameters, GFLOPs, latency, memory, ratios to FPN",
+        _necks_arguments,
+        run_necks,
     ),
 }
 
@@ -271,7 +468,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"{args.benchmark}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
     print(f"written to {path}")
     return 0
