@@ -11,6 +11,7 @@ try:
 except ImportError:  # the models, metrics and data tools stay usable without detectron2
     pass
 else:
+    from . import modeling  # registers the necks, the VGG bottom-up, the semantic models
     from .data.datasets import register_all
 
     register_all()
