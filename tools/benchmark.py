@@ -164,8 +164,8 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--weights", nargs="+",
-        help="one checkpoint per config (default: random weights; a Mask R-CNN's cost grows "
-        "with its detections, so trained weights give the realistic figure)",
+        help="one checkpoint per config, or 'random' (default: random weights for all; a Mask "
+        "R-CNN's cost grows with its detections, so trained weights give the realistic figure)",
     )
     parser.add_argument("--size", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"),
                         help="synthetic image size (%(default)s)")
@@ -192,7 +192,7 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
     megapixels = height * width / 1e6
     results = {}
     for k, config in enumerate(args.configs):
-        weights = args.weights[k] if args.weights else None
+        weights = args.weights[k] if args.weights and args.weights[k] != "random" else None
         torch.manual_seed(0)
         predictor = NucleiPredictor(config, weights, device="cpu",
                                     score_threshold=args.score_threshold)
