@@ -159,6 +159,13 @@ QUICK_INSTANCE = [
     "SOLVER.IMS_PER_BATCH", 2,
     "SOLVER.BASE_LR", 0.01,
     "SOLVER.STEPS", (),
+    # from scratch (as configs/demo): trainable norms, no frozen stages, clipped gradients
+    "MODEL.BACKBONE.FREEZE_AT", 0,
+    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.VGG.NORM", "BN",
+    "SOLVER.CLIP_GRADIENTS.ENABLED", True,
+    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
+    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 5.0,
     "INPUT.MIN_SIZE_TRAIN", (128,),
     "INPUT.MAX_SIZE_TRAIN", 192,
     "INPUT.MIN_SIZE_TEST", 128,
@@ -184,7 +191,7 @@ class RowResult:
     """What a row produced (``result.json``); IoU and Dice in %, None if not run."""
 
     key: str
-    status: str  # "done", or why the row did not run
+    status: str  # "done", or why the row did not run or failed
     iou: Optional[float] = None
     dice: Optional[float] = None
     params: Optional[int] = None  # the trained network (tiny with --quick)
@@ -542,7 +549,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def run_rows(
     args: argparse.Namespace, output: Path
 ) -> Tuple[Dict[str, RowResult], Dict[str, int]]:
-    """Every selected row: trained and evaluated, reused (``--resume``) or listed as not run.
+    """Every selected row: trained and evaluated, reused (``--resume``), or listed as not run
+    (no config yet) or failed (training diverged).
 
     Returns the results by row key and the iterations each row trained.
     """
@@ -568,7 +576,12 @@ def run_rows(
             continue
         logger.info(f"{where}: training {cfg.SOLVER.MAX_ITER} iterations ({row.config})")
         pruning = args.table == 1 and row.key == PRUNING_ROW
-        r = results[row.key] = run_row(row, cfg, row_dir, pruning, args.speed_seconds)
+        try:
+            r = results[row.key] = run_row(row, cfg, row_dir, pruning, args.speed_seconds)
+        except FloatingPointError as e:  # a diverged row is a result too; go on with the rest
+            results[row.key] = RowResult(row.key, f"failed: {e}")
+            logger.error(f"{where}: {results[row.key].status}")
+            continue
         logger.info(f"{where}: IoU {r.iou:.2f}%, Dice {r.dice:.2f}%, "
                     f"{r.train_seconds:.0f} s training, {r.eval_seconds:.0f} s evaluation")
     return results, used_iters
