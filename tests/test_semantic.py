@@ -158,6 +158,7 @@ def test_pruned_inference_is_the_sub_network():
         ("table1/unet.yaml", ["MODEL.UNET.ARCH", "unet4"], "MODEL.UNET.ARCH"),
         ("table1/unet.yaml", ["MODEL.UNET.FULL_SCALE", "conv"], "MODEL.UNET.FULL_SCALE"),
         ("table1/unet.yaml", ["MODEL.UNET.DS_BRANCHES", "middle"], "MODEL.UNET.DS_BRANCHES"),
+        ("table1/unet3plus.yaml", ["MODEL.UNET.DS_BRANCHES", "top"], "MODEL.UNET.DS_BRANCHES"),
         ("unet_R101.yaml", ["MODEL.UNET.WIDTHS", [8, 8]], "MODEL.UNET.WIDTHS"),
         ("unet_R101.yaml", ["MODEL.UNET.IN_FEATURES", ["res2", "res3", "res4", "p5"]],
          "MODEL.UNET.IN_FEATURES"),

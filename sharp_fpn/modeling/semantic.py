@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 SEMANTIC_META_ARCHITECTURE = "SemanticNucleiSegmentor"
+NESTED_SCHEMES = ("2plus", "sharp")  # the schemes with a top row X[0][1..L-1]
 
 
 def is_semantic(cfg) -> bool:
@@ -227,7 +228,7 @@ class BackboneGridUNet(nn.Module):
         return f"in_features={list(self.in_features)}, branches: {branches}"
 
 
-def _deep_supervision(cfg) -> Union[bool, str]:
+def _deep_supervision(cfg, scheme: str) -> Union[bool, str]:
     """``MODEL.UNET.DEEP_SUPERVISION`` and ``DS_BRANCHES`` as ``GridUNet``'s argument."""
     u = cfg.MODEL.UNET
     check_value(
@@ -236,62 +237,60 @@ def _deep_supervision(cfg) -> Union[bool, str]:
         u.DS_BRANCHES in ("",) + DEEP_SUPERVISION_MODES,
         f"'' (the scheme's own) or one of {DEEP_SUPERVISION_MODES}",
     )
+    check_value(
+        "MODEL.UNET.DS_BRANCHES",
+        u.DS_BRANCHES,
+        u.DS_BRANCHES in ("", "decoder") or scheme in NESTED_SCHEMES,
+        f"'' or 'decoder' for scheme {scheme!r}: only {NESTED_SCHEMES} have a top row",
+    )
     if not u.DEEP_SUPERVISION:
         return False
     return u.DS_BRANCHES or True
 
 
-def build_semantic_network(cfg) -> Union[GridUNet, BackboneGridUNet]:
-    """The network ``MODEL.UNET.*`` describes (see the module docstring); every value checked,
-    errors naming the key."""
+def _backbone_network(cfg, common: Dict[str, Any]) -> BackboneGridUNet:
+    """Table 2's network: ``MODEL.BACKBONE.NAME``'s bottom-up, a ``MODEL.UNET.DECODER`` grid."""
     u = cfg.MODEL.UNET
-    check_value("MODEL.UNET.FULL_SCALE", u.FULL_SCALE, u.FULL_SCALE in FULL_SCALE_OPS,
-                f"one of {FULL_SCALE_OPS}")
-    check_value("MODEL.UNET.NORM", u.NORM, u.NORM in ("BN", "GN", ""), "'BN', 'GN' or ''")
-    check_value("MODEL.UNET.UPSAMPLE", u.UPSAMPLE, u.UPSAMPLE in UPSAMPLE_MODES,
-                f"one of {UPSAMPLE_MODES}")
-    common = dict(
-        deep_supervision=_deep_supervision(cfg),
-        full_scale=u.FULL_SCALE,
-        norm=u.NORM,
-        cgm=u.CGM,
-        cgm_dropout=u.CGM_DROPOUT,
+    check_value("MODEL.UNET.DECODER", u.DECODER, u.DECODER in SCHEMES, f"one of {SCHEMES}")
+    check_value(
+        "MODEL.UNET.WIDTHS",
+        u.WIDTHS,
+        len(u.WIDTHS) == len(u.IN_FEATURES) - 1 and all(w > 0 for w in u.WIDTHS),
+        f"one positive width per decoder level, len(MODEL.UNET.IN_FEATURES) - 1 = "
+        f"{len(u.IN_FEATURES) - 1} of them",
     )
-    if u.USE_BACKBONE:
-        check_value("MODEL.UNET.DECODER", u.DECODER, u.DECODER in SCHEMES, f"one of {SCHEMES}")
-        check_value(
-            "MODEL.UNET.WIDTHS",
-            u.WIDTHS,
-            len(u.WIDTHS) == len(u.IN_FEATURES) - 1 and all(w > 0 for w in u.WIDTHS),
-            f"one positive width per decoder level, len(MODEL.UNET.IN_FEATURES) - 1 = "
-            f"{len(u.IN_FEATURES) - 1} of them",
-        )
-        check_value(
-            "MODEL.UNET.PRUNE_LEVEL",
-            u.PRUNE_LEVEL,
-            u.PRUNE_LEVEL == 0,
-            "0: pruned inference is for the VGG-block family (MODEL.UNET.USE_BACKBONE False)",
-        )
-        bottom_up = build_backbone(cfg)
-        available = list(bottom_up.output_shape())
-        check_value(
-            "MODEL.UNET.IN_FEATURES",
-            u.IN_FEATURES,
-            set(u.IN_FEATURES) <= set(available),
-            f"names among the bottom-up's outputs {available} (MODEL.BACKBONE.NAME "
-            f"{cfg.MODEL.BACKBONE.NAME!r})",
-        )
-        return BackboneGridUNet(
-            bottom_up,
-            u.IN_FEATURES,
-            u.DECODER,
-            u.WIDTHS,
-            u.UPSAMPLE_WIDTHS,
-            classes=1,
-            upsample_mode=u.UPSAMPLE,
-            reduce_upsampled=u.REDUCE_UPSAMPLED,
-            **common,
-        )
+    check_value(
+        "MODEL.UNET.PRUNE_LEVEL",
+        u.PRUNE_LEVEL,
+        u.PRUNE_LEVEL == 0,
+        "0: pruned inference is for the VGG-block family (MODEL.UNET.USE_BACKBONE False)",
+    )
+    bottom_up = build_backbone(cfg)
+    available = list(bottom_up.output_shape())
+    check_value(
+        "MODEL.UNET.IN_FEATURES",
+        u.IN_FEATURES,
+        set(u.IN_FEATURES) <= set(available),
+        f"names among the bottom-up's outputs {available} (MODEL.BACKBONE.NAME "
+        f"{cfg.MODEL.BACKBONE.NAME!r})",
+    )
+    return BackboneGridUNet(
+        bottom_up,
+        u.IN_FEATURES,
+        u.DECODER,
+        u.WIDTHS,
+        u.UPSAMPLE_WIDTHS,
+        classes=1,
+        deep_supervision=_deep_supervision(cfg, u.DECODER),
+        upsample_mode=u.UPSAMPLE,
+        reduce_upsampled=u.REDUCE_UPSAMPLED,
+        **common,
+    )
+
+
+def _vgg_block_network(cfg, common: Dict[str, Any]) -> GridUNet:
+    """Table 1's network: ``MODEL.UNET.ARCH`` at ``WIDTH_MULT`` times its widths."""
+    u = cfg.MODEL.UNET
     check_value("MODEL.UNET.ARCH", u.ARCH, u.ARCH in ARCHS, f"one of {sorted(ARCHS)}")
     check_value("MODEL.UNET.WIDTH_MULT", u.WIDTH_MULT, u.WIDTH_MULT > 0, "a positive number")
     arch = ARCHS[u.ARCH]
@@ -306,6 +305,7 @@ def build_semantic_network(cfg) -> Union[GridUNet, BackboneGridUNet]:
         len(cfg.MODEL.PIXEL_MEAN),
         1,
         [max(1, round(c * u.WIDTH_MULT)) for c in arch.channels],
+        deep_supervision=_deep_supervision(cfg, arch.scheme),
         upsample_mode=u.UPSAMPLE,
         **common,
     )
@@ -320,6 +320,21 @@ def build_semantic_network(cfg) -> Union[GridUNet, BackboneGridUNet]:
             "unet_sharp)",
         )
     return network
+
+
+def build_semantic_network(cfg) -> Union[GridUNet, BackboneGridUNet]:
+    """The network ``MODEL.UNET.*`` describes (see the module docstring); every value checked,
+    errors naming the key."""
+    u = cfg.MODEL.UNET
+    check_value("MODEL.UNET.FULL_SCALE", u.FULL_SCALE, u.FULL_SCALE in FULL_SCALE_OPS,
+                f"one of {FULL_SCALE_OPS}")
+    check_value("MODEL.UNET.NORM", u.NORM, u.NORM in ("BN", "GN", ""), "'BN', 'GN' or ''")
+    check_value("MODEL.UNET.UPSAMPLE", u.UPSAMPLE, u.UPSAMPLE in UPSAMPLE_MODES,
+                f"one of {UPSAMPLE_MODES}")
+    common = dict(full_scale=u.FULL_SCALE, norm=u.NORM, cgm=u.CGM, cgm_dropout=u.CGM_DROPOUT)
+    if u.USE_BACKBONE:
+        return _backbone_network(cfg, common)
+    return _vgg_block_network(cfg, common)
 
 
 def _branch_outputs(output: ModelOutput) -> Tuple[List[Tensor], Optional[List[Tensor]]]:
