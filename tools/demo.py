@@ -26,8 +26,12 @@ from sharp_fpn.utils import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: (label, config) of the models the demo trains, in the order they are printed.
-MODELS = (("FPN (detectron2)", "configs/demo/mask_rcnn_fpn_R18.yaml"),)
+#: (label, config, output subfolder) of the models the demo trains, in the order they are
+#: printed: the UNet# neck, then detectron2's own FPN with the same budget as its baseline.
+MODELS = (
+    ("Mask R-CNN# (sharp)", "configs/demo/mask_rcnn_sharp_R18.yaml", ""),
+    ("Mask R-CNN (FPN)", "configs/demo/mask_rcnn_fpn_R18.yaml", "fpn_baseline"),
+)
 
 
 def train_and_evaluate(config: Path, output_dir: Path, iters: int | None) -> dict:
@@ -70,8 +74,8 @@ def main() -> int:
     setup_logger(name="sharp_fpn")
 
     runs = []
-    for i, (label, config) in enumerate(MODELS):
-        out = args.output if i == 0 else args.output / Path(config).stem
+    for i, (label, config, subfolder) in enumerate(MODELS):
+        out = args.output / subfolder
         print(f"\n=== [{i + 1}/{len(MODELS)}] training {label}: {config} -> {out}\n", flush=True)
         runs.append((label, train_and_evaluate(ROOT / config, out, args.iters)))
 
