@@ -17,7 +17,7 @@ from sharp_fpn.engine import get_config
 from sharp_fpn.evaluation.metrics import labels_from_instances
 from sharp_fpn.predict import InstanceSet, load_image, stitch_cores, stitch_instances, tile_grid
 from sharp_fpn.predict.image_io import ImageReadError, STRETCH_PERCENTILES
-from sharp_fpn.predict.tiling import axis_spans
+from sharp_fpn.predict.tiling import axis_spans, keep_largest_components
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo" / "mask_rcnn_fpn_R18.yaml"
@@ -111,13 +111,13 @@ def assert_same_nuclei(truth, stitched):
     assert pairs.shape[1] == n_true == n_stitched
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_stitched_tiles_equal_the_whole_image_nucleus_by_nucleus(seed):
+@pytest.mark.parametrize("seed,min_kept_fraction", [(0, 0.0), (1, 0.5), (2, 1.0)])
+def test_stitched_tiles_equal_the_whole_image_nucleus_by_nucleus(seed, min_kept_fraction):
     shape, tile, overlap = (150, 190), 64, 18
     truth = random_nuclei(shape, 70, max_extent=overlap, seed=seed)
     tiles = tile_grid(*shape, tile, overlap)
     sets = perfect_tile_predictions(truth, tiles, seed)
-    stitched = stitch_instances(shape, tiles, sets)
+    stitched = stitch_instances(shape, tiles, sets, min_kept_fraction)
 
     assert_same_nuclei(truth, stitched.labels)
     assert stitched.scores.shape == (truth.max(),)
@@ -134,7 +134,8 @@ def test_nuclei_larger_than_the_overlap_are_covered_but_may_be_cut():
     shape = (120, 120)
     truth = random_nuclei(shape, 25, max_extent=40, seed=3)
     tiles = tile_grid(*shape, 48, 8)
-    stitched = stitch_instances(shape, tiles, perfect_tile_predictions(truth, tiles, 3)).labels
+    sets = perfect_tile_predictions(truth, tiles, 3)
+    stitched = stitch_instances(shape, tiles, sets, min_kept_fraction=0.0).labels
     np.testing.assert_array_equal(truth > 0, stitched > 0)  # every nucleus pixel is labelled
     for label in np.unique(stitched[stitched > 0]):  # no label spans two nuclei
         assert len(np.unique(truth[stitched == label])) == 1
@@ -150,13 +151,46 @@ def test_one_tile_is_labels_from_instances():
     scores = rng.uniform(size=12)
     scores[3] = scores[7]  # a tie: the given order wins
     tiles = tile_grid(40, 50, 0, 0)
-    stitched = stitch_instances((40, 50), tiles, [InstanceSet.from_masks(masks, scores)])
+    stitched = stitch_instances((40, 50), tiles, [InstanceSet.from_masks(masks, scores)],
+                                min_kept_fraction=0.0)
     expected = labels_from_instances(masks, scores)
     present = np.unique(expected[expected > 0])
     renumber = np.zeros(13, dtype=np.int32)
     renumber[present] = np.arange(1, present.size + 1)
     np.testing.assert_array_equal(stitched.labels, renumber[expected])
     np.testing.assert_array_equal(stitched.scores, np.sort(scores)[::-1][present - 1])
+
+
+def test_duplicate_detections_are_dropped_not_left_as_slivers():
+    masks = np.zeros((3, 30, 30), dtype=bool)
+    masks[0, 5:15, 5:15] = True  # a nucleus
+    masks[1, 8:18, 8:18] = True  # a worse, shifted detection of it: keeps 51 of 100 pixels
+    masks[2, 20:25, 20:25] = True  # another nucleus
+    sets = [InstanceSet.from_masks(masks, np.array([0.9, 0.6, 0.8]))]
+    tiles = tile_grid(30, 30, 0, 0)
+    strict = stitch_instances((30, 30), tiles, sets, min_kept_fraction=0.6)
+    assert strict.labels.max() == 2 and strict.scores.tolist() == [0.9, 0.8]
+    assert not strict.labels[15:18, 8:18].any()  # no sliver
+    lenient = stitch_instances((30, 30), tiles, sets, min_kept_fraction=0.5)
+    assert lenient.labels.max() == 3 and (lenient.labels == 3).sum() == 51
+    with pytest.raises(ValueError, match="min_kept_fraction"):
+        stitch_instances((30, 30), tiles, sets, min_kept_fraction=1.5)
+
+
+def test_keep_largest_components():
+    labels = np.zeros((8, 12), dtype=np.int32)
+    labels[1:4, 1:4] = 5  # label 5: 9 pixels here ...
+    labels[6, 6] = 5  # ... and a stray pixel
+    labels[1, 8:10] = 2  # label 2: two pieces of 2 pixels: the first met stays
+    labels[4, 8:10] = 2
+    labels[4, 4] = 7  # touches label 5 diagonally: a separate label, kept
+    kept = keep_largest_components(labels)
+    expected = labels.copy()
+    expected[6, 6] = 0
+    expected[4, 8:10] = 0
+    np.testing.assert_array_equal(kept, expected)
+    assert kept.dtype == labels.dtype
+    assert not keep_largest_components(np.zeros((3, 3), np.uint16)).any()
 
 
 def test_stitch_cores_rebuilds_a_dense_map_exactly():

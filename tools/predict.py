@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the largest nucleus diameter (%(default)s)")
     parser.add_argument("--score-threshold", type=float, default=0.5,
                         help="drop instances scoring below (%(default)s)")
+    parser.add_argument("--min-kept-fraction", type=float, default=0.5,
+                        help="drop an instance that keeps less than this fraction of its mask "
+                        "after better ones took theirs: a duplicate detection (%(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1... "
                         "(%(default)s)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = NucleiPredictor(
             load_config(args.config_file, args.opts), args.weights, device=args.device,
-            score_threshold=args.score_threshold,
+            score_threshold=args.score_threshold, min_kept_fraction=args.min_kept_fraction,
         )
     except (ConfigError, FileNotFoundError, ValueError) as e:
         parser.error(str(e))

@@ -3,7 +3,7 @@ label TIFF, outline overlay and per-nucleus table out (SPEC section 5).
 
 * :mod:`.image_io`: reading PNG/TIFF/JPEG, 8/16-bit, gray/RGB/RGBA, normalised to the model's
   8-bit RGB input.
-* :mod:`.tiling`: tiles with overlap and exact stitching (pure numpy).
+* :mod:`.tiling`: tiles with overlap and exact stitching (no torch, no detectron2).
 * :mod:`.predictor`: a detectron2 model (Mask R-CNN or semantic) run tile by tile.
 * :mod:`.outputs`: the label TIFF, the overlay PNG, the per-nucleus CSV.
 * :mod:`.run`: :func:`predict_images`, the whole run (``tools/predict.py``, ``make demo``).

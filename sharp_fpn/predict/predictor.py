@@ -13,7 +13,9 @@ What the model returns decides the labelling:
 
 * ``"instances"`` (Mask R-CNN): instances scoring at least ``score_threshold`` with their
   pasted masks; per tile the instances owned by its core are kept and stitched
-  (:func:`~.tiling.stitch_instances`), overlaps going to the better score.
+  (:func:`~.tiling.stitch_instances`), overlaps going to the better score, and an instance
+  keeping less than ``min_kept_fraction`` of its mask dropped as a duplicate; each nucleus is
+  then reduced to its largest 8-connected piece (:func:`~.tiling.keep_largest_components`).
 * ``"sem_seg"`` (``(1, H, W)`` nucleus probabilities, the semantic meta-architecture): the
   probability maps of the tiles are stitched core by core (:func:`~.tiling.stitch_cores`),
   thresholded at 0.5 (``> 0.5`` is nucleus), and the 8-connected components are the nuclei
@@ -38,7 +40,14 @@ from tqdm import tqdm
 from ..engine import get_config
 from ..modeling.semantic import is_semantic  # also registers the necks and meta-architectures
 from ..modeling.semantic_data import build_semantic_augmentation
-from .tiling import InstanceSet, Tile, stitch_cores, stitch_instances, tile_grid
+from .tiling import (
+    InstanceSet,
+    Tile,
+    keep_largest_components,
+    stitch_cores,
+    stitch_instances,
+    tile_grid,
+)
 
 __all__ = [
     "SEMANTIC_THRESHOLD",
@@ -109,6 +118,9 @@ class NucleiPredictor:
         device: ``"cpu"``, ``"cuda"``, ...; default the config's ``MODEL.DEVICE``.
         score_threshold: instances scoring below are dropped (instance models; it also
             becomes ``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` so the model drops them early).
+        min_kept_fraction: an instance that keeps less than this fraction of its mask after
+            better instances took theirs is dropped as a duplicate
+            (:func:`~.tiling.stitch_instances`).
 
     Raises:
         FileNotFoundError: ``weights`` is not a file.
@@ -123,6 +135,7 @@ class NucleiPredictor:
         *,
         device: Optional[str] = None,
         score_threshold: float = 0.5,
+        min_kept_fraction: float = 0.5,
     ) -> None:
         cfg = load_config(cfg)
         if device:
@@ -133,6 +146,7 @@ class NucleiPredictor:
             raise ValueError(f"INPUT.FORMAT: expected 'RGB' or 'BGR', got {cfg.INPUT.FORMAT!r}")
         self.cfg = cfg
         self.score_threshold = float(score_threshold)
+        self.min_kept_fraction = float(min_kept_fraction)
         self.model = build_model(cfg).eval()
         if weights is None:
             logger.warning("no weights given: the model keeps its random initialisation")
@@ -206,8 +220,8 @@ class NucleiPredictor:
                     f"'instances' (Mask R-CNN) or 'sem_seg' (nucleus probabilities)"
                 )
         if sets:
-            labels, scores = stitch_instances(shape, tiles, sets)
-            return Prediction(labels, scores, "instances", len(tiles))
+            labels, scores = stitch_instances(shape, tiles, sets, self.min_kept_fraction)
+            return Prediction(keep_largest_components(labels), scores, "instances", len(tiles))
         labels, scores = semantic_labels(stitch_cores(shape, tiles, maps))
         return Prediction(labels, scores, "semantic", len(tiles))
 

@@ -129,6 +129,7 @@ def predict_images(
     tile: int = 512,
     overlap: int = 64,
     score_threshold: float = 0.5,
+    min_kept_fraction: float = 0.5,
     device: Optional[str] = None,
     progress: bool = True,
     predictor: Optional[NucleiPredictor] = None,
@@ -142,10 +143,11 @@ def predict_images(
         out_dir: where the outputs go (created).
         tile, overlap: tiling in pixels (:meth:`NucleiPredictor.predict`).
         score_threshold: instances scoring below are dropped.
+        min_kept_fraction: instances keeping less of their mask are dropped as duplicates.
         device: torch device; default the config's ``MODEL.DEVICE``.
         progress: show tqdm progress bars (images, and tiles of large images).
         predictor: a model already built (then ``cfg``, ``weights``, ``device`` and
-            ``score_threshold`` are not used).
+            ``score_threshold``, ``min_kept_fraction`` are not used).
 
     Returns:
         The report; ``summary.csv`` in ``out_dir`` lists every input, failed ones included.
@@ -159,7 +161,8 @@ def predict_images(
     ]
     if files and predictor is None:
         predictor = NucleiPredictor(
-            cfg, weights, device=device, score_threshold=score_threshold
+            cfg, weights, device=device, score_threshold=score_threshold,
+            min_kept_fraction=min_kept_fraction,
         )
     for path, stem in tqdm(
         list(zip(files, _output_stems(files))), desc="nuclei", unit="image", disable=not progress

@@ -1,4 +1,4 @@
-"""Tiles with overlap, and stitching per-tile predictions into one image (pure numpy).
+"""Tiles with overlap, and stitching per-tile predictions into one image (numpy, scikit-image).
 
 Large images are predicted tile by tile. Along each axis, ``n`` tiles of ``tile`` pixels are
 spread evenly so that neighbours overlap by at least ``overlap`` pixels (every tile has the
@@ -19,8 +19,9 @@ axis has its centre outside the core along that axis. Every tile that sees the n
 computes the same centre, which lies in exactly one core: the nucleus is kept once, whole.
 Larger nuclei may be cut or kept twice; the residual overlaps are then resolved by score as
 :func:`sharp_fpn.evaluation.metrics.labels_from_instances` does (better instances take the
-disputed pixels), so the label image never holds overlapping nuclei. Choose ``overlap`` at
-least the largest nucleus diameter.
+disputed pixels), so the label image never holds overlapping nuclei; an instance left with
+too little of its own mask can be dropped as a duplicate (``min_kept_fraction``). Choose
+``overlap`` at least the largest nucleus diameter.
 
 Dense maps (semantic models): every pixel is taken from the tile whose core holds the pixel's
 centre (:func:`stitch_cores`); the labels are then found once on the whole map, so nothing is
@@ -37,12 +38,14 @@ from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+from skimage.measure import label as connected_components
 
 __all__ = [
     "InstanceSet",
     "Stitched",
     "Tile",
     "axis_spans",
+    "keep_largest_components",
     "stitch_cores",
     "stitch_instances",
     "tile_grid",
@@ -176,23 +179,33 @@ class Stitched(NamedTuple):
 
 
 def stitch_instances(
-    shape: Tuple[int, int], tiles: Sequence[Tile], sets: Sequence[InstanceSet]
+    shape: Tuple[int, int],
+    tiles: Sequence[Tile],
+    sets: Sequence[InstanceSet],
+    min_kept_fraction: float = 0.0,
 ) -> Stitched:
     """One label image from the instances found in each tile (module docstring).
 
     Each tile keeps the instances whose box centre lies in its core. The kept instances are
-    ranked by decreasing score (ties: tile order, then order within the tile) and painted so
-    that each pixel goes to the best-ranked instance covering it; instances left without a
-    pixel disappear, and the others are numbered 1..K in rank order. With one tile this is
-    :func:`~sharp_fpn.evaluation.metrics.labels_from_instances` without its empty labels.
+    ranked by decreasing score (ties: tile order, then order within the tile) and, best first,
+    each takes the pixels of its mask that no better instance took. An instance left with no
+    pixel, or with less than ``min_kept_fraction`` of its mask, is dropped (it takes nothing);
+    the others are numbered 1..K in rank order. With ``min_kept_fraction=0`` and one tile this
+    is :func:`~sharp_fpn.evaluation.metrics.labels_from_instances` without its empty labels.
 
     Args:
         shape: ``(H, W)`` of the image.
         tiles: the tiles, e.g. from :func:`tile_grid`.
         sets: ``sets[k]`` holds the instances of ``tiles[k]``, in its coordinates.
+        min_kept_fraction: in [0, 1]. Mask R-CNN often returns a second, lower-scoring
+            detection of a nucleus that NMS let through; painting it under the better one
+            leaves a sliver beside the nucleus. Requiring each instance to keep, say, half of
+            its mask drops such duplicates instead.
     """
     if len(tiles) != len(sets):
         raise ValueError(f"got {len(tiles)} tiles but {len(sets)} instance sets")
+    if not 0.0 <= min_kept_fraction <= 1.0:
+        raise ValueError(f"min_kept_fraction must be in [0, 1], got {min_kept_fraction}")
     boxes, masks, scores = [], [], []
     for tile, found in zip(tiles, sets):
         if len(found) == 0:
@@ -209,19 +222,44 @@ def stitch_instances(
         masks.extend(found.masks[i] for i in keep)
         scores.extend(found.scores[keep])
     labels = np.zeros(shape, dtype=np.int32)
-    if not masks:
-        return Stitched(labels, np.zeros(0, dtype=np.float64))
-    scores_arr = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-scores_arr, kind="stable")
-    for rank in range(len(order), 0, -1):  # worst first: better instances overwrite it
-        i = order[rank - 1]
+    kept_scores: List[float] = []
+    for i in np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable"):
         top, left, bottom, right = boxes[i]
-        labels[top:bottom, left:right][masks[i]] = rank
-    present = np.unique(labels)
-    present = present[present > 0]
-    renumber = np.zeros(len(order) + 1, dtype=np.int32)
-    renumber[present] = np.arange(1, present.size + 1, dtype=np.int32)
-    return Stitched(renumber[labels], scores_arr[order[present - 1]])
+        region = labels[top:bottom, left:right]
+        free = masks[i] & (region == 0)
+        count = int(free.sum())
+        if count == 0 or count < min_kept_fraction * masks[i].sum():
+            continue
+        kept_scores.append(scores[i])
+        region[free] = len(kept_scores)
+    return Stitched(labels, np.asarray(kept_scores, dtype=np.float64))
+
+
+def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+    """Each label reduced to its largest 8-connected piece; the other pieces become background.
+
+    A nucleus is one connected region, but a predicted mask can have stray pieces (a mask
+    reaching into a neighbour's box, a remainder split in two by a better instance), which
+    would put a nucleus' centroid between its pieces. Ties keep the piece met first in raster
+    order. ``(H, W)`` integer labels in, a new array of the same dtype out; labels keep their
+    numbers.
+    """
+    pieces = connected_components(labels, background=0, connectivity=2)
+    count = int(pieces.max())
+    if count == 0:
+        return labels.copy()
+    flat = pieces.ravel()
+    owner = np.zeros(count + 1, dtype=np.int64)
+    owner[flat] = labels.ravel()
+    size = np.bincount(flat, minlength=count + 1)
+    ids = np.arange(1, count + 1)
+    # by label, then largest first, then first met; keep the first piece of each label
+    order = ids[np.lexsort((ids, -size[1:], owner[1:]))]
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = owner[order[1:]] != owner[order[:-1]]
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[order[first]] = True
+    return np.where(keep[pieces], labels, 0).astype(labels.dtype)
 
 
 def stitch_cores(
