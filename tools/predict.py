@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.tile > 0 and not 0 <= args.overlap < args.tile:
+        parser.error(f"--overlap must be in [0, --tile) = [0, {args.tile}), got {args.overlap}")
     try:
         predictor = NucleiPredictor(
             load_config(args.config_file, args.opts), args.weights, device=args.device,

@@ -151,7 +151,12 @@ def predict_images(
 
     Returns:
         The report; ``summary.csv`` in ``out_dir`` lists every input, failed ones included.
+
+    Raises:
+        ValueError: ``overlap`` is not in ``[0, tile)`` (with ``tile > 0``).
     """
+    if tile > 0 and not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile) = [0, {tile}), got {overlap}")
     out_dir = Path(out_dir)
     files, problems = expand_inputs([os.fspath(p) for p in inputs])
     report = PredictionReport(out_dir, out_dir / "summary.csv")
