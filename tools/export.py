@@ -34,6 +34,7 @@ from sharp_fpn.data.synthetic import generate_image  # noqa: E402
 from sharp_fpn.engine import get_config  # noqa: E402
 from sharp_fpn.models import ARCHS, GridUNet, create_model  # noqa: E402
 from sharp_fpn.predict import NucleiPredictor, load_image  # noqa: E402
+from sharp_fpn.predict.predictor import model_label  # noqa: E402
 from sharp_fpn.predict.export import (  # noqa: E402
     ExportCheck,
     export_mask_rcnn,
@@ -41,12 +42,6 @@ from sharp_fpn.predict.export import (  # noqa: E402
     onnx_status,
 )
 from sharp_fpn.utils import write_text_atomic  # noqa: E402
-
-
-def model_name(config_file: str) -> str:
-    """File name stem for exports: the config's, or its folder's for a run's config.yaml."""
-    path = Path(config_file)
-    return path.parent.name if path.stem == "config" else path.stem
 
 
 def sample_images(paths: list[str], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -70,7 +65,7 @@ def run_unet(args: argparse.Namespace) -> list:
                 f"{type(network).__name__} inside; 'unet' exports the semantic meta-architecture"
                 f" built on sharp_fpn.models (MODEL.UNET.USE_BACKBONE False)"
             )
-        name = model_name(args.config_file)
+        name = model_label(args.config_file)
     else:
         cfg = get_config(None, args.opts)
         network = create_model(args.arch, deep_supervision="top" if ARCHS[args.arch].scheme in
@@ -110,7 +105,7 @@ def run_mask_rcnn(args: argparse.Namespace) -> list:
         "score_threshold": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
     }
     check = export_mask_rcnn(predictor.model, images, Path(args.output),
-                             name=model_name(args.config_file), tolerance=args.tolerance,
+                             name=model_label(args.config_file), tolerance=args.tolerance,
                              describe=describe)
     onnx_ok, onnx_reason = onnx_status()
     reason = onnx_reason if not onnx_ok else (

@@ -35,7 +35,7 @@ def run_predictions(args: argparse.Namespace) -> int:
 
     from sharp_fpn.predict import NucleiPredictor, load_image
     from sharp_fpn.predict.figures import plot_predictions, true_labels
-    from sharp_fpn.predict.predictor import load_config
+    from sharp_fpn.predict.predictor import load_config, model_label
 
     predictor = NucleiPredictor(load_config(args.config_file, args.opts), args.weights,
                                 device=args.device, score_threshold=args.score_threshold)
@@ -49,7 +49,7 @@ def run_predictions(args: argparse.Namespace) -> int:
         truth = true_labels(record) if "annotations" in record else None
         rows.append((Path(record["file_name"]).name, rgb, truth, predicted))
     output = Path(args.output or f"output/visualize/{args.dataset}_predictions.png")
-    plot_predictions(rows, output, model_name=Path(args.config_file).stem)
+    plot_predictions(rows, output, model_name=model_label(args.config_file))
     print(f"wrote {output}")
     return 0
 

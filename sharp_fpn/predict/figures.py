@@ -206,7 +206,8 @@ def plot_predictions(
     fig, axes = plt.subplots(len(rows), 3, figsize=(11, 3.7 * len(rows)), squeeze=False)
     for (title, rgb, truth, predicted), ax_row in zip(rows, axes):
         ax_row[0].imshow(rgb)
-        ax_row[0].set_title(title, fontsize=8)
+        ax_row[0].set_title(title if len(title) <= 40 else f"{title[:18]}...{title[-19:]}",
+                            fontsize=8)
         n_pred = len(np.unique(predicted[predicted > 0]))
         if truth is None:
             ax_row[1].text(0.5, 0.5, "no ground truth", ha="center", va="center")

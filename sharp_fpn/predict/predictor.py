@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -54,6 +55,7 @@ __all__ = [
     "NucleiPredictor",
     "Prediction",
     "load_config",
+    "model_label",
     "semantic_labels",
     "inference_augmentations",
 ]
@@ -98,6 +100,13 @@ def load_config(
             cfg.merge_from_list(list(opts))
         return cfg
     return get_config(os.fspath(config), opts or [])
+
+
+def model_label(config_file: Union[str, os.PathLike]) -> str:
+    """A short name for a model: its config file's stem, or for a training run's dumped
+    ``config.yaml`` the run's folder name."""
+    path = Path(config_file)
+    return path.parent.name if path.stem == "config" else path.stem
 
 
 def inference_augmentations(cfg: CfgNode) -> List[T.Augmentation]:
