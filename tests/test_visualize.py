@@ -20,6 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo" / "mask_rcnn_fpn_R18.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def load_tool(name):
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -102,7 +110,6 @@ def test_predictions_figure(tmp_path, tiny_dataset):
     torch.manual_seed(0)
     DetectionCheckpointer(build_model(get_config(str(DEMO))), save_dir=str(tmp_path)).save("w")
     out = tmp_path / "figure.png"
-    torch.set_num_threads(1)
     code = load_tool("visualize").main([
         "predictions", "--config-file", str(DEMO), "--weights", str(tmp_path / "w.pth"),
         "--dataset", name, "--num", "2", "--output", str(out), "--score-threshold", "0.05",
