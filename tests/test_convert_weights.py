@@ -22,14 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLE2 = sorted((ROOT / "configs").glob("mask_rcnn_*_*.yaml"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize_batchnorms(model: nn.Module) -> None:
     """Non-trivial BN statistics and affines, so that a wrong mapping cannot hide."""
     for m in model.modules():

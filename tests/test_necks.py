@@ -44,15 +44,6 @@ BOTTOM_UPS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs run fastest single-threaded, especially on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(name="Base-MaskRCNN-Nuclei.yaml", *opts):
     cfg = add_sharp_fpn_config(get_cfg())
     cfg.merge_from_file(str(CONFIGS / name))

@@ -14,14 +14,6 @@ STRIDES = {"pool1": 2, "pool2": 4, "pool3": 8, "pool4": 16, "pool5": 32}
 CHANNELS = {"pool1": 64, "pool2": 128, "pool3": 256, "pool4": 512, "pool5": 512}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def torchvision_features(depth=16, batch_norm=False, seed=0):
     """torchvision's ``vgg{depth}[_bn]().features``, random, with non-trivial BN statistics."""
     torch.manual_seed(seed)
