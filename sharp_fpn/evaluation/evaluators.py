@@ -18,14 +18,16 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import polygons_to_bitmask
 from detectron2.utils import comm
 
+from ..utils import atomic_write
 from .metrics import dsb_score, foreground_dice, foreground_iou, labels_from_instances
 
-__all__ = ["DSBEvaluator", "annotation_mask"]
+__all__ = ["DSBEvaluator", "PerImageEvaluator", "annotation_mask"]
 
 logger = logging.getLogger(__name__)
 
 #: Columns of the per-image CSV written by :class:`DSBEvaluator` when given an output_dir.
 CSV_COLUMNS = ("file_name", "dsb_score", "fg_iou", "fg_dice", "n_true", "n_pred")
+CSV_NAME = "dsb_per_image.csv"
 
 
 def annotation_mask(segmentation: Any, height: int, width: int, where: str = "") -> np.ndarray:
@@ -63,43 +65,20 @@ def annotation_mask(segmentation: Any, height: int, width: int, where: str = "")
     )
 
 
-class DSBEvaluator(DatasetEvaluator):
-    """Per-image DSB2018 score, foreground IoU and foreground Dice of an instance model.
+class PerImageEvaluator(DatasetEvaluator):
+    """Shared machinery of evaluators that score each image on its own: finding an input's
+    ground truth, gathering the per-image records of every process, and writing them as CSV.
 
-    Ground truth comes from the dataset dict's ``"annotations"`` (each with a
-    ``"segmentation"``, see :func:`annotation_mask`) and its ``"height"``/``"width"``. When the
-    inputs carry no ``"annotations"`` (detectron2's test-time ``DatasetMapper`` drops them),
-    they are looked up by ``"image_id"`` in ``DatasetCatalog.get(dataset_name)``. Where true
-    masks overlap, the earlier annotation keeps the pixel.
-
-    The prediction is ``output["instances"]`` with ``pred_masks`` (``(N, height, width)``
-    bool, as ``detector_postprocess`` gives) and ``scores``; instances scoring below
-    ``score_threshold`` are dropped and overlaps go to the higher score.
-
-    ``evaluate()`` returns ``{"dsb": {"score", "fg_IoU", "fg_Dice", "num_images"}}``, each a
-    mean over images. Units: ``score`` is the DSB score in [0, 1], as the Kaggle leaderboard
-    reports it (SPEC section 4 anchors: 0.6316 for the stage-2 winner); ``fg_IoU`` and
-    ``fg_Dice`` are in percent, as the paper's Table 2 reports them (e.g. 94.89 / 91.37).
+    A subclass appends one dict per image to ``self._records`` in ``process()`` (with at least
+    ``"file_name"``) and summarises the gathered records in ``evaluate()``.
     """
 
-    def __init__(
-        self,
-        dataset_name: str,
-        score_threshold: float = 0.5,
-        distributed: bool = True,
-        output_dir: Optional[str] = None,
-    ) -> None:
-        """
-        Args:
-            dataset_name: name registered in ``DatasetCatalog``; read only when the inputs
-                carry no annotations.
-            score_threshold: predictions with a score below it (in [0, 1]) are ignored.
-            distributed: gather the per-image values of all processes in ``evaluate()``;
-                only the main process then returns results.
-            output_dir: if given, ``evaluate()`` writes ``dsb_per_image.csv`` there.
-        """
+    #: File name and columns of the per-image CSV; set by each subclass.
+    csv_name: str = ""
+    csv_columns: Tuple[str, ...] = ()
+
+    def __init__(self, dataset_name: str, distributed: bool, output_dir: Optional[str]) -> None:
         self._dataset_name = dataset_name
-        self._score_threshold = float(score_threshold)
         self._distributed = distributed
         self._output_dir = output_dir
         self._gt_by_image_id: Optional[Dict[Any, Dict[str, Any]]] = None
@@ -124,6 +103,72 @@ class DSBEvaluator(DatasetEvaluator):
                 f"{image_id!r} is not in dataset {self._dataset_name!r}"
             )
         return self._gt_by_image_id[image_id]
+
+    def _gathered_records(self) -> Optional[List[Dict[str, Any]]]:
+        """Every process's records sorted by file name, written as CSV when an output_dir was
+        given; None off the main process or when no image was processed (with a warning)."""
+        if self._distributed:
+            comm.synchronize()
+            records = list(itertools.chain(*comm.gather(self._records, dst=0)))
+            if not comm.is_main_process():
+                return None
+        else:
+            records = self._records
+        name = type(self).__name__
+        if not records:
+            logger.warning(f"[{name}] no image was processed for {self._dataset_name}")
+            return None
+        records = sorted(records, key=lambda r: r["file_name"])
+        if self._output_dir:
+            path = os.path.join(self._output_dir, self.csv_name)
+            with atomic_write(path, newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=self.csv_columns)
+                writer.writeheader()
+                writer.writerows(records)
+            logger.info(f"[{name}] per-image values written to {path}")
+        return records
+
+
+class DSBEvaluator(PerImageEvaluator):
+    """Per-image DSB2018 score, foreground IoU and foreground Dice of an instance model.
+
+    Ground truth comes from the dataset dict's ``"annotations"`` (each with a
+    ``"segmentation"``, see :func:`annotation_mask`) and its ``"height"``/``"width"``. When the
+    inputs carry no ``"annotations"`` (detectron2's test-time ``DatasetMapper`` drops them),
+    they are looked up by ``"image_id"`` in ``DatasetCatalog.get(dataset_name)``. Where true
+    masks overlap, the earlier annotation keeps the pixel.
+
+    The prediction is ``output["instances"]`` with ``pred_masks`` (``(N, height, width)``
+    bool, as ``detector_postprocess`` gives) and ``scores``; instances scoring below
+    ``score_threshold`` are dropped and overlaps go to the higher score.
+
+    ``evaluate()`` returns ``{"dsb": {"score", "fg_IoU", "fg_Dice", "num_images"}}``, each a
+    mean over images. Units: ``score`` is the DSB score in [0, 1], as the Kaggle leaderboard
+    reports it (SPEC section 4 anchors: 0.6316 for the stage-2 winner); ``fg_IoU`` and
+    ``fg_Dice`` are in percent, as the paper's Table 2 reports them (e.g. 94.89 / 91.37).
+    """
+
+    csv_name = CSV_NAME
+    csv_columns = CSV_COLUMNS
+
+    def __init__(
+        self,
+        dataset_name: str,
+        score_threshold: float = 0.5,
+        distributed: bool = True,
+        output_dir: Optional[str] = None,
+    ) -> None:
+        """
+        Args:
+            dataset_name: name registered in ``DatasetCatalog``; read only when the inputs
+                carry no annotations.
+            score_threshold: predictions with a score below it (in [0, 1]) are ignored.
+            distributed: gather the per-image values of all processes in ``evaluate()``;
+                only the main process then returns results.
+            output_dir: if given, ``evaluate()`` writes ``dsb_per_image.csv`` there.
+        """
+        super().__init__(dataset_name, distributed, output_dir)
+        self._score_threshold = float(score_threshold)
 
     def _true_labels(self, record: Dict[str, Any], where: str) -> np.ndarray:
         """``(H, W)`` int32 label image of one dataset dict's annotations, 1..N in their
@@ -181,19 +226,9 @@ class DSBEvaluator(DatasetEvaluator):
         ``n_true``/``n_pred`` there count the nuclei left with at least one pixel once
         overlaps are resolved (and predictions thresholded).
         """
-        if self._distributed:
-            comm.synchronize()
-            records = list(itertools.chain(*comm.gather(self._records, dst=0)))
-            if not comm.is_main_process():
-                return {}
-        else:
-            records = self._records
-        if not records:
-            logger.warning(f"[DSBEvaluator] no image was processed for {self._dataset_name}")
+        records = self._gathered_records()
+        if records is None:
             return {}
-        records = sorted(records, key=lambda r: r["file_name"])
-        if self._output_dir:
-            self._write_csv(records)
         result = {
             "score": float(np.mean([r["dsb_score"] for r in records])),
             "fg_IoU": 100.0 * float(np.mean([r["fg_iou"] for r in records])),
@@ -206,15 +241,3 @@ class DSBEvaluator(DatasetEvaluator):
             f"over {len(records)} images"
         )
         return {"dsb": result}
-
-    def _write_csv(self, records: List[Dict[str, Any]]) -> None:
-        """Write ``dsb_per_image.csv`` under a temporary name, renamed once complete."""
-        os.makedirs(self._output_dir, exist_ok=True)
-        path = os.path.join(self._output_dir, "dsb_per_image.csv")
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(records)
-        os.replace(tmp, path)
-        logger.info(f"[DSBEvaluator] per-image values written to {path}")

@@ -7,19 +7,12 @@ from a dataset dict; the training mapper and this evaluator both use it.
 """
 from __future__ import annotations
 
-import csv
-import itertools
 import logging
-import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
-from detectron2.data import DatasetCatalog
-from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils import comm
 
-from ..utils import atomic_write
-from .evaluators import annotation_mask
+from .evaluators import PerImageEvaluator, annotation_mask
 from .metrics import foreground_dice, foreground_iou
 
 __all__ = ["CSV_COLUMNS", "SemanticIoUEvaluator", "union_mask"]
@@ -51,7 +44,7 @@ def union_mask(
     return mask
 
 
-class SemanticIoUEvaluator(DatasetEvaluator):
+class SemanticIoUEvaluator(PerImageEvaluator):
     """Per-image foreground IoU and Dice of ``output["sem_seg"] > threshold`` against the union
     of the image's true nucleus masks, averaged over images.
 
@@ -64,6 +57,9 @@ class SemanticIoUEvaluator(DatasetEvaluator):
     percent, as the paper's Tables 1 and 2 (e.g. UNet# 92.67). An image where both the truth and
     the prediction are empty scores 100 (``foreground_iou``'s convention).
     """
+
+    csv_name = CSV_NAME
+    csv_columns = CSV_COLUMNS
 
     def __init__(
         self,
@@ -84,32 +80,8 @@ class SemanticIoUEvaluator(DatasetEvaluator):
         """
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-        self._dataset_name = dataset_name
+        super().__init__(dataset_name, distributed, output_dir)
         self._threshold = float(threshold)
-        self._output_dir = output_dir
-        self._distributed = distributed
-        self._gt_by_image_id: Optional[Dict[Any, Dict[str, Any]]] = None
-        self._records: List[Dict[str, Any]] = []
-
-    def reset(self) -> None:
-        """Forget the images processed so far (called before each evaluation run)."""
-        self._records = []
-
-    def _ground_truth(self, record: Dict[str, Any]) -> Dict[str, Any]:
-        """The dataset dict holding the annotations of ``record`` (itself when it has them)."""
-        if "annotations" in record:
-            return record
-        if self._gt_by_image_id is None:
-            self._gt_by_image_id = {
-                d["image_id"]: d for d in DatasetCatalog.get(self._dataset_name)
-            }
-        image_id = record.get("image_id")
-        if image_id not in self._gt_by_image_id:
-            raise ValueError(
-                f"{record.get('file_name', '?')}: input has no 'annotations' and its image_id "
-                f"{image_id!r} is not in dataset {self._dataset_name!r}"
-            )
-        return self._gt_by_image_id[image_id]
 
     def process(self, inputs: List[Dict[str, Any]], outputs: List[Dict[str, Any]]) -> None:
         """Score a batch: ``inputs`` are dataset dicts, ``outputs`` hold ``"sem_seg"``."""
@@ -137,26 +109,9 @@ class SemanticIoUEvaluator(DatasetEvaluator):
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         """Means over all images (of all processes), in percent; ``{}`` off the main process
         or when no image was processed. Writes the per-image CSV when given an output_dir."""
-        if self._distributed:
-            comm.synchronize()
-            records = list(itertools.chain(*comm.gather(self._records, dst=0)))
-            if not comm.is_main_process():
-                return {}
-        else:
-            records = self._records
-        if not records:
-            logger.warning(
-                f"[SemanticIoUEvaluator] no image was processed for {self._dataset_name}"
-            )
+        records = self._gathered_records()
+        if records is None:
             return {}
-        records = sorted(records, key=lambda r: r["file_name"])
-        if self._output_dir:
-            path = os.path.join(self._output_dir, CSV_NAME)
-            with atomic_write(path, newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-                writer.writeheader()
-                writer.writerows(records)
-            logger.info(f"[SemanticIoUEvaluator] per-image values written to {path}")
         result = {
             "IoU": 100.0 * float(np.mean([r["iou"] for r in records])),
             "Dice": 100.0 * float(np.mean([r["dice"] for r in records])),
