@@ -50,6 +50,27 @@ def norm_factory(norm: str) -> Callable[[int], nn.Module]:
     return lambda channels: get_norm(norm, channels)
 
 
+def column_strides(shapes: Dict[str, ShapeSpec], in_features: Sequence[str], owner: str) -> List[int]:
+    """Strides of the bottom-up maps ``in_features`` that form a grid's column 0, finest first.
+
+    They must name at least two of the bottom-up's outputs (``shapes``), with strides doubling
+    from one to the next; otherwise a ValueError names ``owner`` and what is wrong.
+    """
+    missing = [f for f in in_features if f not in shapes]
+    if missing or len(in_features) < 2:
+        raise ValueError(
+            f"{owner}: in_features must name at least two of the bottom-up's outputs "
+            f"{list(shapes)}, got {list(in_features)}"
+        )
+    strides = [shapes[f].stride for f in in_features]
+    if any(b != 2 * a for a, b in zip(strides, strides[1:])):
+        raise ValueError(
+            f"{owner}: the strides of {list(in_features)} must double from one to the next, "
+            f"got {strides}"
+        )
+    return strides
+
+
 class GridFPN(Backbone):
     """An FPN whose top-down pathway is a UNet-family grid.
 
@@ -100,18 +121,7 @@ class GridFPN(Backbone):
     ):
         super().__init__()
         shapes = bottom_up.output_shape()
-        missing = [f for f in in_features if f not in shapes]
-        if missing or len(in_features) < 2:
-            raise ValueError(
-                f"GridFPN: in_features must name at least two of the bottom-up's outputs "
-                f"{list(shapes)}, got {list(in_features)}"
-            )
-        strides = [shapes[f].stride for f in in_features]
-        if any(b != 2 * a for a, b in zip(strides, strides[1:])):
-            raise ValueError(
-                f"GridFPN: the strides of {list(in_features)} must double from one to the next, "
-                f"got {strides}"
-            )
+        strides = column_strides(shapes, in_features, "GridFPN")
         if len(widths) != len(in_features):
             raise ValueError(
                 f"GridFPN: widths needs one entry per input level ({len(in_features)}), "
@@ -180,14 +190,6 @@ class GridFPN(Backbone):
         results.extend(self.top_block(results[-1]))
         return dict(zip(self._out_features, results))
 
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name],
-                stride=self._out_feature_strides[name],
-            )
-            for name in self._out_features
-        }
 
 
 def grid_fpn_from_config(cfg, bottom_up: Backbone) -> GridFPN:

@@ -38,6 +38,7 @@ from ..losses import DEEP_SUPERVISION_TARGETS, cgm_loss, deep_supervision_loss, 
 from ..models.blocks import UPSAMPLE_MODES, ConvNormReLU, he_init_
 from ..models.grid_decoder import FULL_SCALE_OPS, GridDecoder
 from ..models.heads import ClassificationGuidedModule, SegmentationHead
+from .neck import column_strides
 from ..models.unet import (
     ARCHS,
     DEEP_SUPERVISION_MODES,
@@ -147,15 +148,7 @@ class BackboneGridUNet(nn.Module):
     ):
         super().__init__()
         shapes = bottom_up.output_shape()
-        missing = [f for f in in_features if f not in shapes]
-        if missing or len(in_features) < 2:
-            raise ValueError(
-                f"in_features must name at least two of the bottom-up's outputs {list(shapes)}, "
-                f"got {list(in_features)}"
-            )
-        strides = [shapes[f].stride for f in in_features]
-        if any(b != 2 * a for a, b in zip(strides, strides[1:])):
-            raise ValueError(f"the strides of {list(in_features)} must double, got {strides}")
+        strides = column_strides(shapes, in_features, type(self).__name__)
         if 2 ** len(upsample_widths) != strides[0]:
             raise ValueError(
                 f"upsample_widths needs one width per doubling from stride {strides[0]} to 1, "

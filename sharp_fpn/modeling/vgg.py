@@ -131,14 +131,6 @@ class VGG(Backbone):
                 outputs[name] = x
         return outputs
 
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name],
-                stride=self._out_feature_strides[name],
-            )
-            for name in self._out_features
-        }
 
 
 @BACKBONE_REGISTRY.register()
