@@ -1,20 +1,18 @@
 """sharp-fpn: UNet++, UNet3+ and UNet# skip connections for nuclei and medical image segmentation.
 
-Importing the package registers its datasets and detectron2 components when detectron2 is
-installed. The connectivity grid, the metrics and the data tools need neither detectron2 nor
-torch; the models (``sharp_fpn.create_model``) need torch only.
+``import sharp_fpn`` is cheap and needs neither detectron2 nor OpenCV; each layer is imported
+when used:
+
+* :mod:`sharp_fpn.grid`: which node feeds which (plain data, no torch);
+* :mod:`sharp_fpn.models`, :mod:`sharp_fpn.losses`: the networks and losses (PyTorch only);
+* :mod:`sharp_fpn.data`: DSB2018 reading and conversion, run-length codes, synthetic nuclei,
+  the dataset catalog; :mod:`sharp_fpn.metrics`: the DSB2018 score, IoU, Dice (numpy);
+* :mod:`sharp_fpn.predict`: images in, label TIFF / overlay / table out;
+* :mod:`sharp_fpn.export`: deployable models; :mod:`sharp_fpn.figures`: plots;
+* :mod:`sharp_fpn.d2`: the only package that imports detectron2; importing it registers the
+  necks, backbones, meta-architecture and datasets with detectron2.
 """
 from .version import __version__
-
-try:
-    import detectron2  # noqa: F401
-except ImportError:  # the models, metrics and data tools stay usable without detectron2
-    pass
-else:
-    from . import modeling  # registers the necks, the VGG bottom-up, the semantic models
-    from .data.datasets import register_all
-
-    register_all()
 
 
 def __getattr__(name: str):

@@ -14,9 +14,9 @@ from torch import nn
 from torchvision.models.vgg import cfgs as torchvision_cfgs
 from torchvision.models.vgg import make_layers
 
-import sharp_fpn.modeling  # noqa: F401  (registers the builders)
-from sharp_fpn.config import add_sharp_fpn_config
-from sharp_fpn.modeling.torchvision_weights import INPUT_SETTINGS, convert, convert_file
+import sharp_fpn.d2  # noqa: F401  (registers the builders)
+from sharp_fpn.d2.config import add_sharp_fpn_config
+from sharp_fpn.d2.torchvision_weights import INPUT_SETTINGS, convert, convert_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE2 = sorted((ROOT / "configs").glob("mask_rcnn_*_*.yaml"))

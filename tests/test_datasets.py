@@ -12,8 +12,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 from pycocotools import mask as mask_util
 
-import sharp_fpn  # noqa: F401  (registers the datasets)
-from sharp_fpn.data.datasets import prepare, split_ids
+import sharp_fpn.d2  # noqa: F401  (registers the datasets)
+from sharp_fpn.data.catalog import prepare, split_ids
 from sharp_fpn.data.synthetic import write_dataset
 
 SMALL = [(64, 64), (64, 80)]

@@ -12,7 +12,7 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 
-from sharp_fpn.engine import ConfigError, Trainer, get_config, launch
+from sharp_fpn.d2.engine import ConfigError, Trainer, get_config, launch
 from sharp_fpn.utils import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.structures import Instances
 
-from sharp_fpn.evaluation.evaluators import CSV_COLUMNS, DSBEvaluator, annotation_mask
+from sharp_fpn.d2.evaluators import CSV_COLUMNS, DSBEvaluator, annotation_mask
 
 H, W = 20, 24  # not square, so that a transposed mask would be caught
 

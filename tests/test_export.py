@@ -10,14 +10,14 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from sharp_fpn.engine import get_config
+from sharp_fpn.d2.engine import get_config
 from sharp_fpn.models import GridUNet
-from sharp_fpn.predict.export import (
+from sharp_fpn.export import (
     ProbabilityModel,
     export_mask_rcnn,
     export_unet_levels,
-    load_tracing_adapter,
 )
+from sharp_fpn.d2.compat import load_tracing_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo" / "mask_rcnn_fpn_R18.yaml"

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from sharp_fpn.evaluation import (
+from sharp_fpn.metrics import (
     DSB_THRESHOLDS,
     dataset_dsb_score,
     dsb_score,
@@ -261,7 +261,7 @@ def test_metrics_work_without_torch_or_detectron2():
     # None in sys.modules makes "import torch" / "import detectron2" raise ImportError.
     code = (
         "import sys; sys.modules['torch'] = sys.modules['detectron2'] = None; "
-        "import numpy as np, sharp_fpn.evaluation as e; "
+        "import numpy as np, sharp_fpn.metrics as e; "
         "assert e.dsb_score(np.ones((3, 3), np.int32), np.ones((3, 3), np.int32)) == 1.0"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,11 +12,11 @@ from detectron2.modeling import build_backbone, build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-import sharp_fpn.modeling  # noqa: F401  (registers the builders)
-from sharp_fpn.config import add_sharp_fpn_config
+import sharp_fpn.d2  # noqa: F401  (registers the builders)
+from sharp_fpn.d2.config import add_sharp_fpn_config
 from sharp_fpn.grid import FULL_SCALE, UP
 from sharp_fpn.models import GridDecoder
-from sharp_fpn.modeling import GridFPN
+from sharp_fpn.d2 import GridFPN
 
 # detectron2 v0.6's anchor generator calls torch.meshgrid without indexing=
 pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid")

@@ -13,8 +13,8 @@ from detectron2.modeling import build_model
 from skimage.draw import ellipse
 from skimage.measure import regionprops
 
-from sharp_fpn.engine import get_config
-from sharp_fpn.evaluation.metrics import labels_from_instances
+from sharp_fpn.d2.engine import get_config
+from sharp_fpn.metrics import labels_from_instances
 from sharp_fpn.predict import InstanceSet, load_image, stitch_cores, stitch_instances, tile_grid
 from sharp_fpn.predict.image_io import ImageReadError, STRETCH_PERCENTILES
 from sharp_fpn.predict.tiling import axis_spans, keep_largest_components
@@ -369,8 +369,8 @@ def test_predict_cli_end_to_end(tmp_path, capsys):
 
 def test_semantic_model_labels_are_connected_components_of_stitched_probabilities():
     """A real (random, narrow) UNet# of the semantic meta-architecture, tiled."""
-    from sharp_fpn.predict import NucleiPredictor
-    from sharp_fpn.predict.predictor import load_config
+    from sharp_fpn.d2.predictor import NucleiPredictor
+    from sharp_fpn.d2.predictor import load_config
     from skimage.measure import label as connected_components
 
     cfg = load_config(ROOT / "configs" / "semantic" / "table1" / "unet_sharp_ds.yaml",

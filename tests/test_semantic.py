@@ -11,11 +11,11 @@ from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from PIL import Image
 
-from sharp_fpn.engine import ConfigError, Trainer, build_evaluator, get_config
-from sharp_fpn.evaluation.semantic import CSV_NAME, SemanticIoUEvaluator, union_mask
+from sharp_fpn.d2.engine import ConfigError, Trainer, build_evaluator, get_config
+from sharp_fpn.d2.semantic_evaluator import CSV_NAME, SemanticIoUEvaluator, union_mask
 from sharp_fpn.models import count_parameters, create_model
-from sharp_fpn.modeling.semantic import SemanticNucleiSegmentor
-from sharp_fpn.modeling.semantic_data import (
+from sharp_fpn.d2.semantic import SemanticNucleiSegmentor
+from sharp_fpn.d2.semantic_data import (
     HSVShiftTransform,
     Rot90Transform,
     SemanticNucleiMapper,

@@ -7,7 +7,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 
-from sharp_fpn.engine import Trainer, get_config
+from sharp_fpn.d2.engine import Trainer, get_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo" / "mask_rcnn_fpn_R18.yaml"

@@ -6,8 +6,8 @@ from detectron2.layers import FrozenBatchNorm2d
 from torchvision.models.vgg import cfgs as torchvision_cfgs
 from torchvision.models.vgg import make_layers
 
-from sharp_fpn.config import add_sharp_fpn_config
-from sharp_fpn.modeling.vgg import VGG, build_vgg_backbone
+from sharp_fpn.d2.config import add_sharp_fpn_config
+from sharp_fpn.d2.vgg import VGG, build_vgg_backbone
 
 TORCHVISION_CFG = {11: "A", 13: "B", 16: "D", 19: "E"}
 STRIDES = {"pool1": 2, "pool2": 4, "pool3": 8, "pool4": 16, "pool5": 32}

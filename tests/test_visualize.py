@@ -13,8 +13,8 @@ from detectron2.utils.events import EventStorage, JSONWriter
 from PIL import Image
 
 from sharp_fpn.data.synthetic import generate_image
-from sharp_fpn.engine import get_config
-from sharp_fpn.predict.figures import read_metrics, true_labels
+from sharp_fpn.d2.engine import get_config
+from sharp_fpn.figures import read_metrics, true_labels
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo" / "mask_rcnn_fpn_R18.yaml"

@@ -181,7 +181,7 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from sharp_fpn.data.synthetic import generate_image
-    from sharp_fpn.predict import NucleiPredictor
+    from sharp_fpn.d2.predictor import NucleiPredictor
 
     if args.weights and len(args.weights) != len(args.configs):
         raise SystemExit(f"--weights: {len(args.weights)} given for {len(args.configs)} configs")
@@ -252,7 +252,7 @@ def _necks_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _neck_config(backbone: str, neck: str, detections: int):
-    from sharp_fpn.engine import get_config
+    from sharp_fpn.d2.engine import get_config
 
     scheme, extra = NECK_VARIANTS[neck]
     # Random weights give random scores: keep the top `detections` boxes without a score

@@ -10,7 +10,7 @@ The input is a torchvision state-dict file (``torch.save(model.state_dict())``, 
 own downloads are). The output loads into the bottom-up of every R101 / VGG16 config here with
 detectron2's ``DetectionCheckpointer``; it expects RGB images with torchvision's mean and std,
 which those configs set (see the note the tool prints). Details:
-``sharp_fpn/modeling/torchvision_weights.py``.
+``sharp_fpn/d2/torchvision_weights.py``.
 """
 import argparse
 import sys
@@ -19,7 +19,7 @@ import warnings
 # detectron2 v0.6 scripts a few functions at import time; torch 2.x warns about each
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated")
 
-from sharp_fpn.modeling.torchvision_weights import (  # noqa: E402
+from sharp_fpn.d2.torchvision_weights import (  # noqa: E402
     DEFAULT_PREFIX,
     NOTE,
     convert_file,

@@ -20,7 +20,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import default_setup
 from detectron2.utils.logger import setup_logger
 
-from sharp_fpn.engine import Trainer, get_config
+from sharp_fpn.d2.engine import Trainer, get_config
 from sharp_fpn.predict import predict_images
 from sharp_fpn.utils import write_text_atomic
 

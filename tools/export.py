@@ -31,11 +31,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sharp_fpn.data.synthetic import generate_image  # noqa: E402
-from sharp_fpn.engine import get_config  # noqa: E402
+from sharp_fpn.d2.engine import get_config  # noqa: E402
 from sharp_fpn.models import ARCHS, GridUNet, create_model  # noqa: E402
-from sharp_fpn.predict import NucleiPredictor, load_image  # noqa: E402
-from sharp_fpn.predict.predictor import model_label  # noqa: E402
-from sharp_fpn.predict.export import (  # noqa: E402
+from sharp_fpn.d2.predictor import NucleiPredictor  # noqa: E402
+from sharp_fpn.predict import load_image  # noqa: E402
+from sharp_fpn.d2.predictor import model_label  # noqa: E402
+from sharp_fpn.export import (  # noqa: E402
     ExportCheck,
     export_mask_rcnn,
     export_unet_levels,

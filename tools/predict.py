@@ -21,9 +21,10 @@ import warnings
 for _message in (r".*torch\.jit\.\w+` is deprecated", r"torch\.meshgrid: in an upcoming release"):
     warnings.filterwarnings("ignore", message=_message)
 
-from sharp_fpn.engine import ConfigError  # noqa: E402
-from sharp_fpn.predict import NucleiPredictor, predict_images  # noqa: E402
-from sharp_fpn.predict.predictor import load_config  # noqa: E402
+from sharp_fpn.d2.engine import ConfigError  # noqa: E402
+from sharp_fpn.d2.predictor import NucleiPredictor  # noqa: E402
+from sharp_fpn.predict import predict_images  # noqa: E402
+from sharp_fpn.d2.predictor import load_config  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ and write the table beside the paper's numbers.
     python tools/reproduce.py --table 2 --quick         # smoke run: synthetic set, CPU, minutes
     python tools/reproduce.py --table 1 --quick --rows unet unet_sharp_ds --iters 20
 
-Each row trains through ``sharp_fpn.engine.Trainer`` (as ``tools/train_net.py``) from its
+Each row trains through ``sharp_fpn.d2.engine.Trainer`` (as ``tools/train_net.py``) from its
 config, then is evaluated on ``DATASETS.TEST``: semantic rows by ``SemanticIoUEvaluator``
 (foreground IoU and Dice of the union mask), Mask R-CNN rows by ``DSBEvaluator``'s foreground
 IoU and Dice. Written under ``--output`` (atomically):
@@ -52,9 +52,9 @@ from detectron2.config import CfgNode  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from sharp_fpn.engine import Trainer, get_config  # noqa: E402
-from sharp_fpn.evaluation.semantic import CSV_NAME as SEMANTIC_CSV  # noqa: E402
-from sharp_fpn.modeling.semantic import is_semantic  # noqa: E402
+from sharp_fpn.d2.engine import Trainer, get_config  # noqa: E402
+from sharp_fpn.d2.semantic_evaluator import CSV_NAME as SEMANTIC_CSV  # noqa: E402
+from sharp_fpn.d2.semantic import is_semantic  # noqa: E402
 from sharp_fpn.models import count_parameters  # noqa: E402
 from sharp_fpn.utils import atomic_write, write_text_atomic  # noqa: E402
 

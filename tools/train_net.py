@@ -11,7 +11,7 @@ from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from sharp_fpn.engine import AtomicCheckpointer, Trainer, launch, setup
+from sharp_fpn.d2.engine import AtomicCheckpointer, Trainer, launch, setup
 
 
 def main(args):

@@ -18,7 +18,7 @@ from pathlib import Path
 for _message in (r".*torch\.jit\.\w+` is deprecated", r"torch\.meshgrid: in an upcoming release"):
     warnings.filterwarnings("ignore", message=_message)
 
-from sharp_fpn.predict.figures import plot_training_curves, read_metrics  # noqa: E402
+from sharp_fpn.figures import plot_training_curves, read_metrics  # noqa: E402
 
 
 def run_curves(args: argparse.Namespace) -> int:
@@ -33,9 +33,10 @@ def run_curves(args: argparse.Namespace) -> int:
 def run_predictions(args: argparse.Namespace) -> int:
     from detectron2.data import DatasetCatalog
 
-    from sharp_fpn.predict import NucleiPredictor, load_image
-    from sharp_fpn.predict.figures import plot_predictions, true_labels
-    from sharp_fpn.predict.predictor import load_config, model_label
+    from sharp_fpn.d2.predictor import NucleiPredictor
+    from sharp_fpn.predict import load_image
+    from sharp_fpn.figures import plot_predictions, true_labels
+    from sharp_fpn.d2.predictor import load_config, model_label
 
     predictor = NucleiPredictor(load_config(args.config_file, args.opts), args.weights,
                                 device=args.device, score_threshold=args.score_threshold)

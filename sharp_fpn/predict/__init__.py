@@ -4,14 +4,13 @@ label TIFF, outline overlay and per-nucleus table out (SPEC section 5).
 * :mod:`.image_io`: reading PNG/TIFF/JPEG, 8/16-bit, gray/RGB/RGBA, normalised to the model's
   8-bit RGB input.
 * :mod:`.tiling`: tiles with overlap and exact stitching (no torch, no detectron2).
-* :mod:`.predictor`: a detectron2 model (Mask R-CNN or semantic) run tile by tile.
 * :mod:`.outputs`: the label TIFF, the overlay PNG, the per-nucleus CSV.
-* :mod:`.run`: :func:`predict_images`, the whole run (``tools/predict.py``, ``make demo``).
-* :mod:`.export`: TorchScript (and ONNX) export with a round-trip check (``tools/export.py``).
-* :mod:`.figures`: training curves and prediction figures (``tools/visualize.py``).
+* :mod:`.run`: :func:`predict_images`, the whole run (``tools/predict.py``, ``make demo``), with
+  a trained model as :class:`sharp_fpn.d2.predictor.NucleiPredictor` runs it tile by tile.
+
+None of these modules imports detectron2; the predictor does, when a run builds one.
 """
 from .image_io import ImageError, ImageReadError, LoadedImage, expand_inputs, load_image, normalise
-from .predictor import NucleiPredictor, Prediction
 from .run import Failure, ImageResult, PredictionReport, predict_images
 from .tiling import InstanceSet, Stitched, Tile, stitch_cores, stitch_instances, tile_grid
 
@@ -22,8 +21,6 @@ __all__ = [
     "ImageResult",
     "InstanceSet",
     "LoadedImage",
-    "NucleiPredictor",
-    "Prediction",
     "PredictionReport",
     "Stitched",
     "Tile",

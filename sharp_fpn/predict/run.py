@@ -10,10 +10,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
-from detectron2.config import CfgNode
 from tqdm import tqdm
 
 from .image_io import ImageError, expand_inputs, load_image
@@ -26,7 +25,11 @@ from .outputs import (
     write_label_tiff,
     write_png,
 )
-from .predictor import NucleiPredictor
+
+if TYPE_CHECKING:  # the predictor is detectron2 glue, imported when a run needs one
+    from detectron2.config import CfgNode
+
+    from ..d2.predictor import NucleiPredictor
 
 __all__ = ["SUMMARY_COLUMNS", "Failure", "ImageResult", "PredictionReport", "predict_images"]
 
@@ -165,6 +168,8 @@ def predict_images(
         {"image": f.image, "status": "failed", "error": f.reason} for f in report.failures
     ]
     if files and predictor is None:
+        from ..d2.predictor import NucleiPredictor
+
         predictor = NucleiPredictor(
             cfg, weights, device=device, score_threshold=score_threshold,
             min_kept_fraction=min_kept_fraction,

@@ -18,7 +18,7 @@ b1``, so the first tile sees it whole. A tile that sees it cut by its border see
 axis has its centre outside the core along that axis. Every tile that sees the nucleus whole
 computes the same centre, which lies in exactly one core: the nucleus is kept once, whole.
 Larger nuclei may be cut or kept twice; the residual overlaps are then resolved by score as
-:func:`sharp_fpn.evaluation.metrics.labels_from_instances` does (better instances take the
+:func:`sharp_fpn.metrics.labels_from_instances` does (better instances take the
 disputed pixels), so the label image never holds overlapping nuclei; an instance left with
 too little of its own mask can be dropped as a duplicate (``min_kept_fraction``). Choose
 ``overlap`` at least the largest nucleus diameter.
@@ -191,7 +191,7 @@ def stitch_instances(
     each takes the pixels of its mask that no better instance took. An instance left with no
     pixel, or with less than ``min_kept_fraction`` of its mask, is dropped (it takes nothing);
     the others are numbered 1..K in rank order. With ``min_kept_fraction=0`` and one tile this
-    is :func:`~sharp_fpn.evaluation.metrics.labels_from_instances` without its empty labels.
+    is :func:`~sharp_fpn.metrics.labels_from_instances` without its empty labels.
 
     Args:
         shape: ``(H, W)`` of the image.

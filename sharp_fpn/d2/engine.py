@@ -6,26 +6,22 @@ What differs from detectron2's ``DefaultTrainer``:
 
 * evaluators: COCO box/mask AP (with maxDets raised to ``TEST.DETECTIONS_PER_IMAGE``, and
   detectron2's fast C++ COCOeval only where the compiled ops exist) plus the DSB2018 score and
-  foreground IoU/Dice (:class:`~sharp_fpn.evaluation.evaluators.DSBEvaluator`); semantic
+  foreground IoU/Dice (:class:`~sharp_fpn.d2.evaluators.DSBEvaluator`); semantic
   models (``SemanticNucleiSegmentor``) get foreground IoU/Dice
-  (:class:`~sharp_fpn.evaluation.semantic.SemanticIoUEvaluator`) and their own data mapper;
+  (:class:`~sharp_fpn.d2.semantic_evaluator.SemanticIoUEvaluator`) and their own data mapper;
 * ``SOLVER.OPTIMIZER`` picks SGD (detectron2's), Adam or AdamW;
 * checkpoints are written to a temporary name and renamed when whole, ``last_checkpoint`` too,
   so a run killed at any moment resumes from its last complete checkpoint;
-* on a machine without CUDA, ``--num-gpus N`` starts N CPU processes over gloo (detectron2
-  v0.6's ``launch`` requires CUDA and NCCL, and its DDP wrapper passes ``device_ids``, which CPU
-  modules reject).
+* on a machine without CUDA, ``--num-gpus N`` starts N CPU processes over gloo
+  (:mod:`.compat`: v0.6's ``launch`` requires CUDA and NCCL, and its DDP wrapper passes
+  ``device_ids``, which CPU modules reject).
 """
 from __future__ import annotations
 
-import logging
 import os
-import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import (
@@ -33,30 +29,19 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
-from detectron2.engine import launch as d2_launch
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine import default_setup
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
+from .compat import DefaultTrainer, has_compiled_ops, launch, names_iteration
 from .config import add_sharp_fpn_config, check_value
-from .data.datasets import DATASETS
-from .evaluation.evaluators import DSBEvaluator
-from .evaluation.semantic import SemanticIoUEvaluator
-from .modeling.semantic import is_semantic
-from .modeling.semantic_data import SemanticNucleiMapper
-from .utils import atomic_write, write_text_atomic
-
-
-def has_compiled_ops() -> bool:
-    """Whether detectron2's compiled ops exist (False for the Python-only fallback install)."""
-    try:
-        from detectron2 import _C
-    except ImportError:
-        return False
-    return not getattr(_C, "IS_STAND_IN", False)
+from ..data.catalog import DATASETS
+from .evaluators import DSBEvaluator
+from .semantic_evaluator import SemanticIoUEvaluator
+from .semantic import is_semantic
+from .semantic_data import SemanticNucleiMapper
+from ..utils import atomic_write, write_text_atomic
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -80,36 +65,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
         write_text_atomic(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
 
-def _ddp_kwargs(cfg: CfgNode) -> dict:
-    """DDP arguments: no ``device_ids`` for CPU modules (one process per CPU worker)."""
-    if cfg.MODEL.DEVICE == "cpu":
-        return {"device_ids": None}
-    return {}
-
-
 class Trainer(DefaultTrainer):
     """detectron2's DefaultTrainer with nuclei evaluators, atomic checkpoints and CPU DDP."""
 
-    def __init__(self, cfg: CfgNode) -> None:
-        # DefaultTrainer.__init__ as in detectron2 v0.6, but with our DDP arguments and
-        # checkpointer; TrainerBase.__init__ sets up the hook list.
-        super(DefaultTrainer, self).__init__()
-        logger = logging.getLogger("detectron2")
-        if not logger.isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False, **_ddp_kwargs(cfg))
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+    checkpointer_class = AtomicCheckpointer
 
     def run_step(self) -> None:
         # detectron2 checks the losses after each step and names the iteration and every loss
@@ -117,7 +76,7 @@ class Trainer(DefaultTrainer):
         try:
             super().run_step()
         except FloatingPointError as e:
-            if "iteration" in str(e):
+            if names_iteration(e):
                 raise
             raise FloatingPointError(f"training diverged at iteration={self.iter}: {e}") from e
 
@@ -234,39 +193,13 @@ def setup(args: Any) -> CfgNode:
     return cfg
 
 
-def _find_free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_worker(rank: int, main_func: Callable, world_size: int, dist_url: str, args: tuple) -> None:
-    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank)
-    comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world_size)))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    comm.synchronize()
-    try:
-        main_func(*args)
-    finally:
-        dist.destroy_process_group()
-
-
-def launch(
-    main_func: Callable,
-    num_processes: int,
-    num_machines: int = 1,
-    machine_rank: int = 0,
-    dist_url: str | None = None,
-    args: tuple = (),
-) -> None:
-    """detectron2's ``launch`` with GPUs; without CUDA, ``num_processes`` CPU workers over gloo."""
-    if torch.cuda.is_available() or num_processes <= 1:
-        d2_launch(main_func, num_processes, num_machines, machine_rank, dist_url, args=args)
-        return
-    if num_machines != 1:
-        raise ValueError("multi-machine runs need CUDA; on CPU use one machine")
-    if not dist_url or dist_url == "auto":
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    mp.spawn(_cpu_worker, nprocs=num_processes, args=(main_func, num_processes, dist_url, args))
+__all__ = [
+    "AtomicCheckpointer",
+    "ConfigError",
+    "Trainer",
+    "build_evaluator",
+    "build_optimizer",
+    "get_config",
+    "launch",
+    "setup",
+]

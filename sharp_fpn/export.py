@@ -23,17 +23,14 @@ R-CNN FPN path uses torchvision's ``roi_align`` and ``nms``, no ``detectron2._C`
 ``from detectron2.export import TracingAdapter`` itself fails on detectron2 v0.6 with PyTorch
 2.x, for a reason that has nothing to do with tracing: ``detectron2/export/__init__.py``
 imports ``export/api.py``, which imports ``caffe2`` (removed from PyTorch in 2.0), so the
-package cannot be imported at all. :func:`load_tracing_adapter` loads the pure-PyTorch
-``export/flatten.py`` without that ``__init__``. What stays out of reach: detectron2's Caffe2
+package cannot be imported at all. :func:`sharp_fpn.d2.compat.load_tracing_adapter` loads
+the pure-PyTorch ``export/flatten.py`` without that ``__init__``. What stays out of reach: detectron2's Caffe2
 export (``Caffe2Tracer``, ``export_caffe2_model``; Caffe2 is gone) and models using compiled
 ops (rotated boxes, deformable convolutions).
 """
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -41,16 +38,15 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..models.heads import ClassificationGuidedModule
-from ..models.unet import GridUNet, SegmentationOutput, count_parameters
-from ..utils import atomic_write, write_text_atomic
+from .models.heads import ClassificationGuidedModule
+from .models.unet import GridUNet, SegmentationOutput, count_parameters
+from .utils import atomic_write, write_text_atomic
 
 __all__ = [
     "ExportCheck",
     "ProbabilityModel",
     "export_mask_rcnn",
     "export_unet_levels",
-    "load_tracing_adapter",
     "onnx_status",
 ]
 
@@ -244,35 +240,6 @@ def _export_onnx(
                        megabytes)
 
 
-def load_tracing_adapter() -> type:
-    """detectron2's ``TracingAdapter``, also where ``import detectron2.export`` fails.
-
-    On detectron2 v0.6 with PyTorch >= 2.0, ``detectron2.export``'s ``__init__`` dies on
-    ``from caffe2.proto import caffe2_pb2`` (module docstring). ``export/flatten.py``, which
-    defines ``TracingAdapter``, needs none of that: it is imported under a bare stand-in for
-    the package (its ``__path__`` only), and the stand-in is removed again, so that a later
-    ``import detectron2.export`` fails or succeeds exactly as it would have.
-    """
-    try:
-        from detectron2.export import TracingAdapter
-
-        return TracingAdapter
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("caffe2"):
-            raise
-    import detectron2
-
-    package = "detectron2.export"
-    stand_in = types.ModuleType(package)
-    stand_in.__path__ = [str(Path(detectron2.__file__).parent / "export")]
-    sys.modules[package] = stand_in
-    try:
-        return importlib.import_module(f"{package}.flatten").TracingAdapter
-    finally:
-        if sys.modules.get(package) is stand_in:
-            del sys.modules[package]
-
-
 def export_mask_rcnn(
     model: nn.Module,
     images: Sequence[Tensor],
@@ -294,6 +261,8 @@ def export_mask_rcnn(
             probabilities; a different number of detections fails the check.
         describe: extra entries for the JSON file (e.g. the pre-processing).
     """
+    from .d2.compat import load_tracing_adapter
+
     adapter_cls = load_tracing_adapter()
     model = model.eval()
 

@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from skimage.color import label2rgb  # noqa: E402
 
-from ..evaluation.metrics import dsb_score  # noqa: E402
-from ..utils import PathLike, atomic_write  # noqa: E402
+from .metrics import dsb_score  # noqa: E402
+from .utils import PathLike, atomic_write  # noqa: E402
 
 __all__ = [
     "TRAINING_STAT_PREFIXES",
@@ -167,7 +167,7 @@ def plot_training_curves(series: Series, out_dir: PathLike, smooth: int = 20) ->
 def true_labels(record: dict) -> np.ndarray:
     """``(H, W)`` int32 label image of a detectron2 dataset dict's annotations (1..N in their
     order; where annotations overlap, the earlier keeps the pixel)."""
-    from ..evaluation.evaluators import annotation_mask
+    from .d2.evaluators import annotation_mask
 
     height, width = int(record["height"]), int(record["width"])
     labels = np.zeros((height, width), dtype=np.int32)

@@ -16,7 +16,7 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import Tensor, nn
 
-from ..config import check_value
+from .config import check_value
 
 POOL = "M"
 # torchvision's VGG configurations: conv widths, POOL for a 2x2 max-pool

@@ -4,7 +4,7 @@ pytorch-nested-unet (the code base UNet# grew from) ORs the masks of an image in
 images to 96x96 and augments with RandomRotate90, Flip and one of (HSV shift, brightness,
 contrast); the paper lists the same (SPEC section 2). :class:`SemanticNucleiMapper` does that
 on the registered instance datasets: its ``"sem_seg"`` is the union of the image's nucleus
-masks (``sharp_fpn.evaluation.semantic.union_mask``), so no extra label files are needed.
+masks (``sharp_fpn.d2.semantic_evaluator.union_mask``), so no extra label files are needed.
 Normalization happens in the model (``MODEL.PIXEL_MEAN``, ``MODEL.PIXEL_STD``).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import NoOpTransform, Transform
 
-from ..evaluation.semantic import union_mask
+from .semantic_evaluator import union_mask
 
 __all__ = [
     "HSVShiftTransform",

@@ -17,7 +17,7 @@ Both networks follow ``GridUNet``'s output contract (one tensor, a list of branc
 deep supervision, or a ``SegmentationOutput`` with CGM), so training (the paper's accurate mode:
 the mixed loss averaged over the branches, plus the CGM loss) and inference (the final branch,
 gated by its CGM) are written once. Config keys: ``MODEL.UNET.*`` and ``INPUT.SEMANTIC.*``
-(``sharp_fpn.config.add_unet_config``).
+(``sharp_fpn.d2.config.add_unet_config``).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import Tensor, nn
 
-from ..config import check_value
+from .config import check_value
 from ..grid import SCHEMES, Position, node_name
 from ..losses import DEEP_SUPERVISION_TARGETS, cgm_loss, deep_supervision_loss, mixed_loss
 from ..models.blocks import UPSAMPLE_MODES, ConvNormReLU, he_init_

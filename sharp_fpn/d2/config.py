@@ -80,7 +80,7 @@ def add_unet_config(cfg: CN) -> CN:
     _C = cfg
 
     # ---------------------------------------------------------------------------------------
-    # Semantic nuclei segmentation (sharp_fpn.modeling.semantic), META_ARCHITECTURE
+    # Semantic nuclei segmentation (sharp_fpn.d2.semantic), META_ARCHITECTURE
     # "SemanticNucleiSegmentor". Ground truth: the union of each image's nucleus masks.
     # ---------------------------------------------------------------------------------------
     _C.MODEL.UNET = CN()
@@ -156,7 +156,7 @@ def add_unet_config(cfg: CN) -> CN:
     # SemanticIoUEvaluator: a pixel is foreground where its probability exceeds this.
     _C.TEST.SEMANTIC.THRESHOLD = 0.5
 
-    # Optimizer built by sharp_fpn.engine.Trainer for every model: "SGD" (detectron2's, with
+    # Optimizer built by sharp_fpn.d2.engine.Trainer for every model: "SGD" (detectron2's, with
     # SOLVER.MOMENTUM and NESTEROV), "Adam" or "AdamW" (torch's, default betas); all use
     # SOLVER.BASE_LR, WEIGHT_DECAY, WEIGHT_DECAY_NORM, BIAS_LR_FACTOR and CLIP_GRADIENTS.
     _C.SOLVER.OPTIMIZER = "SGD"

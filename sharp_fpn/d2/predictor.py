@@ -38,10 +38,10 @@ from detectron2.modeling import build_model
 from skimage.measure import label as connected_components
 from tqdm import tqdm
 
-from ..engine import get_config
-from ..modeling.semantic import is_semantic  # also registers the necks and meta-architectures
-from ..modeling.semantic_data import build_semantic_augmentation
-from .tiling import (
+from .engine import get_config
+from .semantic import is_semantic  # also registers the necks and meta-architectures
+from .semantic_data import build_semantic_augmentation
+from ..predict.tiling import (
     InstanceSet,
     Tile,
     keep_largest_components,

@@ -10,7 +10,7 @@ alone: nothing here names a node.
 Registered builders (``MODEL.BACKBONE.NAME``):
 
 - ``build_resnet_grid_fpn_backbone``: detectron2's ResNet + ``GridFPN``;
-- ``build_vgg16_grid_fpn_backbone``: ``sharp_fpn.modeling.vgg.VGG`` + ``GridFPN``;
+- ``build_vgg16_grid_fpn_backbone``: ``sharp_fpn.d2.vgg.VGG`` + ``GridFPN``;
 - ``build_vgg16_fpn_backbone``: the VGG bottom-up + detectron2's own ``FPN``, unchanged (the
   plain-FPN VGG16 rows; the R101 rows use detectron2's ``build_resnet_fpn_backbone``).
 """
@@ -26,7 +26,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import Tensor, nn
 
-from ..config import check_value
+from .config import check_value
 from ..grid import SCHEMES
 from ..models.blocks import BLOCKS, UPSAMPLE_MODES
 from ..models.blocks import get_norm as grid_get_norm

@@ -1,4 +1,6 @@
-"""The project's datasets, registered with detectron2 when ``sharp_fpn`` is imported.
+"""The project's datasets: where each lives, how it is converted and split (no detectron2).
+
+``sharp_fpn.d2`` registers them with detectron2 on import (:func:`sharp_fpn.d2.datasets.register_all`).
 
 All data live under ``$DETECTRON2_DATASETS`` (default ``./datasets``)::
 
@@ -184,29 +186,3 @@ def prepare(name: str, datasets: Optional[Path] = None) -> Path:
                 )
             write_json_atomic(_subset(coco, set(split[spec.subset])), target)
     return target
-
-
-def register_all(datasets: Optional[Path] = None) -> None:
-    """Register every dataset of :data:`DATASETS` with detectron2 (idempotent).
-
-    ``datasets`` is the datasets root, read once here (default :func:`datasets_root`), as
-    detectron2 does for its builtin datasets.
-    """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import load_coco_json
-
-    datasets = datasets_root() if datasets is None else datasets
-    for name, spec in DATASETS.items():
-        if name in DatasetCatalog.list():
-            continue
-
-        def load(name: str = name, root: Path = spec.root(datasets)) -> list[dict]:
-            return load_coco_json(str(prepare(name, datasets)), str(root), name)
-
-        DatasetCatalog.register(name, load)
-        MetadataCatalog.get(name).set(
-            thing_classes=["nucleus"],
-            evaluator_type="coco",
-            json_file=str(spec.json_file(datasets)),
-            image_root=str(spec.root(datasets)),
-        )

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from .evaluators import PerImageEvaluator, annotation_mask
-from .metrics import foreground_dice, foreground_iou
+from ..metrics import foreground_dice, foreground_iou
 
 __all__ = ["CSV_COLUMNS", "SemanticIoUEvaluator", "union_mask"]
 

@@ -1,6 +1,6 @@
 """detectron2 glue: the DSB2018 challenge score, foreground IoU and Dice as a DatasetEvaluator.
 
-The metrics themselves live in :mod:`sharp_fpn.evaluation.metrics` (pure numpy); this module
+The metrics themselves live in :mod:`sharp_fpn.metrics` (pure numpy); this module
 only turns dataset dicts and model outputs into label images and aggregates per-image values.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from detectron2.structures import polygons_to_bitmask
 from detectron2.utils import comm
 
 from ..utils import atomic_write
-from .metrics import dsb_score, foreground_dice, foreground_iou, labels_from_instances
+from ..metrics import dsb_score, foreground_dice, foreground_iou, labels_from_instances
 
 __all__ = ["DSBEvaluator", "PerImageEvaluator", "annotation_mask"]
 

@@ -1,0 +1,44 @@
+"""Everything of sharp-fpn that touches detectron2, and nothing else.
+
+``import sharp_fpn.d2`` registers, as detectron2's own projects do on import: the backbones
+``build_vgg_backbone``, ``build_resnet_grid_fpn_backbone``, ``build_vgg16_grid_fpn_backbone`` and
+``build_vgg16_fpn_backbone`` (``BACKBONE_REGISTRY``), the meta-architecture
+``SemanticNucleiSegmentor`` (``META_ARCH_REGISTRY``) and the datasets of
+``sharp_fpn.data.catalog`` (``DatasetCatalog``). Modules:
+
+* :mod:`.compat`: every workaround for detectron2 v0.6, each naming what it stands in for;
+* :mod:`.config`: the ``MODEL.SHARP_FPN``, ``MODEL.VGG``, ``MODEL.UNET``, ``INPUT.SEMANTIC``
+  ... keys;
+* :mod:`.neck`, :mod:`.vgg`: the grid FPN necks and the VGG bottom-up;
+* :mod:`.semantic`, :mod:`.semantic_data`: the semantic meta-architecture and its mapper;
+* :mod:`.engine`: trainer, evaluators, optimizer choice, set-up, launch;
+* :mod:`.evaluators`, :mod:`.semantic_evaluator`: DSB2018 score and IoU/Dice evaluators;
+* :mod:`.datasets`: the catalog registration;
+* :mod:`.predictor`: a trained model as a nucleus labeller for ``sharp_fpn.predict``;
+* :mod:`.torchvision_weights`: torchvision ImageNet weights in detectron2's names.
+
+The networks themselves (``sharp_fpn.grid``, ``sharp_fpn.models``) know nothing of detectron2.
+"""
+from . import compat  # noqa: F401  (first: its warning filters precede detectron2's import)
+from .datasets import register_all
+from .neck import (
+    GridFPN,
+    build_resnet_grid_fpn_backbone,
+    build_vgg16_fpn_backbone,
+    build_vgg16_grid_fpn_backbone,
+)
+from .semantic import SemanticNucleiSegmentor
+from .vgg import VGG, build_vgg_backbone
+
+register_all()
+
+__all__ = [
+    "GridFPN",
+    "SemanticNucleiSegmentor",
+    "VGG",
+    "build_resnet_grid_fpn_backbone",
+    "build_vgg16_fpn_backbone",
+    "build_vgg16_grid_fpn_backbone",
+    "build_vgg_backbone",
+    "register_all",
+]
