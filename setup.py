@@ -35,5 +35,9 @@ setup(
         "matplotlib>=3.7",
         "fvcore>=0.1.5,<0.1.6",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6.80"]},
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6.80"],
+        # ONNX export (torch.onnx.export(..., dynamo=True)) and its check with ONNX Runtime
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
+    },
 )
