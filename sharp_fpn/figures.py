@@ -33,6 +33,7 @@ __all__ = [
     "plot_predictions",
     "plot_training_curves",
     "read_metrics",
+    "save_figure",
     "true_labels",
 ]
 
@@ -90,10 +91,19 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[1:] - sums[np.arange(1, values.size + 1) - counts]) / counts
 
 
-def _save(fig: "plt.Figure", path: Path) -> Path:
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+def save_figure(fig: "plt.Figure", path: PathLike, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` whole or not at all, then close it; returns the path.
+
+    The format follows the suffix (PNG when there is none); the bounding box is trimmed to
+    what is drawn. The figure is closed even when writing fails, so a loop of plots never
+    keeps figures open.
+    """
+    path = Path(path)
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format=path.suffix[1:].lower() or "png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -143,7 +153,7 @@ def plot_training_curves(series: Series, out_dir: PathLike, smooth: int = 20) ->
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        written.append(_save(fig, out_dir / "losses.png"))
+        written.append(save_figure(fig, out_dir / "losses.png"))
 
     if evaluation:
         cols = min(3, len(evaluation))
@@ -160,7 +170,7 @@ def plot_training_curves(series: Series, out_dir: PathLike, smooth: int = 20) ->
         for ax in axes.ravel()[len(evaluation):]:
             ax.axis("off")
         fig.tight_layout()
-        written.append(_save(fig, out_dir / "metrics.png"))
+        written.append(save_figure(fig, out_dir / "metrics.png"))
     return written
 
 
@@ -224,4 +234,4 @@ def plot_predictions(
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

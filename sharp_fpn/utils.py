@@ -1,11 +1,12 @@
 """Small helpers shared across the package (no torch, no detectron2)."""
 from __future__ import annotations
 
+import csv
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -40,3 +41,63 @@ def write_text_atomic(path: PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` all or nothing (see :func:`atomic_write`)."""
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def write_csv_atomic(
+    path: PathLike,
+    rows: Iterable[Union[Mapping[str, Any], Sequence[Any]]],
+    columns: Sequence[str],
+) -> None:
+    """Write a header of ``columns`` then ``rows`` to ``path`` as CSV, all or nothing.
+
+    The project's one CSV convention: UTF-8, ``,`` separated, ``\\n`` line ends (as DSB2018's
+    own ``stage1_train_labels.csv``), values quoted only where they need it. A row is either a
+    mapping keyed by column names (a missing key is written empty; a key that is not a column
+    raises ValueError) or a sequence of exactly ``len(columns)`` values. Any error, one from
+    ``rows`` included, leaves ``path`` as it was (see :func:`atomic_write`).
+    """
+    columns = list(columns)
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        for number, row in enumerate(rows, 1):
+            if isinstance(row, Mapping):
+                extra = [key for key in row if key not in columns]
+                if extra:
+                    raise ValueError(f"{path}: row {number} has keys {extra} that are not columns")
+                writer.writerow([row.get(column, "") for column in columns])
+            else:
+                values = list(row)
+                if len(values) != len(columns):
+                    raise ValueError(
+                        f"{path}: row {number} has {len(values)} values for {len(columns)} "
+                        f"columns {columns}"
+                    )
+                writer.writerow(values)
+
+
+def available_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        try:
+            return max(1, len(affinity(0)))
+        except OSError:
+            pass
+    return max(1, os.cpu_count() or 1)
+
+
+def worker_count(requested: Optional[int] = None) -> int:
+    """How many worker processes to use: ``requested``, or every available core when None.
+
+    The project's one rule (data conversion, synthetic data, predictions): None means
+    :func:`available_cpus`; a number is taken as it is, even above the core count (the result
+    never depends on it, only the speed). Raises ValueError for a number below 1.
+    """
+    if requested is None:
+        return available_cpus()
+    if isinstance(requested, bool) or int(requested) != requested:
+        raise ValueError(f"workers must be a whole number, got {requested!r}")
+    if requested < 1:
+        raise ValueError(f"workers must be at least 1, got {requested}")
+    return int(requested)

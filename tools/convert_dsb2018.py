@@ -16,7 +16,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from sharp_fpn.data.dsb2018 import DSBFormatError, convert_split, default_workers, write_json_atomic
+from sharp_fpn.data.dsb2018 import DSBFormatError, convert_split, write_json_atomic
+from sharp_fpn.utils import available_cpus, worker_count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,20 +31,27 @@ def build_parser() -> argparse.ArgumentParser:
         "stage1_solution.csv, stage2_solution_final.csv) instead of the masks/ folders",
     )
     parser.add_argument(
-        "--workers", type=int, default=default_workers(), help="processes (%(default)s)"
+        "--workers",
+        type=int,
+        help=f"processes (default: every core this process may use, {available_cpus()} here)",
     )
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        workers = worker_count(args.workers)
+    except ValueError as err:
+        parser.error(f"--workers: {err}")
     start = time.perf_counter()
     try:
         coco = convert_split(
             args.root,
             args.split,
             args.labels_csv,
-            workers=args.workers,
+            workers=workers,
             progress=True,
             on_warning=lambda message: tqdm.write(f"warning: {message}", file=sys.stderr),
         )

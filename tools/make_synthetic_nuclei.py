@@ -38,7 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="mixed",
         help="image style; 'mixed' is 70%% fluorescence, 30%% H&E-like (default: %(default)s)",
     )
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="processes (default: every core this process may use)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing split")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)

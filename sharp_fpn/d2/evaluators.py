@@ -5,7 +5,6 @@ only turns dataset dicts and model outputs into label images and aggregates per-
 """
 from __future__ import annotations
 
-import csv
 import itertools
 import logging
 import os
@@ -18,7 +17,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import polygons_to_bitmask
 from detectron2.utils import comm
 
-from ..utils import atomic_write
+from ..utils import write_csv_atomic
 from ..metrics import dsb_score, foreground_dice, foreground_iou, labels_from_instances
 
 __all__ = ["DSBEvaluator", "PerImageEvaluator", "annotation_mask"]
@@ -121,10 +120,7 @@ class PerImageEvaluator(DatasetEvaluator):
         records = sorted(records, key=lambda r: r["file_name"])
         if self._output_dir:
             path = os.path.join(self._output_dir, self.csv_name)
-            with atomic_write(path, newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=self.csv_columns)
-                writer.writeheader()
-                writer.writerows(records)
+            write_csv_atomic(path, records, self.csv_columns)
             logger.info(f"[{name}] per-image values written to {path}")
         return records
 

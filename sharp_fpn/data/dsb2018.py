@@ -55,7 +55,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from ..utils import atomic_write
+from ..utils import atomic_write, worker_count
 from .rle import EMPTY_IMAGE_RUN, RLEError, parse_runs
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -480,11 +480,6 @@ def _csv_shape(height: str, width: str, name: str, line: int) -> tuple[int, int]
 # driver
 
 
-def default_workers() -> int:
-    """The number of CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _run(
     work: Callable[[Any], _ImageResult],
     tasks: list[Any],
@@ -524,7 +519,8 @@ def convert_split(
         root: the DSB2018 folder, holding ``<split>/<ImageId>/images/<ImageId>.png``.
         split: the split folder under ``root``, e.g. ``stage1_train`` or ``stage1_test``.
         labels_csv: a run-length labels CSV to read instead of the ``masks/`` folders.
-        workers: processes to use (default: every core this process may use).
+        workers: processes to use (:func:`~sharp_fpn.utils.worker_count`: None = every core
+            this process may use).
         progress: show a tqdm progress bar.
         on_warning: called with each warning's message (default: :func:`warnings.warn` with
             :class:`DSBFormatWarning`), in image order.
@@ -549,7 +545,7 @@ def convert_split(
 
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    results = _run(work, tasks, workers or default_workers(), progress, split)
+    results = _run(work, tasks, worker_count(workers), progress, split)
     for coco_id, result in enumerate(results, start=1):
         for message in result.warnings:
             warn(message)

@@ -22,7 +22,6 @@ whatever the number of worker processes.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import multiprocessing
 import os
@@ -39,6 +38,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from sharp_fpn.data import rle
+from sharp_fpn.utils import worker_count, write_csv_atomic
 
 STYLES: tuple[str, ...] = ("fluorescence", "he")
 FLUORESCENCE_FRACTION = 0.7
@@ -494,8 +494,8 @@ def write_dataset(
         out_dir: dataset root (created if missing).
         num_images, seed, sizes, style: see :func:`plan_images`.
         split: folder and CSV name prefix, e.g. ``stage1_train``.
-        workers: processes to use; None = all CPUs available to this process. The output does
-            not depend on it.
+        workers: processes to use (:func:`~sharp_fpn.utils.worker_count`: None = every core
+            this process may use; at most one per image). The output does not depend on it.
         overwrite: replace an existing non-empty ``<split>`` folder or ``<split>_labels.csv``;
             without it these raise FileExistsError.
         progress: show a tqdm bar (when there are at least 20 images).
@@ -513,10 +513,7 @@ def write_dataset(
             f"{existing[0]} already exists and is not empty; choose another --out or --split, "
             f"or pass --overwrite (overwrite=True) to replace {target} and {csv_target}"
         )
-    if workers is None:
-        affinity = getattr(os, "sched_getaffinity", None)
-        workers = len(affinity(0)) if affinity else os.cpu_count()
-    workers = max(1, min(int(workers or 1), num_images))
+    workers = min(worker_count(workers), num_images)  # plan_images checked num_images >= 1
 
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{split}.partial-", dir=out))
@@ -552,12 +549,15 @@ def write_dataset(
         bar.close()
 
         staged_csv = staging / csv_target.name
-        with staged_csv.open("w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["ImageId", "EncodedPixels"])
-            for plan in sorted(plans, key=lambda p: p.image_id):
-                for run in runs[plan.index] or [rle.EMPTY_IMAGE_RUN]:
-                    writer.writerow([plan.image_id, run])
+        write_csv_atomic(
+            staged_csv,
+            (
+                (plan.image_id, run)
+                for plan in sorted(plans, key=lambda p: p.image_id)
+                for run in runs[plan.index] or [rle.EMPTY_IMAGE_RUN]
+            ),
+            ("ImageId", "EncodedPixels"),
+        )
 
         if target.exists():
             target.rename(staging / f"{split}.old")

@@ -8,10 +8,8 @@ when whole (:func:`sharp_fpn.utils.atomic_write`).
 """
 from __future__ import annotations
 
-import csv
 import io
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, List
 
 import numpy as np
 import tifffile
@@ -27,7 +25,6 @@ __all__ = [
     "TABLE_COLUMNS",
     "nuclei_table",
     "overlay_outlines",
-    "write_csv",
     "write_label_tiff",
     "write_png",
 ]
@@ -134,11 +131,3 @@ def write_png(path: PathLike, rgb: np.ndarray) -> None:
     """Write an ``(H, W, 3)`` uint8 RGB image as PNG."""
     with atomic_write(path, "wb") as f:
         Image.fromarray(rgb).save(f, format="PNG")
-
-
-def write_csv(path: PathLike, rows: Iterable[Dict[str, Any]], columns: Sequence[str]) -> None:
-    """Write ``rows`` (dicts keyed by ``columns``; missing keys left empty) as CSV."""
-    with atomic_write(Path(path), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
-        writer.writeheader()
-        writer.writerows(rows)

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
+from ..utils import write_csv_atomic
 from .image_io import ImageError, expand_inputs, load_image
 from .outputs import (
     MAX_LABELS,
     TABLE_COLUMNS,
     nuclei_table,
     overlay_outlines,
-    write_csv,
     write_label_tiff,
     write_png,
 )
@@ -186,7 +186,7 @@ def predict_images(
             continue
         report.results.append(result)
         rows.append(result.summary)
-    write_csv(report.summary, rows, SUMMARY_COLUMNS)
+    write_csv_atomic(report.summary, rows, SUMMARY_COLUMNS)
     return report
 
 
@@ -218,7 +218,7 @@ def _predict_one(
     write_label_tiff(result.labels, prediction.labels)
     write_png(result.overlay, overlay_outlines(image.rgb, prediction.labels))
     table = nuclei_table(prediction.labels, prediction.scores, image.intensity)
-    write_csv(result.table, table, TABLE_COLUMNS)
+    write_csv_atomic(result.table, table, TABLE_COLUMNS)
     height, width = image.shape
     low, high = image.stretch if image.stretch else ("", "")
     result.summary = {
