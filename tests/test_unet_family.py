@@ -521,3 +521,24 @@ def test_batch_of_one_without_cgm():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cgm", [False, True])
+def test_predict_probabilities_is_the_gated_final_branch(cgm):
+    torch.manual_seed(0)
+    model = GridUNet("sharp", 3, 1, (4, 8, 16), deep_supervision="all", cgm=cgm).eval()
+    if cgm:  # X[0][1] says "empty", X[0][2] "has object"
+        force_decision(model.cgms["0_1"], has_object=False)
+        force_decision(model.cgms["0_2"], has_object=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = model(x)
+        final = model.predict_probabilities(x)
+        level1 = model.predict_probabilities(x, level=1)
+    logits = out.logits if cgm else out
+    torch.testing.assert_close(final, torch.sigmoid(logits[-1]), rtol=0, atol=0)
+    if cgm:
+        assert torch.count_nonzero(level1) == 0
+    else:
+        torch.testing.assert_close(level1, torch.sigmoid(logits[0]), rtol=0, atol=0)
+    assert final.shape == (2, 1, 16, 16)

@@ -327,6 +327,34 @@ class GridUNet(nn.Module):
             return SegmentationOutput(logits, has_object, branches)
         return logits if len(branches) > 1 else logits[0]
 
+    def predict_probabilities(self, x: Tensor, level: Optional[int] = None) -> Tensor:
+        """Inference: the final branch's (or ``X[0][level]``'s) sigmoid probabilities.
+
+        ``(N, in_channels, H, W)`` image -> ``(N, classes, H, W)`` probabilities, multiplied by
+        the branch's CGM 0/1 decision (argmax, per image) when the network has CGMs. Computes
+        only the nodes that branch needs and only its head; traceable (``torch.export``,
+        ``torch.jit.trace``): the CGM gate is a tensor op.
+        """
+        position = self._final_branch(level)
+        nodes = self.forward_nodes(x, level)
+        probabilities = torch.sigmoid(self.heads[_key(position)](nodes[position]))
+        if self.cgm:
+            gate = ClassificationGuidedModule.gate(self.cgms[_key(position)](nodes[position]))
+            probabilities = probabilities * gate
+        return probabilities
+
+    def _final_branch(self, level: Optional[int]) -> Position:
+        """``X[0][L]``, or ``X[0][level]`` after checking that it has a head."""
+        if level is None:
+            return self.branches[-1]
+        if (0, level) not in self.branches:
+            heads = ", ".join(node_name(p) for p in self.branches)
+            raise ValueError(
+                f"level {level}: no head on X[0][{level}]; heads exist on {heads} "
+                "(build with deep_supervision='top' or 'all' to prune)"
+            )
+        return (0, level)
+
     def prune(self, level: int) -> "GridUNet":
         """The sub-network ``L^level`` as a standalone network carrying this one's weights.
 
