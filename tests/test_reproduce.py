@@ -1,27 +1,21 @@
-"""tools/reproduce.py: the --quick plumbing on a two-row, two-iteration run (CPU)."""
+"""sharp_fpn.experiments (tools/reproduce.py's library): the --quick plumbing on a two-row,
+two-iteration run (CPU), the quick recipe files, row selection, the command line."""
 import csv
-import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from sharp_fpn.d2.runner import row_config
+from sharp_fpn.experiments import Options, Row, UnknownRowError, reproduce, select_rows, tables
+from sharp_fpn.experiments.recipes import QUICK_DIR, flatten, load_overrides, quick_overrides
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_VAL = "nuclei_synth_val_tiny"
-
-
-def _load_reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "tools" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
-reproduce = _load_reproduce()
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +33,12 @@ def _finite(value: str) -> bool:
 
 
 def test_quick_table1_two_rows(tmp_path, tiny_val):
-    output = reproduce.main([
-        "--table", "1", "--quick", "--rows", "unet", "unet_sharp_ds", "--iters", "2",
-        "--output", str(tmp_path), "--speed-seconds", "0.05",
-        "--opts", "DATASETS.TEST", f"('{tiny_val}',)", "INPUT.SEMANTIC.SIZE", "[32, 32]",
-        "SOLVER.IMS_PER_BATCH", "2", "MODEL.UNET.WIDTH_MULT", "0.125",
-    ])
+    output = reproduce(Options(
+        table=1, quick=True, rows=["unet", "unet_sharp_ds"], iters=2, output=tmp_path,
+        speed_seconds=0.05,
+        opts=["DATASETS.TEST", f"('{tiny_val}',)", "INPUT.SEMANTIC.SIZE", "[32, 32]",
+              "SOLVER.IMS_PER_BATCH", "2", "MODEL.UNET.WIDTH_MULT", "0.125"],
+    ))
     assert output == tmp_path
 
     markdown = (tmp_path / "table1.md").read_text()
@@ -81,12 +75,19 @@ def test_quick_table1_two_rows(tmp_path, tiny_val):
     result = json.loads((tmp_path / "rows" / "unet" / "result.json").read_text())
     assert len(result["per_image_iou"]) == 3  # one value per image of the evaluated set
 
+    # --resume reuses both rows: the same numbers, nothing trained again
+    again = reproduce(Options(table=1, quick=True, rows=["unet", "unet_sharp_ds"], iters=2,
+                              output=tmp_path, resume=True,
+                              opts=["DATASETS.TEST", f"('{tiny_val}',)"]))
+    with open(again / "table1.csv", newline="") as f:
+        assert [r["iou"] for r in csv.DictReader(f)] == [r["iou"] for r in rows]
+
 
 def test_missing_configs_are_listed_not_run(tmp_path, monkeypatch):
-    missing = reproduce.Row("mask_rcnn_x_R101", "Mask R-CNN#", "configs/nope.yaml", 95.87,
-                            92.25, backbone="R101")
-    monkeypatch.setattr(reproduce, "TABLE2", [missing])
-    reproduce.main(["--table", "2", "--quick", "--output", str(tmp_path)])
+    missing = Row("mask_rcnn_x_R101", "Mask R-CNN#", "configs/nope.yaml", 95.87, 92.25,
+                  backbone="R101")
+    monkeypatch.setattr(tables, "TABLE2", [missing])
+    reproduce(Options(table=2, quick=True, output=tmp_path))
     markdown = (tmp_path / "table2.md").read_text()
     assert "not run: configs/nope.yaml does not exist yet" in markdown
     assert "95.87" in markdown and "92.25" in markdown
@@ -94,7 +95,46 @@ def test_missing_configs_are_listed_not_run(tmp_path, monkeypatch):
 
 
 def test_rows_are_checked():
-    with pytest.raises(SystemExit, match="unknown row"):
-        reproduce.select_rows(1, ["unet", "unet4"])
-    assert [r.key for r in reproduce.select_rows(1, ["unet_ds", "unet"])] == ["unet", "unet_ds"]
-    assert len(reproduce.select_rows(2, None)) == 12
+    with pytest.raises(UnknownRowError, match=r"unknown row\(s\) \['unet4'\]"):
+        select_rows(1, ["unet", "unet4"])
+    assert [r.key for r in select_rows(1, ["unet_ds", "unet"])] == ["unet", "unet_ds"]
+    assert len(select_rows(2, None)) == 12
+    assert all(row.config_path.is_file() for row in select_rows(1) + select_rows(2))
+
+
+def test_quick_recipe_is_merged_on_each_kind_of_row(tmp_path):
+    semantic = row_config(select_rows(1, ["unet_sharp_ds"])[0], True, 3,
+                          ["MODEL.UNET.WIDTH_MULT", "0.5"], tmp_path)
+    assert semantic.MODEL.DEVICE == "cpu" and semantic.SOLVER.MAX_ITER == 3
+    assert list(semantic.INPUT.SEMANTIC.SIZE) == [64, 64]
+    assert tuple(semantic.DATASETS.TRAIN) == ("nuclei_synth_train",)
+    assert semantic.SOLVER.WARMUP_ITERS == 0 and semantic.OUTPUT_DIR == str(tmp_path)
+    assert semantic.MODEL.UNET.WIDTH_MULT == 0.5  # --opts come last
+    instance = row_config(select_rows(2, ["mask_rcnn_sharp_R101"])[0], True, None, [], tmp_path)
+    assert instance.MODEL.FPN.OUT_CHANNELS == 64 and list(instance.MODEL.SHARP_FPN.WIDTHS) == [
+        16, 32, 64, 64]
+    assert tuple(instance.SOLVER.STEPS) == () and instance.SOLVER.CLIP_GRADIENTS.ENABLED
+    # the semantic recipe's keys stay off the Mask R-CNN rows and the other way round
+    assert "INPUT.SEMANTIC.SIZE" not in quick_overrides(semantic=False)
+    assert "MODEL.FPN.OUT_CHANNELS" not in quick_overrides(semantic=True)
+    full = row_config(select_rows(1, ["unet"])[0], False, None, [], tmp_path)
+    assert full.DATASETS.TRAIN != semantic.DATASETS.TRAIN  # without --quick: the config's own
+
+
+def test_recipe_files_are_flattened_and_checked(tmp_path):
+    assert flatten({"A": {"B": 1, "C": {"D": [2]}}, "E": "x"}) == ["A.B", 1, "A.C.D", [2], "E", "x"]
+    assert load_overrides(QUICK_DIR / "common.yaml")[:2] == ["MODEL.DEVICE", "cpu"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- MODEL.DEVICE\n- cpu\n")
+    with pytest.raises(ValueError, match="bad.yaml: expected a mapping"):
+        load_overrides(bad)
+    bad.write_text("_BASE_: x.yaml\nSEED: 1\n")
+    with pytest.raises(ValueError, match="no _BASE_"):
+        load_overrides(bad)
+
+
+def test_command_line_names_unknown_rows_before_anything_runs():
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "reproduce.py"), "--table", "1",
+                           "--rows", "unet9"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "unknown row(s) ['unet9'] for table 1" in done.stderr

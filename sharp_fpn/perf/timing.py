@@ -12,6 +12,7 @@ subprocess) and this module only calls them and reads the clock.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import sys
@@ -103,6 +104,22 @@ def time_one(fn: Callable[[], object], rounds: int = 5, warmup: int = 1, number:
              clock: Optional[Clock] = None) -> Timing:
     """:func:`time_interleaved` with one candidate."""
     return time_interleaved({"fn": fn}, rounds=rounds, warmup=warmup, number=number, clock=clock)["fn"]
+
+
+def calls_per_round(fn: Callable[[], object], round_seconds: float,
+                    clock: Optional[Clock] = None, limit: int = 1_000_000) -> int:
+    """How many calls of ``fn`` make a round of at least ``round_seconds`` (for ``number=``).
+
+    Calls ``fn`` once, untimed by the policy (it doubles as a warm-up), and scales from that
+    call's duration; 1 when one call already lasts ``round_seconds``.
+    """
+    clock = clock or time.perf_counter
+    start = clock()
+    fn()
+    once = clock() - start
+    if once <= 0:
+        return limit
+    return max(1, min(limit, math.ceil(round_seconds / once)))
 
 
 def ratio(timings: Mapping[str, Timing], name: str, reference: str) -> float:

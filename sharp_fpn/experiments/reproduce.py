@@ -1,0 +1,136 @@
+"""Reproduce the paper's Table 1 or Table 2 (with Figures 5 and 7): train every row, evaluate,
+and write the table beside the paper's numbers.
+
+:func:`reproduce` is what ``tools/reproduce.py`` runs. Written under the output folder
+(atomically):
+
+- ``table{N}.md``, ``table{N}.csv``: ours beside the paper's (SPEC section 2);
+- ``table{N}_iou_boxplot.png``: per-image IoU of every row (the paper's Figure 5);
+- Table 1, when the UNet# row with deep supervision ran: ``fig7_pruning.png`` and
+  ``pruning.csv``, the sub-networks L1..L4 pruned from it: parameters, images per second
+  measured here, IoU (the paper's Figure 7);
+- ``rows/<row>/``: each row's training output, config and ``result.json`` (``resume`` reuses
+  finished rows).
+
+``quick`` runs every row on the embedded synthetic set on the CPU with the recipe of
+``configs/experiments/quick/`` (tiny widths, small inputs) and few iterations: it tests the
+pipeline, it does not reproduce the paper, and the table says so. Rows run one after the other
+in this process (one GPU, or the CPU).
+
+Training needs detectron2: :mod:`sharp_fpn.d2.runner` is imported when rows run, so this module
+(and its tables and writers) imports without it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .recipes import QUICK_ITERS
+from .report import header_note, machine_load, table_rows, write_figures, write_tables
+from .results import RESULT_NAME, RowResult
+from .tables import PROJECT_ROOT, PRUNING_ROW, select_rows
+
+logger = logging.getLogger("sharp_fpn.experiments")
+
+
+@dataclass(frozen=True)
+class Options:
+    """One reproducer run (the command line's flags).
+
+    Attributes:
+        table: 1 or 2.
+        quick: smoke run (synthetic set, CPU, tiny widths, few iterations).
+        output: output folder; None for ``output/reproduce/table<N>[_quick]``.
+        rows: row keys to run (None: all of the table's).
+        iters: ``SOLVER.MAX_ITER`` of every row (None: the quick recipe's or the configs').
+        resume: reuse rows whose ``result.json`` exists.
+        speed_seconds: time spent measuring each pruned level's images per second.
+        opts: config overrides for every row, ``KEY VALUE`` pairs.
+    """
+
+    table: int
+    quick: bool = False
+    output: Optional[Path] = None
+    rows: Optional[Sequence[str]] = None
+    iters: Optional[int] = None
+    resume: bool = False
+    speed_seconds: float = 2.0
+    opts: Sequence[str] = field(default_factory=tuple)
+
+    def output_dir(self) -> Path:
+        if self.output is not None:
+            return Path(self.output)
+        return PROJECT_ROOT / "output" / "reproduce" / (
+            f"table{self.table}" + ("_quick" if self.quick else ""))
+
+    def row_iters(self) -> Optional[int]:
+        if self.iters is None and self.quick:
+            return QUICK_ITERS[self.table]
+        return self.iters
+
+
+def run_rows(options: Options, output: Path) -> Tuple[Dict[str, RowResult], Dict[str, int]]:
+    """Every selected row: trained and evaluated, reused (``resume``), or listed as not run (no
+    config yet) or failed (training diverged).
+
+    Returns the results by row key and the iterations each row trained.
+    """
+    from ..d2.runner import row_config, run_row
+
+    rows = select_rows(options.table, options.rows)
+    results: Dict[str, RowResult] = {}
+    used_iters: Dict[str, int] = {}
+    for n, row in enumerate(rows, 1):
+        where = f"[{n}/{len(rows)}] {row.key}"
+        row_dir = output / "rows" / row.key
+        if not row.config_path.is_file():
+            results[row.key] = RowResult(row.key, f"not run: {row.config} does not exist yet")
+            logger.warning(f"{where}: {results[row.key].status}")
+            continue
+        cfg = row_config(row, options.quick, options.row_iters(), options.opts, row_dir)
+        used_iters[row.key] = cfg.SOLVER.MAX_ITER
+        done = row_dir / RESULT_NAME
+        if options.resume and done.is_file():
+            results[row.key] = RowResult.load(done)
+            logger.info(f"{where}: reused {done}")
+            continue
+        logger.info(f"{where}: training {cfg.SOLVER.MAX_ITER} iterations ({row.config})")
+        pruning = options.table == 1 and row.key == PRUNING_ROW
+        try:
+            r = results[row.key] = run_row(row, cfg, row_dir, pruning, options.speed_seconds)
+        except FloatingPointError as e:  # a diverged row is a result too; go on with the rest
+            results[row.key] = RowResult(row.key, f"failed: {e}")
+            logger.error(f"{where}: {results[row.key].status}")
+            continue
+        logger.info(f"{where}: IoU {r.iou:.2f}%, Dice {r.dice:.2f}%, "
+                    f"{r.train_seconds:.0f} s training, {r.eval_seconds:.0f} s evaluation")
+    return results, used_iters
+
+
+def reproduce(options: Options) -> Path:
+    """Run the rows, write the tables and figures; return the output folder.
+
+    Raises:
+        UnknownRowError: ``options.rows`` names a row the table does not have (before any
+            row runs).
+    """
+    from ..d2.runner import setup_logging
+
+    rows = select_rows(options.table, options.rows)  # checked before anything runs
+    setup_logging()
+    output = options.output_dir()
+    started = time.perf_counter()
+    results, used_iters = run_rows(options, output)
+    pruning = write_figures(output, options.table, options.quick, rows, results)
+    note = header_note(options.table, options.quick, used_iters, machine_load())
+    note += f"Total wall time: {time.perf_counter() - started:.0f} s.\n"
+    records = table_rows(options.table, rows, results, options.quick)
+    write_tables(output, options.table, records, note, pruning)
+    logger.info(f"wrote {output / f'table{options.table}.md'}")
+    return output
+
+
+__all__ = ["Options", "reproduce", "run_rows"]
