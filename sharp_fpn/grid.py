@@ -17,13 +17,65 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Tuple
-
-SCHEMES: Tuple[str, ...] = ("unet", "2plus", "3plus", "sharp")
-SCHEME_NAMES = {"unet": "UNet", "2plus": "UNet++", "3plus": "UNet3+", "sharp": "UNet#"}
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 Position = Tuple[int, int]
 """``(level i, column j)`` of a node ``X[i][j]``."""
+
+DEEP_SUPERVISION_MODES: Tuple[str, ...] = ("top", "decoder", "all")
+"""Which branches deep supervision adds beside the final node (``Grid.branches``)."""
+
+
+@dataclass(frozen=True)
+class SchemeFacts:
+    """What the papers (and their official code) fix about one scheme, beyond its listing.
+
+    Attributes:
+        name: the paper's name (``"UNet#"``).
+        nested: the grid holds every ``X[i][j]`` with ``i + j <= L``, so a top row
+            ``X[0][1..L-1]`` (heads there, pruning); otherwise only the anti-diagonal.
+        deep_supervision: the scheme's own deep supervision, one of ``DEEP_SUPERVISION_MODES``
+            (UNet++: the top row; UNet, UNet3+: the decoder branches; UNet#: both).
+        project_inputs: every input of a decoder node first goes through its own ``f`` to a
+            common width (UNet3+'s CatChannels; ``Node.project_inputs``), so a node is
+            ``(number of inputs) x`` that wide (UpChannels).
+        node_op: the op on a decoder node's concatenation: ``"f2"`` (two conv3x3-norm-ReLU) or
+            ``"f"`` (one: UNet3+'s fusion, after each input's own ``f``).
+        top_head_kernel: kernel of the heads on the top row and the final node (UNet3+'s
+            official heads are all 3x3; the others' 1x1).
+        full_scale_skips: the scheme has UNet#'s full-scale terms ``F(u^k X[i][j])``.
+    """
+
+    name: str
+    nested: bool
+    deep_supervision: str
+    project_inputs: bool = False
+    node_op: str = "f2"
+    top_head_kernel: int = 1
+    full_scale_skips: bool = False
+
+
+SCHEME_FACTS: Dict[str, SchemeFacts] = {
+    "unet": SchemeFacts("UNet", nested=False, deep_supervision="decoder"),
+    "2plus": SchemeFacts("UNet++", nested=True, deep_supervision="top"),
+    "3plus": SchemeFacts(
+        "UNet3+",
+        nested=False,
+        deep_supervision="decoder",
+        project_inputs=True,
+        node_op="f",
+        top_head_kernel=3,
+    ),
+    "sharp": SchemeFacts("UNet#", nested=True, deep_supervision="all", full_scale_skips=True),
+}
+SCHEMES: Tuple[str, ...] = tuple(SCHEME_FACTS)
+SCHEME_NAMES: Dict[str, str] = {s: f.name for s, f in SCHEME_FACTS.items()}
+NESTED_SCHEMES: Tuple[str, ...] = tuple(s for s, f in SCHEME_FACTS.items() if f.nested)
+"""The schemes with a top row ``X[0][1..L-1]``: ``("2plus", "sharp")``."""
+DEFAULT_DEEP_SUPERVISION: Dict[str, str] = {
+    s: f.deep_supervision for s, f in SCHEME_FACTS.items()
+}
+"""What ``deep_supervision=True`` means per scheme: each paper's own deep supervision."""
 
 # Roles of a node's inputs: builders attach their op to the role.
 POOL = "pool"  # encoder: X[I][0] = f2(p(X[I-1][0]))
@@ -38,6 +90,17 @@ ROLES: Tuple[str, ...] = (POOL, DENSE, UP, FULL_SCALE, ENCODER_DOWN, DECODER_UP)
 def node_name(position: Position) -> str:
     """``(1, 3)`` -> ``"X[1][3]"``."""
     return f"X[{position[0]}][{position[1]}]"
+
+
+def node_key(position: Position) -> str:
+    """``(1, 3)`` -> ``"1_3"``: the name of a node's modules (``nn.ModuleDict`` keys)."""
+    return f"{position[0]}_{position[1]}"
+
+
+def key_position(key: str) -> Position:
+    """``"1_3"`` -> ``(1, 3)``, the inverse of ``node_key``."""
+    level, column = key.split("_")
+    return (int(level), int(column))
 
 
 @dataclass(frozen=True)
@@ -142,9 +205,79 @@ class Grid:
         return tuple(node.position for node in self.nodes)
 
     @property
+    def facts(self) -> SchemeFacts:
+        """The scheme's ``SchemeFacts`` (node op, own deep supervision, head kernel, ...)."""
+        return SCHEME_FACTS[self.scheme]
+
+    @property
+    def nested(self) -> bool:
+        """Every ``X[i][j]`` with ``i + j <= L`` exists (``2plus``, ``sharp``)."""
+        return self.facts.nested
+
+    @property
     def decoder_outputs(self) -> Tuple[Position, ...]:
         """The anti-diagonal ``X[L][0], X[L-1][1], ..., X[0][L]``, coarsest first."""
         return tuple((self.depth - j, j) for j in range(self.depth + 1))
+
+    @property
+    def neck_outputs(self) -> Tuple[Position, ...]:
+        """The anti-diagonal finest first, ``X[0][L], X[1][L-1], ..., X[L][0]``: an FPN's
+        outputs p2, p3, ... (SPEC section 3)."""
+        return self.decoder_outputs[::-1]
+
+    @property
+    def final(self) -> Position:
+        """``X[0][L]``: the network's output node."""
+        return (0, self.depth)
+
+    @property
+    def top_row(self) -> Tuple[Position, ...]:
+        """``X[0][1..L-1]``, the paper's ``L_In`` branches and pruning points; empty for the
+        schemes that are not nested."""
+        return tuple((0, j) for j in range(1, self.depth) if (0, j) in self)
+
+    @property
+    def decoder_branches(self) -> Tuple[Position, ...]:
+        """The anti-diagonal below the top row, deepest first: ``X[L][0], ..., X[1][L-1]``
+        (the paper's ``L_De`` branches)."""
+        return self.decoder_outputs[:-1]
+
+    @property
+    def heavy_cgm_branches(self) -> Tuple[Position, ...]:
+        """The two deepest decoder branches ``X[L][0], X[L-1][1]``: UNet#'s heavy CGMs."""
+        return self.decoder_branches[:2]
+
+    def branches(self, mode: Optional[str]) -> Tuple[Position, ...]:
+        """The nodes deep supervision ``mode`` puts a head on; the final ``X[0][L]`` last.
+
+        Args:
+            mode: ``None`` (the final node only), ``"top"`` (``top_row``), ``"decoder"``
+                (``decoder_branches``) or ``"all"`` (both).
+
+        Returns:
+            ``X[0][1..L-1]`` (``"top"``, ``"all"``), then ``X[L][0], ..., X[1][L-1]``
+            (``"decoder"``, ``"all"``), then ``X[0][L]``: the official UNet# code's order.
+
+        Raises:
+            ValueError: an unknown mode, or ``"top"``/``"all"`` on a scheme with no top row.
+        """
+        if mode is not None and mode not in DEEP_SUPERVISION_MODES:
+            raise ValueError(
+                f"deep_supervision must be a bool or one of {DEEP_SUPERVISION_MODES}, got {mode!r}"
+            )
+        top = mode in ("top", "all")
+        if top and len(self.top_row) < self.depth - 1:
+            raise ValueError(
+                f"deep_supervision={mode!r}: scheme {self.scheme!r} has no top-row nodes "
+                f"X[0][1..{self.depth - 1}] (only the nested schemes {NESTED_SCHEMES} have them); "
+                "use 'decoder'"
+            )
+        decoder = mode in ("decoder", "all")
+        return (
+            (self.top_row if top else ())
+            + (self.decoder_branches if decoder else ())
+            + (self.final,)
+        )
 
     def needed(self, targets: Iterable[Position]) -> Tuple[Position, ...]:
         """Every node that computing ``targets`` needs (targets included), in topological order."""
@@ -168,7 +301,7 @@ class Grid:
             raise ValueError(
                 f"pruning level {level}: {node_name((0, level))} is not a node of "
                 f"{SCHEME_NAMES[self.scheme]} at depth {self.depth}; pruning needs a nested scheme "
-                f"('2plus' or 'sharp') and 1 <= level <= depth"
+                f"{NESTED_SCHEMES} and 1 <= level <= depth"
             )
         keep = set(self.needed([(0, level)]))
         return Grid(self.scheme, level, tuple(n for n in self.nodes if n.position in keep))
@@ -188,7 +321,7 @@ class Grid:
 
 def _inputs(scheme: str, depth: int, I: int, J: int) -> Tuple[Input, ...]:
     """The inputs of decoder node ``X[I][J]`` (``J >= 1``), in concatenation order."""
-    if scheme == "3plus":
+    if SCHEME_FACTS[scheme].project_inputs:  # UNet3+
         shallower = [Input((i, 0), i - I, ENCODER_DOWN) for i in range(I)]
         deeper = [Input((i, depth - i), i - I, DECODER_UP) for i in range(I + 1, depth + 1)]
         return tuple(shallower + [Input((I, 0), 0, DENSE)] + deeper)
@@ -221,7 +354,7 @@ def build_grid(scheme: str, depth: int) -> Grid:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be an int >= 1 (rows 0..depth), got {depth!r}")
-    nested = scheme in ("2plus", "sharp")
+    facts = SCHEME_FACTS[scheme]
     nodes = []
     for diagonal in range(depth + 1):
         for I in range(diagonal, -1, -1):  # deepest first: same-diagonal inputs come from below
@@ -229,8 +362,8 @@ def build_grid(scheme: str, depth: int) -> Grid:
             if J == 0:
                 inputs = () if I == 0 else (Input((I - 1, 0), -1, POOL),)
                 nodes.append(Node(I, 0, inputs))
-            elif nested or diagonal == depth:
-                nodes.append(Node(I, J, _inputs(scheme, depth, I, J), scheme == "3plus"))
+            elif facts.nested or diagonal == depth:
+                nodes.append(Node(I, J, _inputs(scheme, depth, I, J), facts.project_inputs))
     return Grid(scheme, depth, tuple(nodes))
 
 

@@ -98,7 +98,8 @@ def test_gradient_reaches_every_neck_parameter(bottom_up, scheme):
 def test_layers_follow_the_grid():
     backbone = neck("resnet", "sharp")
     decoder = backbone.decoder
-    assert backbone.output_nodes == [(0, 3), (1, 2), (2, 1), (3, 0)]  # p2..p5: the anti-diagonal
+    assert backbone.output_nodes == ((0, 3), (1, 2), (2, 1), (3, 0))  # p2..p5: the anti-diagonal
+    assert backbone.output_nodes == backbone.decoder.grid.neck_outputs
     assert [c.in_channels for c in backbone.lateral_convs] == [64, 128, 256, 512]  # R18 C2..C5
     assert [c.out_channels for c in backbone.lateral_convs] == [8] * 4
     # 1x1 projections of decoder nodes, a 3x3 conv on X[3][0] (a lateral only), as FPN's p5

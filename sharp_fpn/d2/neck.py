@@ -151,10 +151,10 @@ class GridFPN(Backbone):
             reduce_upsampled=reduce_upsampled,
         )
         # the anti-diagonal, finest first: X[0][L] (p2), ..., X[L][0]
-        self.output_nodes = [(i, depth - i) for i in range(depth + 1)]
+        self.output_nodes = self.decoder.grid.neck_outputs
         self.output_convs = nn.ModuleList()
         for i, j in self.output_nodes:
-            kernel = 3 if j == 0 else 1
+            kernel = 3 if j == 0 else 1  # column 0: a lateral alone, as FPN's p5
             self.output_convs.append(
                 Conv2d(
                     widths[i],
@@ -189,7 +189,6 @@ class GridFPN(Backbone):
         results = [conv(nodes[p]) for conv, p in zip(self.output_convs, self.output_nodes)]
         results.extend(self.top_block(results[-1]))
         return dict(zip(self._out_features, results))
-
 
 
 def grid_fpn_from_config(cfg, bottom_up: Backbone) -> GridFPN:

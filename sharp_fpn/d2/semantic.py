@@ -1,31 +1,31 @@
 """Semantic (binary) nuclei segmentation in detectron2: Table 1 and Table 2's upper half.
 
 ``SemanticNucleiSegmentor`` (registered in ``META_ARCH_REGISTRY``) trains and runs a UNet-family
-network on the registered instance datasets; its ground truth is the union of each image's
-nucleus masks (``SemanticNucleiMapper`` builds it). Two kinds of network, chosen by
-``MODEL.UNET.USE_BACKBONE``:
+network (``sharp_fpn.models.GridUNet``) on the registered instance datasets; its ground truth is
+the union of each image's nucleus masks (``SemanticNucleiMapper`` builds it). One network class,
+two encoders, chosen by ``MODEL.UNET.USE_BACKBONE``:
 
-- ``False``, Table 1: the paper's own networks on VGG blocks (``sharp_fpn.models.GridUNet``,
-  as ``create_model(MODEL.UNET.ARCH, ...)`` builds them; ``MODEL.UNET.WIDTH_MULT`` scales the
+- ``False``, Table 1: the paper's own networks on VGG blocks (``VGGEncoder``, as
+  ``create_model(MODEL.UNET.ARCH, ...)`` builds them; ``MODEL.UNET.WIDTH_MULT`` scales the
   widths for small runs).
 - ``True``, Table 2's upper half: a detectron2 bottom-up (``MODEL.BACKBONE.NAME``: ResNet-101
   via ``build_resnet_backbone``, or ``build_vgg_backbone``) whose stride-4..32 features are the
-  grid's column 0, a ``GridDecoder`` of scheme ``MODEL.UNET.DECODER`` on them, and an upsampling
-  head back to full resolution (:class:`BackboneGridUNet`).
+  grid's column 0 (:class:`BottomUpEncoder`), a decoder of scheme ``MODEL.UNET.DECODER`` on
+  them, and full-resolution heads that upsample from stride 4 (``UpsamplingHead``).
 
-Both networks follow ``GridUNet``'s output contract (one tensor, a list of branch logits with
-deep supervision, or a ``SegmentationOutput`` with CGM), so training (the paper's accurate mode:
-the mixed loss averaged over the branches, plus the CGM loss) and inference (the final branch,
-gated by its CGM) are written once. Config keys: ``MODEL.UNET.*`` and ``INPUT.SEMANTIC.*``
-(``sharp_fpn.d2.config.add_unet_config``).
+Training (the paper's accurate mode: the mixed loss averaged over the branches, plus the CGM
+loss) reads ``GridUNet.forward_branches``; inference (the final branch or the pruning level's,
+gated by its CGM) is ``GridUNet.predict_probabilities``, for either encoder. Config keys:
+``MODEL.UNET.*`` and ``INPUT.SEMANTIC.*`` (``sharp_fpn.d2.config.add_unet_config``).
 """
 from __future__ import annotations
 
+import copy
+import math
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
@@ -33,25 +33,18 @@ from detectron2.structures import ImageList
 from torch import Tensor, nn
 
 from .config import check_value
-from ..grid import SCHEMES, Position, node_name
+from ..grid import DEEP_SUPERVISION_MODES, NESTED_SCHEMES, SCHEME_FACTS, SCHEMES, node_name
 from ..losses import DEEP_SUPERVISION_TARGETS, cgm_loss, deep_supervision_loss, mixed_loss
-from ..models.blocks import UPSAMPLE_MODES, ConvNormReLU, he_init_
-from ..models.grid_decoder import FULL_SCALE_OPS, GridDecoder
-from ..models.heads import ClassificationGuidedModule, SegmentationHead
+from ..models.blocks import UPSAMPLE_MODES
+from ..models.encoders import GridEncoder
+from ..models.grid_decoder import FULL_SCALE_OPS
+from ..models.heads import UpsamplingHead
+from ..models.unet import ARCHS, GridUNet
 from .neck import column_strides
-from ..models.unet import (
-    ARCHS,
-    DEEP_SUPERVISION_MODES,
-    DEFAULT_DEEP_SUPERVISION,
-    GridUNet,
-    ModelOutput,
-    SegmentationOutput,
-    supervised_branches,
-)
 
 __all__ = [
     "SEMANTIC_META_ARCHITECTURE",
-    "BackboneGridUNet",
+    "BottomUpEncoder",
     "SemanticNucleiSegmentor",
     "UpsamplingHead",
     "build_semantic_network",
@@ -59,7 +52,6 @@ __all__ = [
 ]
 
 SEMANTIC_META_ARCHITECTURE = "SemanticNucleiSegmentor"
-NESTED_SCHEMES = ("2plus", "sharp")  # the schemes with a top row X[0][1..L-1]
 
 
 def is_semantic(cfg) -> bool:
@@ -67,158 +59,46 @@ def is_semantic(cfg) -> bool:
     return cfg.MODEL.META_ARCHITECTURE == SEMANTIC_META_ARCHITECTURE
 
 
-def _key(position: Position) -> str:
-    return f"{position[0]}_{position[1]}"
+class BottomUpEncoder(GridEncoder):
+    """A detectron2 bottom-up as a ``GridUNet`` encoder: the paper's Table 2 semantic networks.
 
-
-class UpsamplingHead(nn.Module):
-    """From a node at stride ``2**len(widths)`` to full-resolution logits.
-
-    Per doubling: bilinear upsampling x2 (``align_corners=True``), then conv3x3-norm-ReLU to the
-    next of ``widths``; finally a 1x1 conv to ``classes`` logits (segmentation_models_pytorch's
-    UNet ends its decoder the same way, without skips, at widths 32 and 16).
-
-    ``(N, in_channels, h, w) -> (N, classes, h * 2**len(widths), w * 2**len(widths))``.
-    """
-
-    def __init__(self, in_channels: int, widths: Sequence[int], classes: int = 1, norm: str = "BN"):
-        super().__init__()
-        widths_in = [in_channels] + list(widths[:-1])
-        self.blocks = nn.ModuleList(ConvNormReLU(a, b, norm) for a, b in zip(widths_in, widths))
-        self.head = SegmentationHead(widths[-1] if widths else in_channels, classes, 1)
-        he_init_(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.blocks:
-            x = block(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
-        return self.head(x)
-
-
-class BackboneGridUNet(nn.Module):
-    """A UNet-family decoder on a bottom-up's features: the paper's Table 2 semantic networks.
-
-    The bottom-up's ``in_features`` (strides ``s, 2s, ..., 2**L s``, finest first; ``s = 4``
-    for ResNet's res2..res5 and VGG's pool2..pool5) are the grid's column 0 ``X[i][0]`` as they
-    are (no laterals: the decoder nodes' convs read them directly, as in a UNet). A
-    ``GridDecoder`` of ``scheme`` computes the decoder nodes, node ``X[i][j]`` with
-    ``widths[i]`` channels. Heads as ``GridUNet``'s: the final ``X[0][L]`` through an
-    :class:`UpsamplingHead` to full resolution; with deep supervision the top row ``X[0][j]``
-    (1x1; UNet3+: 3x3) and the decoder branches (3x3) at their own stride; with CGM a
-    classification-guided module on every branch's node (heavy on the two deepest).
+    Its ``in_features`` (strides ``s, 2s, ..., 2**L s``, finest first; ``s = 4`` for ResNet's
+    res2..res5 and VGG's pool2..pool5) are the grid's column 0 ``X[i][0]`` as they are (no
+    laterals: the decoder nodes' convs read them directly, as in a UNet). The bottom-up is
+    registered as ``bottom_up``: in a ``SemanticNucleiSegmentor`` its weights are named
+    ``network.encoder.bottom_up.<detectron2's names>``.
 
     Args:
         bottom_up: a detectron2 ``Backbone`` returning at least ``in_features``.
         in_features: names of its maps that form column 0, finest first, strides doubling.
-        scheme: ``"unet"``, ``"2plus"``, ``"3plus"`` or ``"sharp"``.
-        widths: decoder node widths of levels ``0..L-1``. UNet3+ uses ``block="f"`` and
-            projects each input to ``widths[0]`` (its CatChannels).
-        upsample_widths: widths of the :class:`UpsamplingHead`, one per doubling from the stride
-            of ``in_features[0]`` to 1 (two for stride 4).
-        classes: output logit channels.
-        deep_supervision: ``False``, ``True`` (the scheme's own: ``DEFAULT_DEEP_SUPERVISION``),
-            ``"top"``, ``"decoder"`` or ``"all"``.
-        full_scale: UNet#'s ``F``, ``"upsample"`` or ``"conv"``.
-        norm: norm of the decoder and the heads: ``"BN"``, ``"GN"`` or ``""``.
-        upsample_mode: interpolation inside the grid (``"bilinear"``, the official code's).
-        reduce_upsampled: 1x1-reduce wide upsampled inputs at their own resolution (see
-            ``GridDecoder``); keeps ResNet's 2048-channel C5 out of stride-4 3x3 convs.
-        cgm: classification-guided modules; ``forward`` then returns a ``SegmentationOutput``.
-        cgm_dropout: dropout probability inside the CGMs.
-
-    Attributes:
-        branches: the supervised nodes in output order, the final ``X[0][L]`` last.
+        in_channels: channels of its input images.
     """
 
-    def __init__(
-        self,
-        bottom_up: Backbone,
-        in_features: Sequence[str],
-        scheme: str,
-        widths: Sequence[int],
-        upsample_widths: Sequence[int],
-        *,
-        classes: int = 1,
-        deep_supervision: Union[bool, str] = False,
-        full_scale: str = "upsample",
-        norm: str = "BN",
-        upsample_mode: str = "bilinear",
-        reduce_upsampled: bool = True,
-        cgm: bool = False,
-        cgm_dropout: float = 0.5,
-    ):
+    def __init__(self, bottom_up: Backbone, in_features: Sequence[str], in_channels: int = 3):
         super().__init__()
         shapes = bottom_up.output_shape()
         strides = column_strides(shapes, in_features, type(self).__name__)
-        if 2 ** len(upsample_widths) != strides[0]:
-            raise ValueError(
-                f"upsample_widths needs one width per doubling from stride {strides[0]} to 1, "
-                f"got {list(upsample_widths)}"
-            )
-        depth = len(in_features) - 1
         self.bottom_up = bottom_up
         self.in_features = tuple(in_features)
-        self.strides = tuple(strides)
-        self.cgm = cgm
-        self.decoder = GridDecoder(
-            scheme,
-            depth,
-            [shapes[f].channels for f in in_features],
-            list(widths),
-            block="f" if scheme == "3plus" else "f2",
-            norm=norm,
-            full_scale=full_scale,
-            full_scale_channels=widths[0],
-            project_channels=widths[0],
-            upsample_mode=upsample_mode,
-            reduce_upsampled=reduce_upsampled,
-        )
-        mode = DEFAULT_DEEP_SUPERVISION[scheme] if deep_supervision is True else deep_supervision
-        self.deep_supervision: Optional[str] = mode or None
-        self.branches: Tuple[Position, ...] = supervised_branches(
-            self.decoder.grid, self.deep_supervision
-        )
-        final = self.branches[-1]
-        heavy = {p for p in self.branches if p[0] > 0 and p[0] >= depth - 1}
-        top_kernel = 3 if scheme == "3plus" else 1
-        self.heads = nn.ModuleDict()
-        self.cgms = nn.ModuleDict()
-        for position in self.branches:
-            width = self.decoder.node_channels[position]
-            if position == final:
-                head: nn.Module = UpsamplingHead(width, upsample_widths, classes, norm)
-            else:
-                kernel = top_kernel if position[0] == 0 else 3
-                head = SegmentationHead(width, classes, kernel)
-            self.heads[_key(position)] = head
-            if cgm:
-                self.cgms[_key(position)] = ClassificationGuidedModule(
-                    width, heavy=position in heavy, dropout=cgm_dropout
-                )
+        self.in_channels = in_channels
+        self.channels = tuple(shapes[f].channels for f in in_features)
+        self.stride = strides[0]
 
-    @property
-    def size_divisibility(self) -> int:
-        """Inputs must be multiples of the coarsest stride (padding is the caller's job)."""
-        return self.strides[-1]
-
-    def forward(self, x: Tensor) -> ModelOutput:
-        """``(N, C, H, W)`` images, ``H, W`` multiples of ``size_divisibility`` -> logits.
-
-        Returns, as ``GridUNet``: ``(N, classes, H, W)`` logits of the final branch; with deep
-        supervision the list of every branch's logits ``(N, classes, H / s_i, W / s_i)`` (stride
-        ``s_i`` of the branch's level; the final one at full size, last); with CGM a
-        ``SegmentationOutput``.
-        """
+    def forward(self, x: Tensor, depth: Optional[int] = None) -> List[Tensor]:
+        """``(N, C, H, W)`` images, sides multiples of ``stride * 2**L`` -> the ``in_features``
+        maps of levels ``0..depth`` (the whole bottom-up runs)."""
         features = self.bottom_up(x)
-        nodes = self.decoder([features[f] for f in self.in_features])
-        logits = [self.heads[_key(p)](nodes[p]) for p in self.branches]
-        if self.cgm:
-            has_object = [self.cgms[_key(p)](nodes[p]) for p in self.branches]
-            return SegmentationOutput(logits, has_object, self.branches)
-        return logits if len(logits) > 1 else logits[0]
+        names = self.in_features if depth is None else self.in_features[: depth + 1]
+        return [features[f] for f in names]
+
+    def truncated(self, depth: int) -> "BottomUpEncoder":
+        """A copy of the whole bottom-up, reading only ``in_features[:depth + 1]``."""
+        return BottomUpEncoder(
+            copy.deepcopy(self.bottom_up), self.in_features[: depth + 1], self.in_channels
+        )
 
     def extra_repr(self) -> str:
-        branches = ", ".join(node_name(p) for p in self.branches)
-        return f"in_features={list(self.in_features)}, branches: {branches}"
+        return f"in_features={list(self.in_features)}, stride={self.stride}"
 
 
 def _deep_supervision(cfg, scheme: str) -> Union[bool, str]:
@@ -241,7 +121,7 @@ def _deep_supervision(cfg, scheme: str) -> Union[bool, str]:
     return u.DS_BRANCHES or True
 
 
-def _backbone_network(cfg, common: Dict[str, Any]) -> BackboneGridUNet:
+def _backbone_network(cfg, common: Dict[str, Any]) -> GridUNet:
     """Table 2's network: ``MODEL.BACKBONE.NAME``'s bottom-up, a ``MODEL.UNET.DECODER`` grid."""
     u = cfg.MODEL.UNET
     check_value("MODEL.UNET.DECODER", u.DECODER, u.DECODER in SCHEMES, f"one of {SCHEMES}")
@@ -252,12 +132,6 @@ def _backbone_network(cfg, common: Dict[str, Any]) -> BackboneGridUNet:
         f"one positive width per decoder level, len(MODEL.UNET.IN_FEATURES) - 1 = "
         f"{len(u.IN_FEATURES) - 1} of them",
     )
-    check_value(
-        "MODEL.UNET.PRUNE_LEVEL",
-        u.PRUNE_LEVEL,
-        u.PRUNE_LEVEL == 0,
-        "0: pruned inference is for the VGG-block family (MODEL.UNET.USE_BACKBONE False)",
-    )
     bottom_up = build_backbone(cfg)
     available = list(bottom_up.output_shape())
     check_value(
@@ -267,14 +141,24 @@ def _backbone_network(cfg, common: Dict[str, Any]) -> BackboneGridUNet:
         f"names among the bottom-up's outputs {available} (MODEL.BACKBONE.NAME "
         f"{cfg.MODEL.BACKBONE.NAME!r})",
     )
-    return BackboneGridUNet(
-        bottom_up,
-        u.IN_FEATURES,
-        u.DECODER,
-        u.WIDTHS,
+    encoder = BottomUpEncoder(bottom_up, u.IN_FEATURES, len(cfg.MODEL.PIXEL_MEAN))
+    doublings = int(math.log2(encoder.stride))
+    check_value(
+        "MODEL.UNET.UPSAMPLE_WIDTHS",
         u.UPSAMPLE_WIDTHS,
+        len(u.UPSAMPLE_WIDTHS) == doublings and all(w > 0 for w in u.UPSAMPLE_WIDTHS),
+        f"{doublings} positive widths, one per doubling from the stride {encoder.stride} of "
+        f"{u.IN_FEATURES[0]!r} to full resolution",
+    )
+    return GridUNet(
+        u.DECODER,
         classes=1,
+        encoder=encoder,
+        widths=u.WIDTHS,
+        upsample_widths=u.UPSAMPLE_WIDTHS,
         deep_supervision=_deep_supervision(cfg, u.DECODER),
+        full_scale_channels=u.WIDTHS[0],
+        project_channels=u.WIDTHS[0],
         upsample_mode=u.UPSAMPLE,
         reduce_upsampled=u.REDUCE_UPSAMPLED,
         **common,
@@ -290,10 +174,10 @@ def _vgg_block_network(cfg, common: Dict[str, Any]) -> GridUNet:
     check_value(
         "MODEL.UNET.FULL_SCALE",
         u.FULL_SCALE,
-        u.FULL_SCALE == "upsample" or arch.scheme == "sharp",
+        u.FULL_SCALE == "upsample" or SCHEME_FACTS[arch.scheme].full_scale_skips,
         f"'upsample' ({u.ARCH!r} has no full-scale skips; only 'unet_sharp' does)",
     )
-    network = GridUNet(
+    return GridUNet(
         arch.scheme,
         len(cfg.MODEL.PIXEL_MEAN),
         1,
@@ -302,20 +186,9 @@ def _vgg_block_network(cfg, common: Dict[str, Any]) -> GridUNet:
         upsample_mode=u.UPSAMPLE,
         **common,
     )
-    if u.PRUNE_LEVEL:
-        heads = ", ".join(node_name(p) for p in network.branches)
-        check_value(
-            "MODEL.UNET.PRUNE_LEVEL",
-            u.PRUNE_LEVEL,
-            (0, u.PRUNE_LEVEL) in network.branches,
-            f"0 or a level k with a head on X[0][k] (heads: {heads}; pruning needs "
-            "MODEL.UNET.DEEP_SUPERVISION with DS_BRANCHES 'top' or 'all', on unet2plus or "
-            "unet_sharp)",
-        )
-    return network
 
 
-def build_semantic_network(cfg) -> Union[GridUNet, BackboneGridUNet]:
+def build_semantic_network(cfg) -> GridUNet:
     """The network ``MODEL.UNET.*`` describes (see the module docstring); every value checked,
     errors naming the key."""
     u = cfg.MODEL.UNET
@@ -325,18 +198,18 @@ def build_semantic_network(cfg) -> Union[GridUNet, BackboneGridUNet]:
     check_value("MODEL.UNET.UPSAMPLE", u.UPSAMPLE, u.UPSAMPLE in UPSAMPLE_MODES,
                 f"one of {UPSAMPLE_MODES}")
     common = dict(full_scale=u.FULL_SCALE, norm=u.NORM, cgm=u.CGM, cgm_dropout=u.CGM_DROPOUT)
-    if u.USE_BACKBONE:
-        return _backbone_network(cfg, common)
-    return _vgg_block_network(cfg, common)
-
-
-def _branch_outputs(output: ModelOutput) -> Tuple[List[Tensor], Optional[List[Tensor]]]:
-    """A network's output as (branch logits, CGM class logits or None), final branch last."""
-    if isinstance(output, SegmentationOutput):
-        return output.logits, output.has_object
-    if isinstance(output, Tensor):
-        return [output], None
-    return list(output), None
+    network = _backbone_network(cfg, common) if u.USE_BACKBONE else _vgg_block_network(cfg, common)
+    if u.PRUNE_LEVEL:
+        heads = ", ".join(node_name(p) for p in network.branches)
+        check_value(
+            "MODEL.UNET.PRUNE_LEVEL",
+            u.PRUNE_LEVEL,
+            (0, u.PRUNE_LEVEL) in network.branches,
+            f"0 or a level k with a head on X[0][k] (heads: {heads}; pruning needs "
+            f"MODEL.UNET.DEEP_SUPERVISION with DS_BRANCHES 'top' or 'all', on a nested scheme "
+            f"{NESTED_SCHEMES})",
+        )
+    return network
 
 
 @META_ARCH_REGISTRY.register()
@@ -354,14 +227,15 @@ class SemanticNucleiSegmentor(nn.Module):
     Inference output: one dict per image, ``{"sem_seg": (1, height, width)}`` sigmoid
     probabilities of the final branch (``X[0][L]``, or ``X[0][PRUNE_LEVEL]`` when pruning),
     cropped and resized to the input's ``"height"``/``"width"`` (``sem_seg_postprocess``);
-    with CGM multiplied by the branch's 0/1 "has object" decision.
+    with CGM multiplied by the branch's 0/1 "has object" decision
+    (``GridUNet.predict_probabilities``).
     """
 
     @configurable
     def __init__(
         self,
         *,
-        network: Union[GridUNet, BackboneGridUNet],
+        network: GridUNet,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int,
@@ -372,15 +246,15 @@ class SemanticNucleiSegmentor(nn.Module):
     ):
         """
         Args:
-            network: a ``GridUNet`` or ``BackboneGridUNet`` with one output class.
+            network: a ``GridUNet`` (any encoder) with one output class.
             pixel_mean, pixel_std: per-channel normalization, in the input's channel order.
-            size_divisibility: pad inputs to multiples of it (the network's coarsest stride).
+            size_divisibility: pad inputs to multiples of it (the network's coarsest stride,
+                ``network.size_divisibility``).
             ds_target: ``"pool"`` (ground truth max-pooled to each branch, the paper's) or
                 ``"upsample"`` (branch logits upsampled, the official code's).
             loss_weights: weights of focal, soft Dice and Lovasz hinge in the mixed loss.
             cgm_loss_weight: weight of the CGM loss (used when the network has CGMs).
-            prune_level: 0, or ``k``: infer with the sub-network ending at ``X[0][k]``
-                (``GridUNet`` only).
+            prune_level: 0, or ``k``: infer with the sub-network ending at ``X[0][k]``.
         """
         super().__init__()
         if ds_target not in DEEP_SUPERVISION_TARGETS:
@@ -406,20 +280,25 @@ class SemanticNucleiSegmentor(nn.Module):
         check_value("MODEL.UNET.LOSS_WEIGHTS", u.LOSS_WEIGHTS, len(u.LOSS_WEIGHTS) == 3,
                     "[focal, dice, lovasz] weights")
         network = build_semantic_network(cfg)
-        if isinstance(network, GridUNet):
-            size_divisibility = 2 ** network.depth
-        else:
-            size_divisibility = network.size_divisibility
         return {
             "network": network,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "size_divisibility": size_divisibility,
+            "size_divisibility": network.size_divisibility,
             "ds_target": u.DS_TARGET,
             "loss_weights": u.LOSS_WEIGHTS,
             "cgm_loss_weight": u.CGM_LOSS_WEIGHT,
             "prune_level": u.PRUNE_LEVEL,
         }
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Also load weights named ``network.bottom_up.*`` (checkpoints from before the encoder
+        adapter; ``tools/convert_torchvision_weights.py --prefix network.bottom_up.``): they are
+        the bottom-up's, now ``network.encoder.bottom_up.*``."""
+        old, new = prefix + "network.bottom_up.", prefix + "network.encoder.bottom_up."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[new + key[len(old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -443,26 +322,19 @@ class SemanticNucleiSegmentor(nn.Module):
         masks = [x["sem_seg"].to(self.device) for x in batched_inputs]
         target = ImageList.from_tensors(masks, self.size_divisibility).tensor
         target = (target > 0).to(images.tensor.dtype).unsqueeze(1)  # (N, 1, H, W)
-        logits, has_object = _branch_outputs(self.network(images.tensor))
+        output = self.network.forward_branches(images.tensor)
         focal, dice, lovasz = self.loss_weights
         loss = partial(mixed_loss, focal_weight=focal, dice_weight=dice, lovasz_weight=lovasz)
-        losses = {"loss_seg": deep_supervision_loss(logits, target, self.ds_target, loss)}
-        if has_object is not None:
-            losses["loss_cgm"] = self.cgm_loss_weight * cgm_loss(has_object, target)
+        losses = {"loss_seg": deep_supervision_loss(output.logits, target, self.ds_target, loss)}
+        if output.has_object:
+            losses["loss_cgm"] = self.cgm_loss_weight * cgm_loss(output.has_object, target)
         return losses
 
     def inference(
         self, images: ImageList, batched_inputs: List[Dict[str, Any]]
     ) -> List[Dict[str, Tensor]]:
         """Final-branch probabilities (CGM-gated), one ``(1, height, width)`` map per image."""
-        if self.prune_level:
-            output = self.network(images.tensor, level=self.prune_level)
-        else:
-            output = self.network(images.tensor)
-        logits, has_object = _branch_outputs(output)
-        probabilities = torch.sigmoid(logits[-1])
-        if has_object is not None:
-            probabilities = probabilities * ClassificationGuidedModule.gate(has_object[-1])
+        probabilities = self.network.predict_probabilities(images.tensor, self.prune_level or None)
         results = []
         for p, x, size in zip(probabilities, batched_inputs, images.image_sizes):
             height, width = x.get("height", size[0]), x.get("width", size[1])

@@ -1,12 +1,18 @@
-"""Pure-PyTorch models of sharp-fpn: blocks, the grid decoder, the UNet family (no detectron2)."""
+"""Pure-PyTorch models of sharp-fpn: blocks, encoders, the grid decoder, heads, the UNet family
+(no detectron2)."""
 from .blocks import ConvNormReLU, VGGBlock, get_norm, he_init_, resample
+from .encoders import GridEncoder, VGGEncoder
 from .grid_decoder import GridDecoder
-from .heads import ClassificationGuidedModule, SegmentationHead
+from .heads import (
+    ClassificationGuidedModule,
+    SegmentationHead,
+    UpsamplingHead,
+    branch_probabilities,
+)
 from .unet import (
     ARCHS,
     GridUNet,
     SegmentationOutput,
-    VGGEncoder,
     count_parameters,
     create_model,
     supervised_branches,
@@ -17,11 +23,14 @@ __all__ = [
     "ClassificationGuidedModule",
     "ConvNormReLU",
     "GridDecoder",
+    "GridEncoder",
     "GridUNet",
     "SegmentationHead",
     "SegmentationOutput",
+    "UpsamplingHead",
     "VGGBlock",
     "VGGEncoder",
+    "branch_probabilities",
     "count_parameters",
     "create_model",
     "get_norm",

@@ -7,20 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..grid import FULL_SCALE, Input, Node, Position, build_grid, node_name
+from ..grid import FULL_SCALE, Input, Node, Position, build_grid, node_key, node_name
 from .blocks import UPSAMPLE_MODES, ConvNormReLU, Norm, get_norm, he_init_, node_block, resample
 
 FULL_SCALE_OPS = ("upsample", "conv")
 Features = Union[Sequence[Tensor], Mapping[int, Tensor]]
 
 
-def _key(position: Position) -> str:
-    return f"{position[0]}_{position[1]}"
-
-
 def _edge_key(node: Position, source: Position) -> str:
     """``((0, 3), (3, 0))`` -> ``"0_3_from_3_0"``: the input edge ``X[3][0] -> X[0][3]``."""
-    return f"{_key(node)}_from_{_key(source)}"
+    return f"{node_key(node)}_from_{node_key(source)}"
 
 
 class GridDecoder(nn.Module):
@@ -122,7 +118,7 @@ class GridDecoder(nn.Module):
         if full_scale == "conv":
             sources = [x.source for n in self.grid for x in n.inputs if x.role == FULL_SCALE]
             for source in dict.fromkeys(sources):
-                self.full_scale_convs[_key(source)] = nn.Conv2d(
+                self.full_scale_convs[node_key(source)] = nn.Conv2d(
                     self.node_channels[source], full_scale_channels, 3, padding=1
                 )
             if sources:
@@ -144,14 +140,14 @@ class GridDecoder(nn.Module):
             if node.column == 0:
                 continue
             if node.project_inputs:
-                self.projections[_key(node.position)] = nn.ModuleList(
+                self.projections[node_key(node.position)] = nn.ModuleList(
                     ConvNormReLU(self._input_width(node, x), project_channels, norm)
                     for x in node.inputs
                 )
                 concat_width = project_channels * len(node.inputs)
             else:
                 concat_width = sum(self._input_width(node, x) for x in node.inputs)
-            self.blocks[_key(node.position)] = node_block(
+            self.blocks[node_key(node.position)] = node_block(
                 block, concat_width, widths[node.level], norm
             )
         he_init_(self)
@@ -185,7 +181,7 @@ class GridDecoder(nn.Module):
                 continue
             size = nodes[(i, 0)].shape[-2:]
             parts = [self._prepare(node, k, x, nodes, size) for k, x in enumerate(node.inputs)]
-            nodes[(i, j)] = self.blocks[_key((i, j))](torch.cat(parts, dim=1))
+            nodes[(i, j)] = self.blocks[node_key((i, j))](torch.cat(parts, dim=1))
         return nodes
 
     def _reduced_width(self, node: Node, x: Input) -> Optional[int]:
@@ -214,9 +210,9 @@ class GridDecoder(nn.Module):
             t = self.reductions[edge](t)
         t = resample(t, x.scale, size, self.upsample_mode)
         if node.project_inputs:
-            return self.projections[_key(node.position)][index](t)
+            return self.projections[node_key(node.position)][index](t)
         if x.role == FULL_SCALE and self.full_scale == "conv":
-            return F.relu(self.full_scale_norm(self.full_scale_convs[_key(x.source)](t)))
+            return F.relu(self.full_scale_norm(self.full_scale_convs[node_key(x.source)](t)))
         return t
 
     def extra_repr(self) -> str:

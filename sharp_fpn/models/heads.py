@@ -5,13 +5,13 @@ decides which node gets which head (SPEC section 2).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import he_init_
+from .blocks import ConvNormReLU, Norm, he_init_
 
 
 class SegmentationHead(nn.Module):
@@ -36,6 +36,37 @@ class SegmentationHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
+
+
+class UpsamplingHead(nn.Module):
+    """From a node at stride ``2**len(widths)`` to full-resolution logits.
+
+    Per doubling: bilinear upsampling x2 (``align_corners=True``), then conv3x3-norm-ReLU to the
+    next of ``widths``; finally a 1x1 conv to ``classes`` logits (segmentation_models_pytorch's
+    UNet ends its decoder the same way, without skips, at widths 32 and 16). The top-row heads
+    of a network whose level 0 is not at full resolution (a detectron2 bottom-up's stride 4).
+
+    ``(N, in_channels, h, w) -> (N, classes, h * 2**len(widths), w * 2**len(widths))``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        widths: Sequence[int],
+        classes: int = 1,
+        norm: Norm = "BN",
+        relu: bool = False,
+    ):
+        super().__init__()
+        widths_in = [in_channels] + list(widths[:-1])
+        self.blocks = nn.ModuleList(ConvNormReLU(a, b, norm) for a, b in zip(widths_in, widths))
+        self.head = SegmentationHead(widths[-1] if widths else in_channels, classes, 1, relu)
+        he_init_(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
+        return self.head(x)
 
 
 class GlobalAvgMaxPool(nn.Module):
@@ -109,3 +140,17 @@ class ClassificationGuidedModule(nn.Sequential):
         Multiply a branch's ``(N, classes, H, W)`` probabilities with it.
         """
         return class_logits.argmax(dim=1).to(class_logits.dtype).view(-1, 1, 1, 1)
+
+
+def branch_probabilities(logits: Tensor, class_logits: Optional[Tensor] = None) -> Tensor:
+    """A branch's inference output: ``sigmoid(logits)``, times its CGM's 0/1 decision if any.
+
+    ``(N, classes, H, W)`` logits and ``(N, 2)`` CGM class logits (or None) -> ``(N, classes,
+    H, W)`` probabilities; an image whose classifier says "no object" gets all background.
+    The one place that writes the paper's inference (``GridUNet.predict_probabilities``,
+    ``SegmentationOutput.probabilities``).
+    """
+    probabilities = torch.sigmoid(logits)
+    if class_logits is None:
+        return probabilities
+    return probabilities * ClassificationGuidedModule.gate(class_logits)

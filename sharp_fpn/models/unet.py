@@ -1,7 +1,11 @@
 """The UNet family of the paper (UNet, WUNet, UNet++, UNet3+, UNet#) as one grid network.
 
-``create_model(arch)`` = a VGG encoder (the grid's column 0) + ``GridDecoder`` + conv heads on
-chosen nodes (the branches), optionally with UNet#'s classification-guided modules (CGM).
+``GridUNet`` = an encoder (the grid's column 0, a ``GridEncoder``) + ``GridDecoder`` + conv heads
+on chosen nodes (the branches), optionally with UNet#'s classification-guided modules (CGM). One
+class for every encoder: the paper's VGG blocks (``VGGEncoder``, what ``create_model(arch)``
+builds) or another network's bottom-up through an adapter (detectron2's ResNet or VGG:
+``sharp_fpn.d2.semantic.BottomUpEncoder``, Table 2's semantic networks). Its inference is
+``predict_probabilities(x, level=None)``.
 With 3 input channels and 1 class the parameter counts equal the paper's Table 1
 (SPEC section 1); deep supervision adds its heads' parameters (``conv k x k``: ``C*k*k + 1``
 per class):
@@ -18,7 +22,8 @@ arch                           no DS       ``deep_supervision=True`` (its defaul
 ``unet_sharp``, level 1/2/3       103,041 / 555,969 / 2,531,073 (no DS; also ``prune(k)``)
 =============================  ==========  =============================================
 
-Deep supervision (SPEC section 2). The branches are read off the grid, never named by hand:
+Deep supervision (SPEC section 2). The branches are read off the grid (``Grid.branches``), never
+named by hand:
 
 - ``"top"``: the top row ``X[0][1..L-1]``, heads like the final one (1x1; UNet3+: 3x3). The
   paper's loss ``L_In``; what pruning needs. Nested schemes only (the others have no such
@@ -31,14 +36,20 @@ Deep supervision (SPEC section 2). The branches are read off the grid, never nam
 
 Every mode also supervises the final ``X[0][L]``. Branch order (``GridUNet.branches``), as
 the official UNet# code returns them: top row ``X[0][1..L-1]``, then the decoder branches
-deepest first, then the final ``X[0][L]`` last. Each branch's logits come at its node's
-resolution (``H / 2**i``); ``sharp_fpn.losses.deep_supervision_loss`` either max-pools the
-ground truth down to it (the paper's) or upsamples the logits (the official code's).
+deepest first, then the final ``X[0][L]`` last. The top row and the final node get the same kind
+of head, at full resolution: the scheme's 1x1 conv (UNet3+: 3x3) when level 0 is at the image's
+resolution (``VGGEncoder``), else an ``UpsamplingHead`` from level 0's stride (one conv block
+per doubling, then 1x1). The decoder branches' 3x3 heads give logits at their node's resolution
+(``H / (s * 2**i)``, ``s`` = level 0's stride); ``sharp_fpn.losses.deep_supervision_loss``
+either max-pools the ground truth down to it (the paper's) or upsamples the logits (the
+official code's).
 
 Pruning (the paper's fast mode): ``GridUNet.prune(k)`` of a model trained with heads on the top
 row returns a standalone network that computes only the nodes ``i + j <= k`` and the head (and
-CGM) on ``X[0][k]``: the same module as ``create_model(arch, level=k)`` (isolated training),
-carrying the trained weights, so with the same parameter count.
+CGM) on ``X[0][k]``: the network isolated training builds (``create_model(arch, level=k)``;
+for any encoder, ``GridUNet`` on ``encoder.truncated(k)`` with the first ``k`` decoder widths),
+carrying the trained weights, so with the same parameter count. ``forward(x, level=k)`` and
+``predict_probabilities(x, level=k)`` compute the same without copying.
 
 UNet3+: the paper reports 9.79M, which is not reproducible. The official UNet3+ design
 (encoder as here; five inputs per decoder node, each through conv3x3-BN-ReLU to CatChannels =
@@ -51,20 +62,47 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..grid import SCHEMES, Grid, Position, node_name
-from .blocks import VGGBlock, he_init_
+from ..grid import (
+    DEEP_SUPERVISION_MODES,
+    DEFAULT_DEEP_SUPERVISION,
+    SCHEME_FACTS,
+    SCHEMES,
+    Grid,
+    Position,
+    node_key,
+    node_name,
+)
+from .blocks import Norm
+from .encoders import GridEncoder, VGGEncoder
 from .grid_decoder import GridDecoder
-from .heads import ClassificationGuidedModule, SegmentationHead
+from .heads import (
+    ClassificationGuidedModule,
+    SegmentationHead,
+    UpsamplingHead,
+    branch_probabilities,
+)
+
+__all__ = [
+    "ARCHS",
+    "DEEP_SUPERVISION_MODES",
+    "DEFAULT_DEEP_SUPERVISION",
+    "PAPER_CHANNELS",
+    "WIDE_CHANNELS",
+    "Arch",
+    "GridUNet",
+    "ModelOutput",
+    "SegmentationOutput",
+    "VGGEncoder",
+    "count_parameters",
+    "create_model",
+    "supervised_branches",
+]
 
 PAPER_CHANNELS = (32, 64, 128, 256, 512)
 WIDE_CHANNELS = (35, 70, 140, 280, 560)
-
-DEEP_SUPERVISION_MODES = ("top", "decoder", "all")
-DEFAULT_DEEP_SUPERVISION = {"unet": "decoder", "2plus": "top", "3plus": "decoder", "sharp": "all"}
-"""What ``deep_supervision=True`` means per scheme: each paper's own deep supervision."""
 
 
 @dataclass(frozen=True)
@@ -90,46 +128,23 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def supervised_branches(grid: Grid, mode: Optional[str]) -> Tuple[Position, ...]:
-    """The nodes that get a head, in output order; the final ``X[0][L]`` is always last.
-
-    Args:
-        grid: the network's connectivity.
-        mode: ``None`` (the final node only), ``"top"``, ``"decoder"`` or ``"all"`` (see the
-            module docstring).
-
-    Returns:
-        ``X[0][1..L-1]`` (``"top"``, ``"all"``), then ``X[L][0], ..., X[1][L-1]``
-        (``"decoder"``, ``"all"``), then ``X[0][L]``.
-    """
-    if mode is not None and mode not in DEEP_SUPERVISION_MODES:
-        raise ValueError(
-            f"deep_supervision must be a bool or one of {DEEP_SUPERVISION_MODES}, got {mode!r}"
-        )
-    final = grid.decoder_outputs[-1]  # X[0][L]
-    top = tuple(sorted(p for p in grid.positions if p[0] == 0 and 0 < p[1] < final[1]))
-    if mode in ("top", "all") and len(top) < final[1] - 1:
-        raise ValueError(
-            f"deep_supervision={mode!r}: scheme {grid.scheme!r} has no top-row nodes "
-            f"X[0][1..{final[1] - 1}] (only the nested schemes '2plus' and 'sharp' have them); "
-            "use 'decoder'"
-        )
-    decoder = tuple(p for p in grid.decoder_outputs if p[0] > 0)  # X[L][0], ..., X[1][L-1]
-    return (
-        (top if mode in ("top", "all") else ())
-        + (decoder if mode in ("decoder", "all") else ())
-        + (final,)
-    )
+    """The nodes that get a head, in output order, the final ``X[0][L]`` last:
+    ``grid.branches(mode)`` (kept as a function for existing callers)."""
+    return grid.branches(mode)
 
 
 @dataclass
 class SegmentationOutput:
-    """What a ``GridUNet`` built with ``cgm=True`` returns: per branch, logits and CGM logits.
+    """Per branch, logits and (with CGMs) CGM class logits: what ``GridUNet.forward_branches``
+    returns, and ``forward`` for a network with CGMs.
 
     Attributes:
-        logits: one ``(N, classes, H / 2**i, W / 2**i)`` tensor per branch ``X[i][j]``,
-            un-gated (train the segmentation on these), in ``branches`` order.
+        logits: one ``(N, classes, h, w)`` tensor per branch, un-gated (train the segmentation
+            on these), in ``branches`` order; the top row and the final node at full
+            resolution, decoder branch ``X[i][j]`` at its node's.
         has_object: one ``(N, 2)`` tensor of CGM class logits per branch (class 1 = the
-            image contains foreground); train with ``sharp_fpn.losses.cgm_loss``.
+            image contains foreground; train with ``sharp_fpn.losses.cgm_loss``); empty when
+            the network has no CGMs.
         branches: the ``(i, j)`` node of each branch; the final ``X[0][L]`` (or the pruning
             level's ``X[0][k]``) last.
     """
@@ -144,68 +159,50 @@ class SegmentationOutput:
 
     def probabilities(self, gated: bool = True) -> List[Tensor]:
         """Per branch, sigmoid probabilities ``(N, classes, h, w)``; with ``gated`` (the
-        paper's inference) multiplied by the CGM's 0/1 decision, so a branch whose classifier
-        says "no object" predicts all background."""
-        probabilities = [torch.sigmoid(x) for x in self.logits]
-        if not gated:
-            return probabilities
-        return [p * g for p, g in zip(probabilities, self.gates())]
+        paper's inference) and CGMs, multiplied by the CGM's 0/1 decision, so a branch whose
+        classifier says "no object" predicts all background (``branch_probabilities``)."""
+        if gated and self.has_object:
+            return [branch_probabilities(x, c) for x, c in zip(self.logits, self.has_object)]
+        return [branch_probabilities(x) for x in self.logits]
 
 
 ModelOutput = Union[Tensor, List[Tensor], SegmentationOutput]
 
 
-class VGGEncoder(nn.Module):
-    """Column 0 of the grid: ``X[0][0] = f2(image)``, ``X[i][0] = f2(p(X[i-1][0]))``.
-
-    ``f2`` = ``VGGBlock(in, c_i, c_i)``, ``p`` = ``MaxPool2d(2)``.
-
-    Args:
-        in_channels: image channels.
-        channels: widths ``c_0..c_L`` of levels ``0..L``.
-        norm: ``"BN"``, ``"GN"`` or ``""``.
-    """
-
-    def __init__(self, in_channels: int, channels: Sequence[int], norm: str = "BN"):
-        super().__init__()
-        widths_in = [in_channels] + list(channels[:-1])
-        self.stages = nn.ModuleList(VGGBlock(a, b, b, norm) for a, b in zip(widths_in, channels))
-        self.pool = nn.MaxPool2d(2)
-        he_init_(self)
-
-    def forward(self, x: Tensor, depth: Optional[int] = None) -> List[Tensor]:
-        """``(N, in_channels, H, W)`` -> ``[X[i][0]]``, ``(N, c_i, H / 2**i, W / 2**i)`` (floored),
-        for levels ``0..depth`` (default: all)."""
-        depth = len(self.stages) - 1 if depth is None else depth
-        features = [self.stages[0](x)]
-        for stage in self.stages[1 : depth + 1]:
-            features.append(stage(self.pool(features[-1])))
-        return features
-
-
-def _key(position: Position) -> str:
-    return f"{position[0]}_{position[1]}"
-
-
 class GridUNet(nn.Module):
-    """A UNet-family segmentation network: VGG encoder, grid decoder, heads on chosen nodes.
+    """A UNet-family segmentation network: encoder, grid decoder, heads on chosen nodes.
 
-    Node ``X[i][j]`` has ``channels[i]`` channels (UNet3+: ``(L + 1) * channels[0]`` for the
-    decoder nodes, with inputs projected to ``channels[0]`` and an ``f`` fusion, officially).
-    The heads (``heads``, keyed ``"i_j"``) map a node to ``classes`` logits: 1x1 convs on the
-    top row ``X[0][j]`` (UNet3+: 3x3, as its official code), 3x3 convs on the decoder branches.
+    Column 0 is the encoder's levels ``0..L``; decoder node ``X[i][j]`` has ``widths[i]``
+    channels. The heads (``heads``, keyed ``"i_j"``) map a node to ``classes`` logits: on the
+    top row and the final node, full-resolution heads (the scheme's 1x1 conv, UNet3+ 3x3; an
+    ``UpsamplingHead`` when the encoder's level 0 is at a stride > 1); 3x3 convs on the decoder
+    branches, at their own resolution.
 
     Args:
         scheme: ``"unet"``, ``"2plus"``, ``"3plus"`` or ``"sharp"``.
-        in_channels: image channels.
+        in_channels: image channels of the default encoder (3).
         classes: output channels (logits).
-        channels: encoder widths of levels ``0..L``; ``L = len(channels) - 1``.
+        channels: widths of the default encoder's levels ``0..L`` (``PAPER_CHANNELS``);
+            ``L = len(channels) - 1``.
+        encoder: the grid's column 0; default ``VGGEncoder(in_channels, channels, norm)`` (the
+            paper's). Give either ``encoder`` or ``in_channels``/``channels``.
+        widths: decoder node widths of levels ``0..L-1``; default the paper's: the encoder's
+            ``channels[:L]``, UNet3+ ``(L + 1) * project_channels`` (its UpChannels) at every
+            level.
+        upsample_widths: the ``UpsamplingHead`` widths of the full-resolution heads, one per
+            doubling from the encoder's stride to 1 (none for stride 1, two for stride 4).
         deep_supervision: ``False`` (one head, on ``X[0][L]``), ``"top"``, ``"decoder"``,
             ``"all"`` (see the module docstring), or ``True`` for the scheme's own
             (``DEFAULT_DEEP_SUPERVISION``).
         full_scale: UNet#'s full-scale op, ``"upsample"`` or ``"conv"``.
-        norm: ``"BN"``, ``"GN"`` or ``""``.
+        full_scale_channels: output channels of the ``"conv"`` full-scale op (32 officially).
+        project_channels: UNet3+'s width of each projected input (CatChannels); default the
+            encoder's ``channels[0]`` (the official 32).
+        norm: ``"BN"``, ``"GN"``, ``""`` or a factory ``channels -> nn.Module``: the default
+            encoder's, the decoder's and the upsampling heads'.
         upsample_mode: ``"bilinear"`` (official, ``align_corners=True``) or ``"nearest"``.
+        reduce_upsampled: 1x1-reduce wide upsampled inputs at their own resolution
+            (``GridDecoder``); off by default, the paper's networks.
         head_relu: a ReLU after every head (the paper's text); off by default as the official
             code (see ``SegmentationHead``).
         cgm: a classification-guided module on every branch (heavy on the two deepest
@@ -214,20 +211,26 @@ class GridUNet(nn.Module):
         cgm_dropout: dropout probability inside the CGMs.
 
     Attributes:
-        branches: the supervised nodes, in output order (``supervised_branches``).
+        branches: the supervised nodes, in output order (``Grid.branches``).
     """
 
     def __init__(
         self,
         scheme: str,
-        in_channels: int = 3,
+        in_channels: Optional[int] = None,
         classes: int = 1,
-        channels: Sequence[int] = PAPER_CHANNELS,
+        channels: Optional[Sequence[int]] = None,
         *,
+        encoder: Optional[GridEncoder] = None,
+        widths: Optional[Sequence[int]] = None,
+        upsample_widths: Sequence[int] = (),
         deep_supervision: Union[bool, str] = False,
         full_scale: str = "upsample",
-        norm: str = "BN",
+        full_scale_channels: int = 32,
+        project_channels: Optional[int] = None,
+        norm: Norm = "BN",
         upsample_mode: str = "bilinear",
+        reduce_upsampled: bool = False,
         head_relu: bool = False,
         cgm: bool = False,
         cgm_dropout: float = 0.5,
@@ -235,66 +238,115 @@ class GridUNet(nn.Module):
         super().__init__()
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
-        depth = len(channels) - 1
+        if encoder is None:
+            encoder = VGGEncoder(
+                3 if in_channels is None else in_channels,
+                PAPER_CHANNELS if channels is None else channels,
+                norm,
+            )
+        elif in_channels is not None or channels is not None:
+            raise ValueError(
+                "give either an encoder or in_channels/channels (the default VGGEncoder's)"
+            )
+        if 2 ** len(upsample_widths) != encoder.stride:
+            raise ValueError(
+                f"upsample_widths needs one width per doubling from the encoder's stride "
+                f"{encoder.stride} to 1, got {list(upsample_widths)}"
+            )
+        depth = encoder.depth
+        facts = SCHEME_FACTS[scheme]
+        project = encoder.channels[0] if project_channels is None else project_channels
+        if widths is None:  # the paper's; UNet3+: L + 1 projected inputs (UpChannels)
+            widths = [(depth + 1) * project] * depth if facts.project_inputs else (
+                encoder.channels[:depth]
+            )
         self.scheme = scheme
-        self.in_channels = in_channels
         self.classes = classes
-        self.channels = tuple(channels)
-        self.full_scale = full_scale
+        self.upsample_widths = tuple(upsample_widths)
         self.norm = norm
-        self.upsample_mode = upsample_mode
         self.head_relu = head_relu
         self.cgm = cgm
         self.cgm_dropout = cgm_dropout
 
-        self.encoder = VGGEncoder(in_channels, channels, norm)
-        if scheme == "3plus":
-            widths: Union[int, Sequence[int]] = (depth + 1) * channels[0]
-            block, top_kernel = "f", 3
-        else:
-            widths, block, top_kernel = channels[:depth], "f2", 1
+        self.encoder = encoder
         self.decoder = GridDecoder(
             scheme,
             depth,
-            channels,
-            widths,
-            block=block,
+            encoder.channels,
+            list(widths),
+            block=facts.node_op,
             norm=norm,
             full_scale=full_scale,
-            project_channels=channels[0],
+            full_scale_channels=full_scale_channels,
+            project_channels=project,
             upsample_mode=upsample_mode,
+            reduce_upsampled=reduce_upsampled,
         )
 
-        if deep_supervision is True:
-            mode: Optional[str] = DEFAULT_DEEP_SUPERVISION[scheme]
-        else:
-            mode = deep_supervision or None
-        self.deep_supervision = mode
-        self.branches = supervised_branches(self.decoder.grid, mode)
-        # heavy CGMs on the two deepest decoder branches (X[4][0], X[3][1] at L = 4)
-        heavy = {p for p in self.branches if p[0] > 0 and p[0] >= depth - 1}
+        grid = self.decoder.grid
+        mode = DEFAULT_DEEP_SUPERVISION[scheme] if deep_supervision is True else deep_supervision
+        self.deep_supervision: Optional[str] = mode or None
+        self.branches: Tuple[Position, ...] = grid.branches(self.deep_supervision)
         self.heads = nn.ModuleDict()
         self.cgms = nn.ModuleDict()
         for position in self.branches:
             width = self.decoder.node_channels[position]
-            kernel = top_kernel if position[0] == 0 else 3
-            self.heads[_key(position)] = SegmentationHead(width, classes, kernel, head_relu)
+            if position in grid.decoder_branches:
+                head: nn.Module = SegmentationHead(width, classes, 3, head_relu)
+            elif self.upsample_widths:
+                head = UpsamplingHead(width, self.upsample_widths, classes, norm, head_relu)
+            else:
+                head = SegmentationHead(width, classes, facts.top_head_kernel, head_relu)
+            self.heads[node_key(position)] = head
             if cgm:
-                self.cgms[_key(position)] = ClassificationGuidedModule(
-                    width, heavy=position in heavy, dropout=cgm_dropout
+                self.cgms[node_key(position)] = ClassificationGuidedModule(
+                    width, heavy=position in grid.heavy_cgm_branches, dropout=cgm_dropout
                 )
 
     @property
     def depth(self) -> int:
         return self.decoder.grid.depth
 
+    @property
+    def in_channels(self) -> int:
+        """Image channels (the encoder's)."""
+        return self.encoder.in_channels
+
+    @property
+    def channels(self) -> Tuple[int, ...]:
+        """Channels of the encoder's levels ``0..L``."""
+        return self.encoder.channels
+
+    @property
+    def full_scale(self) -> str:
+        return self.decoder.full_scale
+
+    @property
+    def upsample_mode(self) -> str:
+        return self.decoder.upsample_mode
+
+    @property
+    def size_divisibility(self) -> int:
+        """Image sides the coarsest level divides exactly: ``stride * 2**L`` (pad to it)."""
+        return self.encoder.stride * 2**self.depth
+
     def forward_nodes(self, x: Tensor, level: Optional[int] = None) -> Dict[Position, Tensor]:
         """Every node's features, the hook for heads.
 
-        ``(N, C, H, W)`` image -> ``{(i, j): (N, C_ij, H / 2**i, W / 2**i)}``.
-        ``level`` computes only the sub-network pruned to ``X[0][level]``.
+        ``(N, C, H, W)`` image -> ``{(i, j): (N, C_ij, H / (s * 2**i), W / (s * 2**i))}``, ``s``
+        the encoder's stride. ``level`` computes only the sub-network pruned to ``X[0][level]``.
         """
         return self.decoder(self.encoder(x, level), level)
+
+    def forward_branches(self, x: Tensor, level: Optional[int] = None) -> SegmentationOutput:
+        """Every branch's logits (and CGM class logits), always as a ``SegmentationOutput``
+        (``has_object`` empty without CGMs); with ``level``, only the branch ``X[0][level]``.
+        What training reads; ``forward`` returns the same in its documented forms."""
+        branches = self.branches if level is None else (self._final_branch(level),)
+        nodes = self.forward_nodes(x, level)
+        logits = [self.heads[node_key(p)](nodes[p]) for p in branches]
+        has_object = [self.cgms[node_key(p)](nodes[p]) for p in branches] if self.cgm else []
+        return SegmentationOutput(logits, has_object, branches)
 
     def forward(self, x: Tensor, level: Optional[int] = None) -> ModelOutput:
         """Segmentation logits of every branch.
@@ -308,45 +360,33 @@ class GridUNet(nn.Module):
 
         Returns:
             Without CGM: ``(N, classes, H, W)`` logits of ``X[0][L]`` (or ``X[0][level]``);
-            with deep supervision and no ``level``, the list of every branch's logits
-            ``(N, classes, H / 2**i, W / 2**i)`` in ``branches`` order, the final one last.
-            With CGM: a ``SegmentationOutput`` holding the same branches (one if ``level`` is
-            given or there is no deep supervision) and their class logits.
+            with deep supervision and no ``level``, the list of every branch's logits in
+            ``branches`` order, the final one last (decoder branches at their own
+            resolution). With CGM: a ``SegmentationOutput`` holding the same branches (one if
+            ``level`` is given or there is no deep supervision) and their class logits.
         """
-        if level is not None and (0, level) not in self.branches:
-            heads = ", ".join(node_name(p) for p in self.branches)
-            raise ValueError(
-                f"level {level}: no head on X[0][{level}]; heads exist on {heads} "
-                "(build with deep_supervision='top' or 'all' to prune)"
-            )
-        branches = self.branches if level is None else ((0, level),)
-        nodes = self.forward_nodes(x, level)
-        logits = [self.heads[_key(p)](nodes[p]) for p in branches]
+        output = self.forward_branches(x, level)
         if self.cgm:
-            has_object = [self.cgms[_key(p)](nodes[p]) for p in branches]
-            return SegmentationOutput(logits, has_object, branches)
-        return logits if len(branches) > 1 else logits[0]
+            return output
+        return output.logits if len(output.logits) > 1 else output.logits[0]
 
     def predict_probabilities(self, x: Tensor, level: Optional[int] = None) -> Tensor:
         """Inference: the final branch's (or ``X[0][level]``'s) sigmoid probabilities.
 
-        ``(N, in_channels, H, W)`` image -> ``(N, classes, H, W)`` probabilities, multiplied by
-        the branch's CGM 0/1 decision (argmax, per image) when the network has CGMs. Computes
-        only the nodes that branch needs and only its head; traceable (``torch.export``,
-        ``torch.jit.trace``): the CGM gate is a tensor op.
+        ``(N, in_channels, H, W)`` image -> ``(N, classes, H, W)`` probabilities at the input's
+        resolution, multiplied by the branch's CGM 0/1 decision (argmax, per image) when the
+        network has CGMs (``branch_probabilities``). Computes only the nodes that branch needs
+        and only its head. Traceable (``torch.export``, ``torch.jit.trace``): the CGM gate is a
+        tensor op, and the only branching is on the network's structure.
         """
-        position = self._final_branch(level)
-        nodes = self.forward_nodes(x, level)
-        probabilities = torch.sigmoid(self.heads[_key(position)](nodes[position]))
-        if self.cgm:
-            gate = ClassificationGuidedModule.gate(self.cgms[_key(position)](nodes[position]))
-            probabilities = probabilities * gate
-        return probabilities
+        output = self.forward_branches(x, level)
+        logits = output.logits[-1]
+        if self.encoder.stride > 1:  # the head's output is ``stride * (H // stride)`` wide
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+        return branch_probabilities(logits, output.has_object[-1] if self.cgm else None)
 
-    def _final_branch(self, level: Optional[int]) -> Position:
-        """``X[0][L]``, or ``X[0][level]`` after checking that it has a head."""
-        if level is None:
-            return self.branches[-1]
+    def _final_branch(self, level: int) -> Position:
+        """``X[0][level]``, after checking that it has a head."""
         if (0, level) not in self.branches:
             heads = ", ".join(node_name(p) for p in self.branches)
             raise ValueError(
@@ -361,9 +401,12 @@ class GridUNet(nn.Module):
         Embedded training (SPEC section 2): train the full network with heads on the top row,
         prune for inference. The result computes only the nodes ``X[i][j]`` with
         ``i + j <= level`` and the head (and CGM) on ``X[0][level]``; it is the network
-        ``create_model(arch, level=level)`` builds (same modules, same parameter count), with
-        copies of this network's parameters and buffers, in this network's train/eval mode,
-        device and dtype. Its output equals ``self(x)``'s branch ``X[0][level]``.
+        isolated training builds (``GridUNet`` on ``encoder.truncated(level)`` with the first
+        ``level`` decoder widths, as ``create_model(arch, level=level)``: same modules, same
+        parameter count), with copies of this network's parameters and buffers, in this
+        network's train/eval mode, device and dtype. Its output equals ``self(x)``'s branch
+        ``X[0][level]``. Any encoder: a detectron2 bottom-up is kept whole (its levels beyond
+        ``level`` are no longer read).
 
         Raises:
             ValueError: ``level`` is not a pruning level of this scheme (``unet`` and ``3plus``
@@ -375,19 +418,24 @@ class GridUNet(nn.Module):
                 f"prune({level}): X[0][{level}] has no head (build with deep_supervision='top' "
                 "or 'all')"
             )
+        decoder = self.decoder
         pruned = GridUNet(
             self.scheme,
-            self.in_channels,
-            self.classes,
-            self.channels[: level + 1],
-            full_scale=self.full_scale,
+            classes=self.classes,
+            encoder=self.encoder.truncated(level),
+            widths=decoder.widths[:level],
+            upsample_widths=self.upsample_widths,
+            full_scale=decoder.full_scale,
+            full_scale_channels=decoder.full_scale_channels,
+            project_channels=decoder.project_channels,
             norm=self.norm,
-            upsample_mode=self.upsample_mode,
+            upsample_mode=decoder.upsample_mode,
+            reduce_upsampled=decoder.reduce_upsampled,
             head_relu=self.head_relu,
             cgm=self.cgm,
             cgm_dropout=self.cgm_dropout,
         )
-        # the sub-network's modules have the same names (stage index, node and branch keys)
+        # the sub-network's modules have the same names (encoder, node and branch keys)
         state = self.state_dict()
         pruned.load_state_dict({name: state[name] for name in pruned.state_dict()})
         reference = next(self.parameters())
@@ -429,16 +477,17 @@ def create_model(
         cgm_dropout: dropout probability inside the CGMs.
 
     Returns:
-        A ``GridUNet``; ``model(x)`` maps ``(N, in_channels, H, W)`` to ``(N, classes, H, W)``
-        logits, a list of branch logits with deep supervision, or a ``SegmentationOutput``
-        with ``cgm``.
+        A ``GridUNet`` on a ``VGGEncoder``; ``model(x)`` maps ``(N, in_channels, H, W)`` to
+        ``(N, classes, H, W)`` logits, a list of branch logits with deep supervision, or a
+        ``SegmentationOutput`` with ``cgm``; ``model.predict_probabilities(x)`` to the final
+        branch's probabilities.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
     spec = ARCHS[arch]
     if not 1 <= level <= len(spec.channels) - 1:
         raise ValueError(f"level must be in 1..{len(spec.channels) - 1}, got {level}")
-    if full_scale != "upsample" and spec.scheme != "sharp":
+    if full_scale != "upsample" and not SCHEME_FACTS[spec.scheme].full_scale_skips:
         raise ValueError(f"full_scale={full_scale!r} only applies to 'unet_sharp', not {arch!r}")
     return GridUNet(
         spec.scheme,
