@@ -9,14 +9,20 @@ import pytest
 from sharp_fpn import grid as grid_module
 from sharp_fpn.grid import (
     DECODER_UP,
+    DEFAULT_DEEP_SUPERVISION,
     DENSE,
     ENCODER_DOWN,
     FULL_SCALE,
+    NESTED_SCHEMES,
     POOL,
+    SCHEME_FACTS,
+    SCHEME_NAMES,
     SCHEMES,
     UP,
     Input,
     build_grid,
+    key_position,
+    node_key,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,3 +219,76 @@ def test_grid_is_pure_python():
         )
     }
     assert imported <= {"__future__", "argparse", "dataclasses", "typing"}
+
+
+# ---- facts of each scheme, and the nodes that other modules ask for by role -------------------
+
+
+def test_scheme_facts():
+    assert SCHEMES == ("unet", "2plus", "3plus", "sharp")
+    assert NESTED_SCHEMES == ("2plus", "sharp")
+    assert SCHEME_NAMES == {"unet": "UNet", "2plus": "UNet++", "3plus": "UNet3+", "sharp": "UNet#"}
+    # each paper's own deep supervision: UNet++ the top row, UNet#'s 8 branches both
+    assert DEFAULT_DEEP_SUPERVISION == {
+        "unet": "decoder", "2plus": "top", "3plus": "decoder", "sharp": "all",
+    }
+    # UNet3+'s official design: each input through its own f, one f fusion, 3x3 heads
+    assert [s for s, f in SCHEME_FACTS.items() if f.project_inputs] == ["3plus"]
+    assert {s: f.node_op for s, f in SCHEME_FACTS.items()} == {
+        "unet": "f2", "2plus": "f2", "3plus": "f", "sharp": "f2",
+    }
+    assert {s: f.top_head_kernel for s, f in SCHEME_FACTS.items()} == {
+        "unet": 1, "2plus": 1, "3plus": 3, "sharp": 1,
+    }
+    assert [s for s, f in SCHEME_FACTS.items() if f.full_scale_skips] == ["sharp"]
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_named_nodes(scheme, depth):
+    grid = build_grid(scheme, depth)
+    nested = scheme in ("2plus", "sharp")
+    assert grid.nested is nested and grid.facts is SCHEME_FACTS[scheme]
+    assert grid.final == (0, depth) and grid.final in grid
+    assert grid.top_row == (tuple((0, j) for j in range(1, depth)) if nested else ())
+    assert grid.decoder_branches == tuple((depth - j, j) for j in range(depth))
+    assert grid.decoder_outputs == grid.decoder_branches + (grid.final,)
+    assert grid.neck_outputs == tuple((i, depth - i) for i in range(depth + 1))  # p2, p3, ...
+    assert grid.heavy_cgm_branches == tuple((depth - j, j) for j in range(min(2, depth)))
+    assert all(p in grid for p in grid.top_row + grid.decoder_outputs)
+    # every decoder node projects its inputs exactly when the scheme does (UNet3+)
+    assert {n.project_inputs for n in grid if n.column} == {grid.facts.project_inputs}
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_branches_per_mode(scheme, depth):
+    grid = build_grid(scheme, depth)
+    assert grid.branches(None) == ((0, depth),)
+    assert grid.branches("decoder") == grid.decoder_branches + ((0, depth),)
+    if grid.nested or depth == 1:  # depth 1: no top row to miss
+        assert grid.branches("top") == grid.top_row + ((0, depth),)
+        assert grid.branches("all") == grid.top_row + grid.decoder_branches + ((0, depth),)
+    else:
+        for mode in ("top", "all"):
+            with pytest.raises(ValueError, match="has no top-row nodes"):
+                grid.branches(mode)
+    with pytest.raises(ValueError, match="deep_supervision must be a bool or one of"):
+        grid.branches("middle")
+
+
+def test_unet_sharp_branches_are_the_papers_eight():
+    grid = build_grid("sharp", 4)
+    assert grid.branches(DEFAULT_DEEP_SUPERVISION["sharp"]) == (
+        (0, 1), (0, 2), (0, 3), (4, 0), (3, 1), (2, 2), (1, 3), (0, 4),
+    )
+    assert grid.heavy_cgm_branches == ((4, 0), (3, 1))
+    pruned = grid.pruned(2)
+    assert pruned.final == (0, 2) and pruned.top_row == ((0, 1),)
+    assert pruned.decoder_branches == ((2, 0), (1, 1))
+
+
+def test_node_keys():
+    assert node_key((1, 3)) == "1_3" and key_position("1_3") == (1, 3)
+    for position in build_grid("sharp", 6).positions:
+        assert key_position(node_key(position)) == position

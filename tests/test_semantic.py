@@ -11,10 +11,19 @@ from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from PIL import Image
 
+from detectron2.checkpoint import DetectionCheckpointer
+
 from sharp_fpn.d2.engine import ConfigError, Trainer, build_evaluator, get_config
 from sharp_fpn.d2.semantic_evaluator import CSV_NAME, SemanticIoUEvaluator, union_mask
-from sharp_fpn.models import count_parameters, create_model
-from sharp_fpn.d2.semantic import SemanticNucleiSegmentor
+from sharp_fpn.models import (
+    GridUNet,
+    UpsamplingHead,
+    VGGEncoder,
+    branch_probabilities,
+    count_parameters,
+    create_model,
+)
+from sharp_fpn.d2.semantic import BottomUpEncoder, SemanticNucleiSegmentor
 from sharp_fpn.d2.semantic_data import (
     HSVShiftTransform,
     Rot90Transform,
@@ -150,6 +159,114 @@ def test_pruned_inference_is_the_sub_network():
     assert torch.allclose(out, sem_seg_postprocess(expected, (32, 32), 45, 37), atol=1e-6)
 
 
+def test_one_network_class_for_both_encoders():
+    vgg_blocks = build_model(tiny_cfg(SEMANTIC / "table1" / "unet_sharp_ds.yaml"))
+    backbone = build_model(tiny_cfg(SEMANTIC / "unet_sharp_R101.yaml"))
+    assert type(vgg_blocks.network) is GridUNet and type(backbone.network) is GridUNet
+    assert isinstance(vgg_blocks.network.encoder, VGGEncoder)
+    encoder = backbone.network.encoder
+    assert isinstance(encoder, BottomUpEncoder) and type(encoder.bottom_up).__name__ == "ResNet"
+    assert encoder.stride == 4 and encoder.in_features == ("res2", "res3", "res4", "res5")
+    assert (vgg_blocks.size_divisibility, backbone.size_divisibility) == (16, 32)
+    # UNet#'s branches (L = 3 on res2..res5); the top row and the final node upsample from
+    # stride 4 to full resolution, the decoder branches stay at their own stride
+    network = backbone.network
+    assert network.branches == ((0, 1), (0, 2), (3, 0), (2, 1), (1, 2), (0, 3))
+    assert {k for k, h in network.heads.items() if isinstance(h, UpsamplingHead)} == {
+        "0_1", "0_2", "0_3"
+    }
+    with torch.no_grad():
+        out = network.eval()(torch.randn(1, 3, 64, 64))
+    assert [tuple(t.shape[-2:]) for t in out] == [(64, 64), (64, 64), (2, 2), (4, 4), (8, 8),
+                                                 (64, 64)]
+
+
+def _trained_bn(network, x):
+    """One train-mode forward, so BatchNorm running statistics differ from their init."""
+    with torch.no_grad():
+        network.train().forward_branches(x)
+    return network.eval()
+
+
+def test_backbone_predict_probabilities_is_the_gated_final_branch():
+    cfg = tiny_cfg(SEMANTIC / "unet_sharp_R101.yaml", "MODEL.UNET.CGM", True)
+    model = build_model(cfg)
+    x = _image_input(size=(64, 64), height=64, width=64)
+    normalized = ((x["image"].float() - model.pixel_mean) / model.pixel_std)[None]
+    network = _trained_bn(model.network, torch.cat([normalized, normalized.flip(-1)]))
+    model.eval()
+    for has_object in (True, False):
+        _force_cgm(model, has_object)
+        with torch.no_grad():
+            out = network(normalized)
+            probabilities = network.predict_probabilities(normalized)
+            segmented = model([x])[0]["sem_seg"]
+        expected = torch.sigmoid(out.logits[-1]) * float(has_object)
+        assert probabilities.shape == (1, 1, 64, 64)
+        torch.testing.assert_close(probabilities, expected)
+        torch.testing.assert_close(
+            probabilities, branch_probabilities(out.logits[-1], out.has_object[-1])
+        )
+        torch.testing.assert_close(segmented, probabilities[0])
+    assert torch.count_nonzero(probabilities) == 0
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_pruned_backbone_network_equals_the_full_ones_branch(level):
+    path = SEMANTIC / "unet_sharp_R101.yaml"
+    model = build_model(tiny_cfg(path))
+    x = torch.randn(2, 3, 64, 64)
+    network = _trained_bn(model.network, x)
+    with torch.no_grad():
+        full = network(x)
+        pruned = network.prune(level)
+        out = pruned(x)
+        assert torch.equal(out, full[network.branches.index((0, level))])
+        assert torch.equal(pruned.predict_probabilities(x), network.predict_probabilities(x, level))
+    assert pruned.branches == ((0, level),) and not pruned.training
+    assert set(pruned.decoder.grid.positions) == {
+        (i, j) for i in range(level + 1) for j in range(level + 1) if i + j <= level
+    }
+    # isolated training of L^level: the same bottom-up, its first level + 1 maps, one head
+    features = ["res2", "res3", "res4", "res5"][: level + 1]
+    isolated = build_model(tiny_cfg(path, "MODEL.UNET.DEEP_SUPERVISION", False,
+                                    "MODEL.UNET.IN_FEATURES", features,
+                                    "MODEL.UNET.WIDTHS", [8] * level)).network
+    assert count_parameters(pruned) == count_parameters(isolated)
+    assert set(pruned.state_dict()) == set(isolated.state_dict())
+    # a copy: the full network's bottom-up is not shared
+    assert pruned.encoder.bottom_up is not network.encoder.bottom_up
+
+
+def test_backbone_prune_level_inference():
+    path = SEMANTIC / "unet_sharp_R101.yaml"
+    full = build_model(tiny_cfg(path)).eval()
+    pruned = build_model(tiny_cfg(path, "MODEL.UNET.PRUNE_LEVEL", 1)).eval()
+    pruned.load_state_dict(full.state_dict())
+    x = _image_input()
+    with torch.no_grad():
+        normalized = ((x["image"].float() - full.pixel_mean) / full.pixel_std)[None]
+        expected = full.network.prune(1).predict_probabilities(normalized)[0]
+        out = pruned([x])[0]["sem_seg"]
+    torch.testing.assert_close(out, sem_seg_postprocess(expected, (32, 32), 45, 37))
+
+
+def test_weights_named_network_bottom_up_still_load(tmp_path):
+    """Converted ImageNet weights (``--prefix network.bottom_up.``) and older checkpoints name
+    the bottom-up ``network.bottom_up.*``; it is ``network.encoder.bottom_up.*`` now."""
+    model = build_model(tiny_cfg(SEMANTIC / "unet_R101.yaml"))
+    bottom_up = model.network.encoder.bottom_up
+    assert all(k.startswith("network.encoder.bottom_up.") for k in model.state_dict()
+               if "bottom_up" in k)
+    weights = {f"network.bottom_up.{k}": v + 1 for k, v in bottom_up.state_dict().items()
+               if v.is_floating_point()}
+    torch.save({"model": weights}, tmp_path / "converted.pth")
+    DetectionCheckpointer(model).load(str(tmp_path / "converted.pth"))
+    loaded = bottom_up.state_dict()
+    for name, value in weights.items():
+        assert torch.equal(loaded[name[len("network.bottom_up."):]], value), name
+
+
 @pytest.mark.parametrize(
     "path, opts, key",
     [
@@ -160,6 +277,7 @@ def test_pruned_inference_is_the_sub_network():
         ("table1/unet.yaml", ["MODEL.UNET.DS_BRANCHES", "middle"], "MODEL.UNET.DS_BRANCHES"),
         ("table1/unet3plus.yaml", ["MODEL.UNET.DS_BRANCHES", "top"], "MODEL.UNET.DS_BRANCHES"),
         ("unet_R101.yaml", ["MODEL.UNET.WIDTHS", [8, 8]], "MODEL.UNET.WIDTHS"),
+        ("unet_R101.yaml", ["MODEL.UNET.UPSAMPLE_WIDTHS", [4]], "MODEL.UNET.UPSAMPLE_WIDTHS"),
         ("unet_R101.yaml", ["MODEL.UNET.IN_FEATURES", ["res2", "res3", "res4", "p5"]],
          "MODEL.UNET.IN_FEATURES"),
     ],

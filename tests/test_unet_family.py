@@ -9,11 +9,18 @@ import torch.nn.functional as F
 
 from sharp_fpn.grid import build_grid
 from sharp_fpn.losses import cgm_loss, deep_supervision_loss, mixed_loss
+from torch import nn
+
 from sharp_fpn.models import (
     ClassificationGuidedModule,
     GridDecoder,
+    GridEncoder,
     GridUNet,
+    SegmentationHead,
     SegmentationOutput,
+    UpsamplingHead,
+    VGGEncoder,
+    branch_probabilities,
     count_parameters,
     create_model,
 )
@@ -542,3 +549,137 @@ def test_predict_probabilities_is_the_gated_final_branch(cgm):
     else:
         torch.testing.assert_close(level1, torch.sigmoid(logits[0]), rtol=0, atol=0)
     assert final.shape == (2, 1, 16, 16)
+
+
+def test_predict_probabilities_exports():
+    """torch.export traces the inference of a pruning level, CGM gate included."""
+    torch.manual_seed(0)
+    model = GridUNet("sharp", 3, 1, (4, 8, 16), deep_supervision="top", cgm=True).eval()
+
+    class Level1(nn.Module):
+        def __init__(self, network):
+            super().__init__()
+            self.network = network
+
+        def forward(self, x):
+            return self.network.predict_probabilities(x, level=1)
+
+    x = torch.randn(2, 3, 16, 16)
+    exported = torch.export.export(Level1(model), (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model.predict_probabilities(x, 1))
+
+
+def test_segmentation_output_probabilities_are_branch_probabilities():
+    torch.manual_seed(0)
+    logits = [torch.randn(2, 1, 4, 4), torch.randn(2, 1, 8, 8)]
+    has_object = [torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0]])]
+    out = SegmentationOutput(logits, has_object, ((1, 0), (0, 1)))
+    gated = out.probabilities()
+    torch.testing.assert_close(gated[0][0], torch.sigmoid(logits[0][0]))
+    assert torch.count_nonzero(gated[0][1]) == 0  # image 1: "no object"
+    for g, x, c in zip(gated, logits, has_object):
+        assert torch.equal(g, branch_probabilities(x, c))
+    without_cgm = SegmentationOutput(logits, [], ((1, 0), (0, 1)))
+    assert all(torch.equal(p, torch.sigmoid(x)) for p, x in zip(without_cgm.probabilities(), logits))
+
+
+# ---- one model for every encoder: a level 0 below full resolution --------------------------------
+
+
+class StridedEncoder(GridEncoder):
+    """A small encoder whose level 0 is at stride 2 (as a detectron2 bottom-up's stride 4):
+    one stride-2 conv3x3-ReLU per level."""
+
+    def __init__(self, channels=(6, 8, 10)):
+        super().__init__()
+        self.in_channels, self.channels, self.stride = 3, tuple(channels), 2
+        widths_in = (3,) + self.channels[:-1]
+        self.stages = nn.ModuleList(
+            nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(widths_in, channels)
+        )
+
+    def forward(self, x, depth=None):
+        features = []
+        for stage in self.stages[: (self.depth if depth is None else depth) + 1]:
+            x = torch.relu(stage(x))
+            features.append(x)
+        return features
+
+    def truncated(self, depth):
+        return StridedEncoder(self.channels[: depth + 1])
+
+
+def strided_model(**kwargs):
+    torch.manual_seed(0)
+    options = dict(widths=(4, 6), upsample_widths=(3,), deep_supervision="all", cgm=True)
+    return GridUNet("sharp", encoder=StridedEncoder(), **{**options, **kwargs})
+
+
+def test_heads_follow_the_encoders_stride():
+    model = strided_model()
+    assert model.size_divisibility == 2 * 2**2 and model.in_channels == 3
+    assert model.branches == ((0, 1), (2, 0), (1, 1), (0, 2))
+    kinds = {key: type(head).__name__ for key, head in model.heads.items()}
+    # the top row and the final node: to full resolution; decoder branches: 3x3 at their own
+    assert kinds == {"0_1": "UpsamplingHead", "0_2": "UpsamplingHead",
+                     "2_0": "SegmentationHead", "1_1": "SegmentationHead"}
+    assert model.heads["1_1"].conv.kernel_size == (3, 3)
+    x = torch.randn(2, 3, 16, 16)
+    out = trained_bn_statistics(model, x)(x)
+    assert [tuple(t.shape[-2:]) for t in out.logits] == [(16, 16), (2, 2), (4, 4), (16, 16)]
+    vgg = create_model("unet_sharp", deep_supervision=True, level=2)
+    assert all(isinstance(h, SegmentationHead) for h in vgg.heads.values())
+    assert vgg.size_divisibility == 4 and vgg.encoder.stride == 1
+
+
+def test_predict_probabilities_of_a_strided_encoder():
+    model = strided_model()
+    x = torch.randn(2, 3, 16, 16)
+    model = trained_bn_statistics(model, x)
+    force_decision(model.cgms["0_2"], has_object=True)
+    force_decision(model.cgms["0_1"], has_object=False)
+    with torch.no_grad():
+        out = model(x)
+        final = model.predict_probabilities(x)
+        level1 = model.predict_probabilities(x, level=1)
+        odd = model.predict_probabilities(torch.randn(1, 3, 13, 11))
+    torch.testing.assert_close(final, branch_probabilities(out.logits[-1], out.has_object[-1]))
+    torch.testing.assert_close(final, torch.sigmoid(out.logits[-1]))  # its CGM: "has object"
+    assert torch.count_nonzero(level1) == 0 and level1.shape == (2, 1, 16, 16)
+    assert odd.shape == (1, 1, 13, 11)  # at the input's resolution
+
+
+def test_prune_a_strided_encoder_network():
+    model = strided_model()
+    x = torch.randn(2, 3, 16, 16)
+    model = trained_bn_statistics(model, x)
+    with torch.no_grad():
+        full = model(x)
+        pruned = model.prune(1)
+        out = pruned(x)
+    isolated = GridUNet("sharp", encoder=StridedEncoder((6, 8)), widths=(4,),
+                        upsample_widths=(3,), cgm=True)
+    assert count_parameters(pruned) == count_parameters(isolated)
+    assert set(pruned.state_dict()) == set(isolated.state_dict())
+    assert isinstance(pruned.heads["0_1"], UpsamplingHead) and pruned.branches == ((0, 1),)
+    index = model.branches.index((0, 1))
+    assert torch.equal(out.logits[0], full.logits[index])
+    assert torch.equal(out.has_object[0], full.has_object[index])
+    with torch.no_grad():
+        assert torch.equal(pruned.predict_probabilities(x), model.predict_probabilities(x, 1))
+
+
+def test_encoder_arguments():
+    encoder = VGGEncoder(1, (4, 8, 16), "GN")
+    assert (encoder.in_channels, encoder.channels, encoder.stride, encoder.depth) == (
+        1, (4, 8, 16), 1, 2
+    )
+    truncated = encoder.truncated(1)
+    assert truncated.channels == (4, 8) and set(truncated.state_dict()) < set(encoder.state_dict())
+    model = GridUNet("2plus", encoder=encoder)
+    assert model.channels == (4, 8, 16) and model.decoder.widths == [4, 8]
+    with pytest.raises(ValueError, match="either an encoder or in_channels/channels"):
+        GridUNet("2plus", channels=(4, 8, 16), encoder=encoder)
+    with pytest.raises(ValueError, match="one width per doubling from the encoder's stride 2"):
+        GridUNet("2plus", encoder=StridedEncoder(), widths=(4, 6))
