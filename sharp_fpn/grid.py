@@ -6,7 +6,10 @@ UNet, UNet++ (``2plus``), UNet3+ (``3plus``) and UNet# (``sharp``) share one gri
 This module states exactly that, as plain data, and nothing else: no tensors, no torch, no
 number of spatial dimensions. Every network of the project (the pure-PyTorch UNet family, the
 detectron2 necks, pruning) is built by walking this listing and attaching an op to each input's
-``role`` and ``scale``.
+``role`` and ``scale``. It is also the only place that names nodes: the final ``X[0][L]``, the
+top row, the decoder branches, a neck's outputs, the branches of each deep-supervision mode
+(``Grid.branches``), module keys (``node_key``), and what the papers fix per scheme
+(``SCHEME_FACTS``: nested or not, its own deep supervision, node op, head kernel).
 
 Scale convention of an input: ``+k`` = upsample by ``2**k``, ``-k`` = max-pool down by
 ``2**k``, ``0`` = same size. For a node ``X[I][J]`` and a source ``X[i][j]`` it is ``i - I``.

@@ -102,8 +102,9 @@ def add_unet_config(cfg: CN) -> CN:
     # Backbone networks: channels of the decoder nodes of each level but the coarsest (one per
     # IN_FEATURES entry minus one, finest first). UNet3+ projects its inputs to WIDTHS[0].
     _C.MODEL.UNET.WIDTHS = [64, 128, 256]
-    # Backbone networks: widths of the conv blocks that take the final node from the stride of
-    # IN_FEATURES[0] to full resolution, one per doubling (stride 4: two).
+    # Backbone networks: widths of the conv blocks that take the final node (and, with deep
+    # supervision "top" or "all", each top-row node) from the stride of IN_FEATURES[0] to full
+    # resolution, one per doubling (stride 4: two).
     _C.MODEL.UNET.UPSAMPLE_WIDTHS = [32, 16]
     # Backbone networks: 1x1-reduce upsampled inputs wider than their node at their own
     # resolution (GridDecoder's reduce_upsampled); False feeds them to the 3x3 convs whole.
@@ -135,8 +136,9 @@ def add_unet_config(cfg: CN) -> CN:
     _C.MODEL.UNET.CGM_DROPOUT = 0.5
     # Weight of the CGM loss (cross-entropy) beside the segmentation loss.
     _C.MODEL.UNET.CGM_LOSS_WEIGHT = 1.0
-    # Inference with the sub-network ending at X[0][k] (the paper's fast mode), k = 1..4; 0 =
-    # the whole network. Table 1 networks with a head there (DS_BRANCHES "top" or "all").
+    # Inference with the sub-network ending at X[0][k] (the paper's fast mode), k = 1..L; 0 =
+    # the whole network. Any network with a head there (a nested scheme, DEEP_SUPERVISION with
+    # DS_BRANCHES "top" or "all"), VGG blocks or backbone.
     _C.MODEL.UNET.PRUNE_LEVEL = 0
 
     # Pre-processing of the semantic models (SemanticNucleiMapper), the paper's.
