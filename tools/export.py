@@ -1,48 +1,41 @@
 #!/usr/bin/env python
-"""Export trained models for deployment (TorchScript; ONNX when the onnx package is installed).
+"""Export trained models for deployment (torch.export and ONNX; TorchScript for Mask R-CNN).
 
-    # UNet family, one file per pruning level (the paper's fast mode, for phones):
+    # UNet family, per pruning level <name>_L<k>.pt2 (torch.export) and .onnx (dynamo exporter):
     python tools/export.py unet --config-file CFG --weights W --output export/  # trained
     python tools/export.py unet --arch unet_sharp --output export/              # random weights
-    # Mask R-CNN through detectron2's TracingAdapter, traced on a sample image:
+    # Mask R-CNN: <name>.ts (TorchScript) through detectron2's TracingAdapter, traced on a
+    # sample image (torch.export cannot export detectron2 v0.6's R-CNN: sharp_fpn/d2/export.py)
     python tools/export.py mask-rcnn --config-file CFG --weights W --output export/ \
         [--image IMG]
 
-Models are traced on the CPU. Every exported file is loaded back and run on images other than
-the traced one (other sizes too); the largest absolute difference from the PyTorch model is
-printed and the export fails (exit status 1) beyond the tolerance. A report goes to
-<output>/export_report.json. What each file takes and returns: sharp_fpn/predict/export.py.
+Models are exported on the CPU. The UNet exports take any batch and sides that are multiples
+of 2**k from 2 * 2**k up (k the pruning level). Every exported file is loaded back and run on
+images other than the traced one (other sizes and batch sizes too); the largest absolute
+difference from the PyTorch model is printed and the export fails (exit status 1) beyond the
+tolerance. ONNX needs the 'onnx' extra (pip install 'sharp-fpn[onnx]'), else it is skipped.
+A report goes to <output>/export_report.json. What each file takes and returns:
+sharp_fpn/export/unet.py and sharp_fpn/d2/export.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
-# detectron2 v0.6 scripts a few functions at import time; torch 2.x warns about each, and
-# about tracing; the export checks its own results
-for _message in (r".*torch\.jit\.\w+` is deprecated", r"torch\.meshgrid: in an upcoming release"):
-    warnings.filterwarnings("ignore", message=_message)
-warnings.filterwarnings("ignore", category=__import__("torch").jit.TracerWarning)
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from sharp_fpn.data.synthetic import generate_image  # noqa: E402
-from sharp_fpn.d2.engine import get_config  # noqa: E402
-from sharp_fpn.models import ARCHS, GridUNet, create_model  # noqa: E402
-from sharp_fpn.d2.predictor import NucleiPredictor  # noqa: E402
-from sharp_fpn.predict import load_image  # noqa: E402
-from sharp_fpn.d2.predictor import model_label  # noqa: E402
-from sharp_fpn.export import (  # noqa: E402
-    ExportCheck,
-    export_mask_rcnn,
-    export_unet_levels,
-    onnx_status,
-)
-from sharp_fpn.utils import write_text_atomic  # noqa: E402
+from sharp_fpn.data.synthetic import generate_image
+from sharp_fpn.d2.engine import get_config
+from sharp_fpn.d2.export import export_mask_rcnn
+from sharp_fpn.d2.predictor import NucleiPredictor, model_label
+from sharp_fpn.export import ExportCheck, export_unet_levels, onnx_status
+from sharp_fpn.export.unet import MIN_BLOCKS
+from sharp_fpn.models import ARCHS, GridUNet, create_model
+from sharp_fpn.predict import load_image
+from sharp_fpn.utils import write_text_atomic
 
 
 def sample_images(paths: list[str], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -75,8 +68,12 @@ def run_unet(args: argparse.Namespace) -> list:
         print(f"{args.arch}: random weights (no --config-file): checks that it exports")
     levels = args.levels or [k for k in range(1, network.depth + 1) if (0, k) in network.branches]
     multiple = 2 ** network.depth
-    sizes = [(args.size, args.size), (args.size // 2 // multiple * multiple or multiple,
-                                      (args.size * 3 // 4) // multiple * multiple or multiple)]
+    smallest = MIN_BLOCKS * multiple
+    if args.size < smallest:
+        raise SystemExit(f"--size {args.size}: at depth {network.depth} the check images need "
+                         f"sides of at least {smallest}")
+    sizes = [(args.size, args.size), (max(smallest, args.size // 2 // multiple * multiple),
+                                      max(smallest, args.size * 3 // 4 // multiple * multiple))]
     images = sample_images(args.image, sizes)
     order = slice(None, None, -1) if cfg.INPUT.FORMAT == "BGR" else slice(None)
     inputs = []
@@ -84,6 +81,10 @@ def run_unet(args: argparse.Namespace) -> list:
         h, w = (rgb.shape[0] // multiple) * multiple, (rgb.shape[1] // multiple) * multiple
         pixels = np.ascontiguousarray(rgb[:h, :w, order].transpose(2, 0, 1), dtype=np.float32)
         inputs.append(torch.from_numpy(pixels)[None])
+    if min(min(x.shape[-2:]) for x in inputs) < smallest:
+        raise SystemExit(f"--image: sides of at least {smallest} needed at depth {network.depth}")
+    # a batch of two too: the last image and its mirror image
+    inputs.append(torch.cat([inputs[-1], inputs[-1].flip(-1)]))
     network.eval()
     return export_unet_levels(
         network, levels, Path(args.output), inputs, name=name, pixel_mean=cfg.MODEL.PIXEL_MEAN,
@@ -110,7 +111,9 @@ def run_mask_rcnn(args: argparse.Namespace) -> list:
                              describe=describe)
     onnx_ok, onnx_reason = onnx_status()
     reason = onnx_reason if not onnx_ok else (
-        "not implemented for Mask R-CNN (detectron2 v0.6's own ONNX export goes through Caffe2)")
+        "not possible for Mask R-CNN: the dynamo ONNX exporter goes through torch.export, which "
+        "cannot export detectron2 v0.6's R-CNN (sharp_fpn/d2/export.py), and detectron2's own "
+        "ONNX export needs Caffe2")
     return [check, ExportCheck(check.name, "onnx", None, float("nan"), args.tolerance, False,
                                skipped=reason)]
 
@@ -128,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     unet.add_argument("--levels", type=int, nargs="+", help="pruning levels (default: all)")
     unet.add_argument("--size", type=int, default=256, help="check image side (%(default)s)")
     unet.add_argument("--full-scale", default="upsample", help="--arch unet_sharp's F op")
-    unet.add_argument("--no-onnx", action="store_true", help="TorchScript only")
+    unet.add_argument("--no-onnx", action="store_true", help="torch.export only")
     unet.add_argument("--tolerance", type=float, default=1e-5, help="%(default)s")
     mrcnn = commands.add_parser("mask-rcnn", help="detectron2 Mask R-CNN via TracingAdapter")
     mrcnn.add_argument("--config-file", required=True)

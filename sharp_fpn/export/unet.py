@@ -1,109 +1,88 @@
-"""Export for deployment: TorchScript (and ONNX when installed), each export checked.
+"""UNet family export: ``torch.export`` (``.pt2``) and ONNX (the dynamo exporter), per pruning level.
 
-Two kinds of model (``tools/export.py``):
+What is exported (:class:`ProbabilityModel`): ``(N, 3, H, W)`` float pixels -> ``(N, 1, H, W)``
+nucleus probabilities, with the normalisation, the pruned network, the sigmoid and the CGM
+gate (per image) inside. One file per format and pruning level ``L1..L4`` (the paper's fast
+mode: small sub-networks for phones); the non-nested schemes (UNet, UNet3+) have only the
+full depth.
 
-* **UNet family** (``sharp_fpn.models.GridUNet``, pure PyTorch): one file per pruning level
-  ``L1..L4`` (the paper's fast mode: small sub-networks for phones). The exported module is
-  :class:`ProbabilityModel`: ``(N, 3, H, W)`` float pixels -> ``(N, 1, H, W)`` nucleus
-  probabilities (normalisation, the pruned network, sigmoid and the CGM gate inside), with
-  ``H`` and ``W`` multiples of ``2**level`` (pad first).
-* **Mask R-CNN** (detectron2) through detectron2's ``TracingAdapter``, traced on a sample
-  image: input ``(3, h, w)`` float32 pixels in ``INPUT.FORMAT`` order, already resized as at
-  test time; output the flat tuple ``(pred_boxes (N, 4), pred_classes (N,), pred_masks
-  (N, 1, 28, 28) mask probabilities, scores (N,), image_size (2,))`` before post-processing
-  (paste the masks with ``detectron2.layers.paste_masks_in_image``). A JSON file beside the
-  model lists the outputs and the pre-processing.
+================  ==========================================================================
+file              what it is
+================  ==========================================================================
+``<name>_Lk.pt2``  ``torch.export.export`` of the model, saved with ``torch.export.save``;
+                  run it with ``torch.export.load(path).module()(pixels)``
+``<name>_Lk.onnx`` ``torch.onnx.export(program, dynamo=True)`` of the same program (default
+                  opset of the installed torch, recorded in the check's note), one file; input
+                  ``pixels``, output ``probabilities``; checked with ``onnx.checker`` and run
+                  with ONNX Runtime (CPU)
+================  ==========================================================================
 
-Every export is loaded back and run on inputs other than the one it was traced on (other
-sizes too); its outputs are compared with the PyTorch model's and the largest absolute
-difference is reported (:class:`ExportCheck`); beyond the tolerance the export fails.
+Dynamic dimensions, both formats (:func:`dynamic_shapes`): the batch ``N >= 1``, and the
+sides ``H = 2**k * h``, ``W = 2**k * w`` with ``h, w >= 2`` at pruning level ``k`` (any
+multiples of ``2**k`` from ``2 * 2**k`` up; pad first). Only the channels are fixed. The lower
+bound is torch's: bilinear upsampling (``align_corners=True``) of a 1-pixel map is a special
+case in its decomposition, so ``h = 1`` would become a guard of the program. Neither format
+checks that a side is a multiple of ``2**k`` (torch 2.14's ``.pt2`` module checks the lower
+bound of a derived dimension, not its divisibility; ONNX Runtime checks nothing): another side
+gives a wrong map, not an error. The trace runs on a made-up ``(2, C, 3 * 2**k, 5 * 2**k)``
+input (a size of 1 would be specialized, equal sizes would be unified), so every check input
+differs from the traced one.
 
-With the Python-only detectron2 fallback (no compiled ops) the Mask R-CNN trace works: the
-R-CNN FPN path uses torchvision's ``roi_align`` and ``nms``, no ``detectron2._C`` op.
-``from detectron2.export import TracingAdapter`` itself fails on detectron2 v0.6 with PyTorch
-2.x, for a reason that has nothing to do with tracing: ``detectron2/export/__init__.py``
-imports ``export/api.py``, which imports ``caffe2`` (removed from PyTorch in 2.0), so the
-package cannot be imported at all. :func:`sharp_fpn.d2.compat.load_tracing_adapter` loads
-the pure-PyTorch ``export/flatten.py`` without that ``__init__``. What stays out of reach: detectron2's Caffe2
-export (``Caffe2Tracer``, ``export_caffe2_model``; Caffe2 is gone) and models using compiled
-ops (rotated boxes, deformable convolutions).
+Every export is loaded back from its file and run on the check inputs (give several sizes and
+batch sizes); the largest absolute difference from the PyTorch model is reported
+(:class:`~sharp_fpn.export.check.ExportCheck`) and beyond the tolerance the export fails. The
+``.pt2`` round trip computes the same ATen operations and measures 0 here; ONNX Runtime differs
+by about 1e-6 (its own convolution kernels).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+import contextlib
+import os
+import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .models.heads import ClassificationGuidedModule
-from .models.unet import GridUNet, SegmentationOutput, count_parameters
-from .utils import atomic_write, write_text_atomic
+from ..models.unet import GridUNet, count_parameters
+from ..utils import atomic_write
+from .check import ExportCheck, max_abs_diff, megabytes, onnx_status
 
 __all__ = [
-    "ExportCheck",
+    "INPUT_NAME",
+    "MIN_BLOCKS",
+    "OUTPUT_NAME",
     "ProbabilityModel",
-    "export_mask_rcnn",
+    "dynamic_shapes",
+    "export_onnx",
+    "export_program",
     "export_unet_levels",
-    "onnx_status",
+    "load_program",
+    "onnx_session",
+    "run_onnx",
+    "save_program",
+    "side_multiple",
+    "trace_example",
 ]
 
-
-@dataclass
-class ExportCheck:
-    """One exported file and how its outputs compare with the PyTorch model's.
-
-    ``max_abs_diff`` is over every output element of every check input (NaN when the outputs
-    could not be compared, e.g. a different number of detections); ``ok`` when it is at most
-    ``tolerance``. ``skipped`` holds the reason when nothing was written.
-    """
-
-    name: str
-    format: str  # "torchscript" or "onnx"
-    path: Optional[str]
-    max_abs_diff: float
-    tolerance: float
-    ok: bool
-    parameters: int = 0
-    megabytes: float = 0.0
-    note: str = ""
-    skipped: str = ""
-
-    def line(self) -> str:
-        """A line for the console."""
-        if self.skipped:
-            return f"{self.name} [{self.format}]: SKIPPED - {self.skipped}"
-        verdict = "ok" if self.ok else "FAILED"
-        text = (f"{self.name} [{self.format}]: {verdict}, max |diff| {self.max_abs_diff:.3g} "
-                f"(tolerance {self.tolerance:g}), {self.parameters:,} parameters, "
-                f"{self.megabytes:.2f} MB -> {self.path}")
-        return text + (f" ({self.note})" if self.note else "")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def onnx_status() -> Tuple[bool, str]:
-    """Whether ONNX export can run here, and if not, why (for the skip message)."""
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        return False, ("the 'onnx' package is not installed (pip install onnx onnxruntime); "
-                       "TorchScript only")
-    return True, ""
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "probabilities"
+MIN_BLOCKS = 2
+"""The smallest side of an export, in units of ``2**level`` (see the module docstring)."""
 
 
 class ProbabilityModel(nn.Module):
     """A ``GridUNet`` as a deployable function: pixels in, nucleus probabilities out.
 
     ``(N, C, H, W)`` float pixels -> ``(N, classes, H, W)`` probabilities: ``(x - mean) /
-    std``, the network (its final branch), sigmoid, times the branch's CGM 0/1 decision when
-    the network has CGMs. ``H`` and ``W`` must be multiples of ``2**network.depth``.
+    std``, then ``network.predict_probabilities`` (the final branch's sigmoid, times its CGM's
+    0/1 decision per image when the network has CGMs). ``H`` and ``W`` must be multiples of
+    ``2**network.depth``. Export ``network.prune(k)``: it computes only the level's nodes and
+    carries only their weights (an unpruned network computes every node for its final branch).
 
     Args:
-        network: a ``GridUNet`` that returns one branch (prune it first for deep supervision).
+        network: a ``GridUNet``.
         pixel_mean, pixel_std: per-channel normalisation; None: the input is used as it is.
     """
 
@@ -122,32 +101,109 @@ class ProbabilityModel(nn.Module):
         self.register_buffer("pixel_std", std.float().view(1, -1, 1, 1), False)
 
     def forward(self, x: Tensor) -> Tensor:
-        output = self.network((x - self.pixel_mean) / self.pixel_std)
-        if isinstance(output, SegmentationOutput):
-            return torch.sigmoid(output.logits[-1]) * ClassificationGuidedModule.gate(
-                output.has_object[-1]
+        return self.network.predict_probabilities((x - self.pixel_mean) / self.pixel_std)
+
+
+def side_multiple(level: int) -> int:
+    """What the sides of a level-``level`` export must be multiples of: ``2**level``."""
+    return 2**level
+
+
+def dynamic_shapes(level: int) -> Tuple[dict]:
+    """``torch.export`` dynamic shapes of the one input at pruning level ``level``: batch
+    ``>= 1``, sides ``2**level * h`` and ``2**level * w`` with ``h, w >= MIN_BLOCKS``."""
+    from torch.export import Dim
+
+    step = side_multiple(level)
+    return ({0: Dim("batch", min=1), 2: step * Dim("h", min=MIN_BLOCKS),
+             3: step * Dim("w", min=MIN_BLOCKS)},)
+
+
+def trace_example(channels: int, level: int) -> Tensor:
+    """The input the export traces: ``(2, channels, 3 * 2**level, 5 * 2**level)`` pixels
+    (no size 1, no two equal dynamic sizes: either would be fixed in the program)."""
+    step = side_multiple(level)
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(2, channels, 3 * step, 5 * step, generator=generator) * 255
+
+
+def _check_inputs_fit(inputs: Sequence[Tensor], level: int) -> None:
+    step = side_multiple(level)
+    for x in inputs:
+        h, w = x.shape[-2:] if x.dim() == 4 else (0, 0)
+        if x.dim() != 4 or h % step or w % step or min(h, w) < MIN_BLOCKS * step:
+            raise ValueError(
+                f"check input of shape {tuple(x.shape)}: level {level} exports take (N, C, H, W) "
+                f"with H and W multiples of {step}, at least {MIN_BLOCKS * step}"
             )
-        if isinstance(output, list):
-            raise ValueError("the network returns several branches; export network.prune(k)")
-        return torch.sigmoid(output)
 
 
-def _max_abs_diff(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-    """Largest |a - b| over paired tensors; NaN when shapes differ."""
-    worst = 0.0
-    for x, y in zip(a, b):
-        if x.shape != y.shape:
-            return float("nan")
-        if x.numel():
-            worst = max(worst, float((x.double() - y.double()).abs().max()))
-    return worst
+def export_program(model: nn.Module, level: int, channels: int) -> "torch.export.ExportedProgram":
+    """``torch.export.export`` of ``model`` (eval mode) with :func:`dynamic_shapes`."""
+    return torch.export.export(model.eval(), (trace_example(channels, level),),
+                               dynamic_shapes=dynamic_shapes(level))
 
 
-def _save_torchscript(module: torch.jit.ScriptModule, path: Path) -> float:
-    """Save a traced module whole (temporary name, then rename); returns its size in MB."""
+def save_program(program: "torch.export.ExportedProgram", path: Path) -> None:
+    """``torch.export.save`` to ``path`` all or nothing (temporary file, then rename)."""
     with atomic_write(path, "wb") as f:
-        torch.jit.save(module, f)
-    return path.stat().st_size / 2**20
+        torch.export.save(program, f)
+
+
+def load_program(path: Path) -> Callable[[Tensor], Tensor]:
+    """A saved ``.pt2`` as a callable module (``torch.export.load(path).module()``)."""
+    return torch.export.load(str(path)).module()
+
+
+@contextlib.contextmanager
+def _replaced_whole(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name; renamed to
+    ``path`` when the block succeeds, removed when it fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_onnx(program: "torch.export.ExportedProgram", path: Path) -> int:
+    """ONNX of an exported program (the dynamo exporter, its dynamic shapes kept), written as
+    one file and passed through ``onnx.checker``; returns the ONNX opset."""
+    import onnx
+
+    onnx_program = torch.onnx.export(program, dynamo=True, input_names=[INPUT_NAME],
+                                     output_names=[OUTPUT_NAME], verbose=False)
+    with _replaced_whole(Path(path)) as tmp:
+        onnx_program.save(str(tmp), external_data=False)
+        onnx.checker.check_model(str(tmp))
+        model = onnx.load(str(tmp))
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def onnx_session(path: Path, threads: Optional[int] = None):
+    """An ONNX Runtime CPU session of ``path`` using ``threads`` threads (default: as many as
+    torch uses, so that the two are compared on the same cores)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, x: Tensor) -> Tensor:
+    """Run an exported model's ONNX Runtime ``session`` on ``(N, C, H, W)`` pixels."""
+    pixels = x.detach().to("cpu", torch.float32).contiguous().numpy()
+    return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0])
+
+
+def _shapes(inputs: Sequence[Tensor]) -> str:
+    return ", ".join("x".join(str(s) for s in x.shape) for x in inputs)
 
 
 def export_unet_levels(
@@ -162,137 +218,57 @@ def export_unet_levels(
     tolerance: float = 1e-5,
     onnx: bool = True,
 ) -> List[ExportCheck]:
-    """Export ``network`` pruned to each level as TorchScript (and ONNX), each checked.
+    """Export ``network`` pruned to each level with ``torch.export`` (and ONNX), each checked.
 
     Args:
         network: a ``GridUNet`` (eval mode is set on the copies); levels below its depth need
             heads on the top row (``deep_supervision="top"`` or ``"all"``).
-        levels: pruning levels ``k`` in ``1..depth``; file ``<name>_L<k>.ts`` (``.onnx``).
+        levels: pruning levels ``k`` in ``1..depth``; files ``<name>_L<k>.pt2`` and ``.onnx``.
         out_dir: where the files go.
-        check_inputs: ``(N, C, H, W)`` pixel tensors, sides multiples of ``2**depth``; the
-            trace uses the first, the check all of them (give more than one size).
+        check_inputs: ``(N, C, H, W)`` pixel tensors, sides multiples of ``2**k`` and at least
+            ``2 * 2**k`` for every level ``k``; give several sizes and batch sizes: all of them
+            differ from the traced input (:func:`trace_example`).
         name: file name prefix.
         pixel_mean, pixel_std: normalisation built into the export (:class:`ProbabilityModel`).
         tolerance: largest accepted absolute difference of probabilities.
-        onnx: also export ONNX when the ``onnx`` package is installed.
+        onnx: also export ONNX (when :func:`~sharp_fpn.export.check.onnx_status` allows).
 
     Returns:
-        One :class:`ExportCheck` per level and format (ONNX ones ``skipped`` when not possible).
+        Per level, a ``"torch.export"`` :class:`ExportCheck`, then an ``"onnx"`` one
+        (``skipped`` with the reason when ONNX was not asked for or cannot run here).
     """
     out_dir = Path(out_dir)
     checks: List[ExportCheck] = []
     onnx_ok, onnx_reason = onnx_status() if onnx else (False, "not asked for")
+    dynamic = "dynamic: batch >= 1, H = {0}*h, W = {0}*w with h, w >= {1}"
     for level in levels:
+        _check_inputs_fit(check_inputs, level)
         model = ProbabilityModel(network.prune(level), pixel_mean, pixel_std).eval()
         label = f"{name}_L{level}"
+        parameters = count_parameters(model.network)
+        note = (f"{dynamic.format(side_multiple(level), MIN_BLOCKS)}; checked on "
+                f"{_shapes(check_inputs)}")
         with torch.no_grad():
             expected = [model(x) for x in check_inputs]
-            traced = torch.jit.trace(model, check_inputs[0], check_trace=False)
-        path = out_dir / f"{label}.ts"
-        megabytes = _save_torchscript(traced, path)
-        loaded = torch.jit.load(str(path))
+        program = export_program(model, level, network.in_channels)
+        path = out_dir / f"{label}.pt2"
+        save_program(program, path)
+        loaded = load_program(path)
         with torch.no_grad():
             got = [loaded(x) for x in check_inputs]
-        diff = _max_abs_diff(got, expected)
-        parameters = count_parameters(model.network)
-        checks.append(ExportCheck(label, "torchscript", str(path), diff, tolerance,
-                                  diff <= tolerance, parameters, round(megabytes, 3)))
-        if onnx_ok:
-            checks.append(_export_onnx(model, label, out_dir, check_inputs, expected, tolerance,
-                                       parameters))
-        else:
+        diff = max_abs_diff(got, expected)
+        checks.append(ExportCheck(label, "torch.export", str(path), diff, tolerance,
+                                  diff <= tolerance, parameters, megabytes(path), note=note))
+        if not onnx_ok:
             checks.append(ExportCheck(label, "onnx", None, float("nan"), tolerance, False,
                                       skipped=onnx_reason))
+            continue
+        path = out_dir / f"{label}.onnx"
+        opset = export_onnx(program, path)
+        session = onnx_session(path)
+        got = [run_onnx(session, x) for x in check_inputs]
+        diff = max_abs_diff(got, expected)
+        checks.append(ExportCheck(label, "onnx", str(path), diff, tolerance, diff <= tolerance,
+                                  parameters, megabytes(path),
+                                  note=f"opset {opset}, ONNX Runtime CPU; {note}"))
     return checks
-
-
-def _export_onnx(
-    model: nn.Module,
-    label: str,
-    out_dir: Path,
-    check_inputs: Sequence[Tensor],
-    expected: Sequence[Tensor],
-    tolerance: float,
-    parameters: int,
-) -> ExportCheck:
-    """ONNX export (TorchScript-based exporter, dynamic batch and sides), checked with
-    onnxruntime when it is installed, else only with ``onnx.checker``."""
-    import onnx
-
-    path = out_dir / f"{label}.onnx"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    axes = {0: "batch", 2: "height", 3: "width"}
-    torch.onnx.export(model, (check_inputs[0],), str(path), dynamo=False, opset_version=17,
-                      input_names=["pixels"], output_names=["probabilities"],
-                      dynamic_axes={"pixels": axes, "probabilities": axes})
-    onnx.checker.check_model(str(path))
-    megabytes = round(path.stat().st_size / 2**20, 3)
-    try:
-        import onnxruntime
-    except ImportError:
-        return ExportCheck(label, "onnx", str(path), float("nan"), tolerance, True, parameters,
-                           megabytes, note="onnx.checker passed; onnxruntime not installed, "
-                           "outputs not compared")
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = [torch.from_numpy(session.run(None, {"pixels": x.numpy()})[0]) for x in check_inputs]
-    diff = _max_abs_diff(got, expected)
-    return ExportCheck(label, "onnx", str(path), diff, tolerance, diff <= tolerance, parameters,
-                       megabytes)
-
-
-def export_mask_rcnn(
-    model: nn.Module,
-    images: Sequence[Tensor],
-    out_dir: Path,
-    *,
-    name: str = "mask_rcnn",
-    tolerance: float = 1e-4,
-    describe: Optional[dict] = None,
-) -> ExportCheck:
-    """Trace a detectron2 R-CNN (eval mode) with ``TracingAdapter`` and check the export.
-
-    Args:
-        model: a ``GeneralizedRCNN``.
-        images: ``(3, h, w)`` float32 pixel tensors as the model takes them (``INPUT.FORMAT``,
-            resized); the trace uses the first, the check all (give other sizes too).
-        out_dir: gets ``<name>.ts`` and ``<name>.json`` (outputs and pre-processing).
-        name: file name stem.
-        tolerance: largest accepted absolute difference of boxes, scores and mask
-            probabilities; a different number of detections fails the check.
-        describe: extra entries for the JSON file (e.g. the pre-processing).
-    """
-    from .d2.compat import load_tracing_adapter
-
-    adapter_cls = load_tracing_adapter()
-    model = model.eval()
-
-    def inference(net: nn.Module, inputs: List[dict]) -> List[dict]:
-        return [{"instances": net.inference(inputs, do_postprocess=False)[0]}]
-
-    with torch.no_grad():
-        adapter = adapter_cls(model, [{"image": images[0]}], inference)
-        traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
-        expected = [adapter(image) for image in images]
-    out_dir = Path(out_dir)
-    path = out_dir / f"{name}.ts"
-    megabytes = _save_torchscript(traced, path)
-    loaded = torch.jit.load(str(path))
-    with torch.no_grad():
-        got = [loaded(image) for image in images]
-    counts = [(int(e[0].shape[0]), int(g[0].shape[0])) for e, g in zip(expected, got)]
-    diff = max(_max_abs_diff(g, e) for g, e in zip(got, expected))
-    instances_schema = adapter.outputs_schema.schemas[0].schemas[0]
-    info = {
-        "outputs": list(instances_schema.keys) + ["image_size"],
-        "masks": "pred_masks are (N, 1, M, M) probabilities in the boxes; paste with "
-                 "detectron2.layers.paste_masks_in_image",
-        "traced_on": list(images[0].shape),
-        **(describe or {}),
-    }
-    write_text_atomic(out_dir / f"{name}.json", json.dumps(info, indent=2) + "\n")
-    note = "detections per check image: " + ", ".join(str(e) for e, _ in counts)
-    if not any(e for e, _ in counts):
-        note += " (no detection: only the empty output was compared)"
-    ok = bool(diff <= tolerance) and all(e == g for e, g in counts)
-    return ExportCheck(name, "torchscript", str(path), diff, tolerance, ok,
-                       count_parameters(model), round(megabytes, 3), note=note)
