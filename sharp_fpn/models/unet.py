@@ -36,19 +36,22 @@ named by hand:
 
 Every mode also supervises the final ``X[0][L]``. Branch order (``GridUNet.branches``), as
 the official UNet# code returns them: top row ``X[0][1..L-1]``, then the decoder branches
-deepest first, then the final ``X[0][L]`` last. The top row and the final node get the same kind
-of head, at full resolution: the scheme's 1x1 conv (UNet3+: 3x3) when level 0 is at the image's
-resolution (``VGGEncoder``), else an ``UpsamplingHead`` from level 0's stride (one conv block
-per doubling, then 1x1). The decoder branches' 3x3 heads give logits at their node's resolution
-(``H / (s * 2**i)``, ``s`` = level 0's stride); ``sharp_fpn.losses.deep_supervision_loss``
+deepest first, then the final ``X[0][L]`` last. The top row gets the scheme's 1x1 conv (UNet3+:
+3x3), the decoder branches 3x3 convs, each at its node's resolution (``H / (s * 2**i)``, ``s`` =
+level 0's stride); the final node's head is the same 1x1 (3x3) when level 0 is at the image's
+resolution (``VGGEncoder``), else an ``UpsamplingHead`` from level 0's stride to full resolution
+(one conv block per doubling, then 1x1), as the paper's Table 2 networks end.
+``sharp_fpn.losses.deep_supervision_loss``
 either max-pools the ground truth down to it (the paper's) or upsamples the logits (the
 official code's).
 
 Pruning (the paper's fast mode): ``GridUNet.prune(k)`` of a model trained with heads on the top
 row returns a standalone network that computes only the nodes ``i + j <= k`` and the head (and
-CGM) on ``X[0][k]``: the network isolated training builds (``create_model(arch, level=k)``;
-for any encoder, ``GridUNet`` on ``encoder.truncated(k)`` with the first ``k`` decoder widths),
-carrying the trained weights, so with the same parameter count. ``forward(x, level=k)`` and
+CGM) on ``X[0][k]``, carrying the trained weights. On the paper's VGG encoder it is the network
+isolated training builds (``create_model(arch, level=k)``), with the same parameter count; on a
+strided encoder (a detectron2 bottom-up) it keeps ``X[0][k]``'s trained head at its node's
+resolution, where isolated training would end in an ``UpsamplingHead``; its probabilities are
+upsampled to the image (``predict_probabilities``). ``forward(x, level=k)`` and
 ``predict_probabilities(x, level=k)`` compute the same without copying.
 
 UNet3+: the paper reports 9.79M, which is not reproducible. The official UNet3+ design
@@ -59,6 +62,7 @@ that would add the missing ~3M. This project implements the official design.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -173,10 +177,10 @@ class GridUNet(nn.Module):
     """A UNet-family segmentation network: encoder, grid decoder, heads on chosen nodes.
 
     Column 0 is the encoder's levels ``0..L``; decoder node ``X[i][j]`` has ``widths[i]``
-    channels. The heads (``heads``, keyed ``"i_j"``) map a node to ``classes`` logits: on the
-    top row and the final node, full-resolution heads (the scheme's 1x1 conv, UNet3+ 3x3; an
-    ``UpsamplingHead`` when the encoder's level 0 is at a stride > 1); 3x3 convs on the decoder
-    branches, at their own resolution.
+    channels. The heads (``heads``, keyed ``"i_j"``) map a node to ``classes`` logits: the
+    scheme's 1x1 conv (UNet3+ 3x3) on the top row and 3x3 convs on the decoder branches, at
+    their node's resolution; on the final node the same 1x1 (3x3), or an ``UpsamplingHead`` to
+    full resolution when the encoder's level 0 is at a stride > 1.
 
     Args:
         scheme: ``"unet"``, ``"2plus"``, ``"3plus"`` or ``"sharp"``.
@@ -189,7 +193,7 @@ class GridUNet(nn.Module):
         widths: decoder node widths of levels ``0..L-1``; default the paper's: the encoder's
             ``channels[:L]``, UNet3+ ``(L + 1) * project_channels`` (its UpChannels) at every
             level.
-        upsample_widths: the ``UpsamplingHead`` widths of the full-resolution heads, one per
+        upsample_widths: the widths of the final node's ``UpsamplingHead``, one per
             doubling from the encoder's stride to 1 (none for stride 1, two for stride 4).
         deep_supervision: ``False`` (one head, on ``X[0][L]``), ``"top"``, ``"decoder"``,
             ``"all"`` (see the module docstring), or ``True`` for the scheme's own
@@ -293,7 +297,7 @@ class GridUNet(nn.Module):
             width = self.decoder.node_channels[position]
             if position in grid.decoder_branches:
                 head: nn.Module = SegmentationHead(width, classes, 3, head_relu)
-            elif self.upsample_widths:
+            elif self.upsample_widths and position == grid.final:
                 head = UpsamplingHead(width, self.upsample_widths, classes, norm, head_relu)
             else:
                 head = SegmentationHead(width, classes, facts.top_head_kernel, head_relu)
@@ -406,7 +410,9 @@ class GridUNet(nn.Module):
         parameter count), with copies of this network's parameters and buffers, in this
         network's train/eval mode, device and dtype. Its output equals ``self(x)``'s branch
         ``X[0][level]``. Any encoder: a detectron2 bottom-up is kept whole (its levels beyond
-        ``level`` are no longer read).
+        ``level`` are no longer read), and on a strided encoder ``X[0][level]`` keeps its own
+        head at its node's resolution (not the ``UpsamplingHead`` isolated training builds), so
+        the pruned network has exactly the full network's parameters of the nodes it computes.
 
         Raises:
             ValueError: ``level`` is not a pruning level of this scheme (``unet`` and ``3plus``
@@ -435,6 +441,9 @@ class GridUNet(nn.Module):
             cgm=self.cgm,
             cgm_dropout=self.cgm_dropout,
         )
+        # X[0][level]'s trained head, whatever kind the new network's final head would be
+        key = node_key((0, level))
+        pruned.heads[key] = copy.deepcopy(self.heads[key])
         # the sub-network's modules have the same names (encoder, node and branch keys)
         state = self.state_dict()
         pruned.load_state_dict({name: state[name] for name in pruned.state_dict()})
