@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -101,3 +102,36 @@ def worker_count(requested: Optional[int] = None) -> int:
     if requested < 1:
         raise ValueError(f"workers must be at least 1, got {requested}")
     return int(requested)
+
+
+# --------------------------------------------------------------------------------------------
+# warnings
+
+#: The third-party warnings the project silences, each as (message regex, category, module
+#: regex of the code that emits it); every other warning, the project's own above all, stays
+#: on. Applied by :func:`silence_warnings`: by ``sharp_fpn.d2`` before detectron2 is first
+#: imported, by the tools at start-up and by the test suite around every test.
+THIRD_PARTY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # detectron2 v0.6 scripts a few helpers at import time; torch 2.14 deprecates TorchScript.
+    (r"`torch\.jit\.script(_method)?` is deprecated", FutureWarning, r"torch\.jit\."),
+    # detectron2 v0.6's anchor generator calls torch.meshgrid without indexing=.
+    (r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"),
+    # detectron2 v0.6 resizes bitmasks through PIL (np.asarray of a PIL image is read-only)
+    # and hands them to torch.from_numpy in annotations_to_instances, which only reads them.
+    (r"The given NumPy array is not writable", UserWarning, r"detectron2\.data\."),
+    # pycocotools' compiled RLE decode/encode/area hand NumPy 2 an __array__ that takes no
+    # copy= argument (NumPy falls back to a copy; the results are right).
+    (r"__array__ implementation doesn't accept a copy keyword", DeprecationWarning,
+     r"pycocotools\."),
+)
+
+
+def silence_warnings() -> None:
+    """Filter :data:`THIRD_PARTY_WARNINGS` (idempotent: the filters are not added twice).
+
+    Filters belong to the process (a spawned worker starts with fresh ones and calls this
+    again) and to the current :func:`warnings.catch_warnings` block, which pytest opens around
+    each test.
+    """
+    for message, category, module in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)

@@ -1,15 +1,39 @@
-"""Shared test set-up: a private, empty datasets root, and single-threaded torch.
+"""Shared test set-up: a private, empty datasets root, single-threaded torch, and the project's
+warning filters around every test.
 
 Every test model is tiny: one thread runs it fastest, above all on a shared 2-core machine.
+
+Warnings: pytest.ini makes any warning that sharp_fpn's own modules emit an error; the
+third-party ones the project knows of are silenced by the same function the tools and
+``sharp_fpn.d2`` call (:func:`sharp_fpn.utils.silence_warnings`). pytest restores the filters
+after each test, hence the autouse fixture; the call at import covers collection.
 """
 import atexit
 import os
 import shutil
 import tempfile
 
+import pytest
 import torch
+
+from sharp_fpn.utils import silence_warnings
 
 # Set before any test module imports sharp_fpn, which registers its datasets under this root.
 os.environ["DETECTRON2_DATASETS"] = tempfile.mkdtemp(prefix="sharp-fpn-datasets-")
 atexit.register(shutil.rmtree, os.environ["DETECTRON2_DATASETS"], ignore_errors=True)
 torch.set_num_threads(1)
+silence_warnings()
+
+
+@pytest.fixture(autouse=True)
+def _third_party_warnings_silenced():
+    """The project's third-party filters inside pytest's per-test warnings context."""
+    silence_warnings()
+    yield
+
+
+def pytest_collection(session):
+    """The same filters while test modules are imported (detectron2's import-time warnings):
+    pytest restores the filters after loading this file, and applies pytest.ini's before this
+    hook runs."""
+    silence_warnings()

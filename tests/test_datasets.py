@@ -92,7 +92,8 @@ def test_stage1_test_reads_the_solution_csv(tmp_path):
     sizes = {}
     for image_id in ids:
         folder = root / "stage1_test" / image_id
-        sizes[image_id] = Image.open(folder / "images" / f"{image_id}.png").size[::-1]
+        with Image.open(folder / "images" / f"{image_id}.png") as image:
+            sizes[image_id] = image.size[::-1]
         shutil.rmtree(folder / "masks")
     with open(root / "stage1_solution.csv", "w", newline="") as f:
         writer = csv.writer(f)

@@ -1,10 +1,11 @@
 """Tests for the framework-free helpers in sharp_fpn.utils (CSV, worker count, warnings)."""
 import csv
 import os
+import warnings
 
 import pytest
 
-from sharp_fpn.utils import available_cpus, worker_count, write_csv_atomic
+from sharp_fpn.utils import available_cpus, silence_warnings, worker_count, write_csv_atomic
 
 
 def read_rows(path):
@@ -88,3 +89,57 @@ def test_worker_count_takes_a_requested_number_as_it_is(requested):
 def test_worker_count_rejects_fewer_than_one_or_a_fraction(requested):
     with pytest.raises(ValueError, match="workers"):
         worker_count(requested)
+
+
+# --- the project's one list of third-party warnings ----------------------------------------
+
+#: A real message of each silenced warning, and the module that emits it.
+THIRD_PARTY = [
+    ("`torch.jit.script` is deprecated. Please switch to `torch.compile` or `torch.export`.",
+     FutureWarning, "torch.jit._script"),
+    ("torch.meshgrid: in an upcoming release, it will be required to pass the indexing "
+     "argument.", UserWarning, "torch.functional"),
+    ("The given NumPy array is not writable, and PyTorch does not support non-writable "
+     "tensors.", UserWarning, "detectron2.data.detection_utils"),
+    ("__array__ implementation doesn't accept a copy keyword, so passing copy=False failed.",
+     DeprecationWarning, "pycocotools.mask"),
+]
+
+
+def _emitted(message, category, module):
+    """The warnings recorded when ``module`` warns, under the project's filters."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_warnings()
+        warnings.warn_explicit(message, category, f"{module.replace('.', '/')}.py", 1, module)
+    return caught
+
+
+@pytest.mark.parametrize("message, category, module", THIRD_PARTY)
+def test_known_third_party_warnings_are_silenced(message, category, module):
+    assert _emitted(message, category, module) == []
+
+
+@pytest.mark.parametrize("message, category, module", THIRD_PARTY)
+def test_the_same_warning_from_the_project_stays_on(message, category, module):
+    caught = _emitted(message, category, "sharp_fpn.models.blocks")
+    assert [str(w.message) for w in caught] == [message]
+
+
+def test_other_warnings_stay_on():
+    caught = _emitted("`torch.jit.trace` is deprecated.", FutureWarning, "torch.jit._trace")
+    assert len(caught) == 1
+
+
+def test_silence_warnings_adds_each_filter_once():
+    with warnings.catch_warnings():
+        silence_warnings()
+        count = len(warnings.filters)
+        silence_warnings()
+        assert len(warnings.filters) == count
+
+
+def test_a_warning_from_the_project_fails_the_tests():
+    # pytest.ini: error::Warning:sharp_fpn (a test that expects one uses pytest.warns)
+    with pytest.raises(UserWarning, match="from the project"):
+        warnings.warn_explicit("from the project", UserWarning, "x.py", 1, "sharp_fpn.metrics")

@@ -14,10 +14,10 @@ which those configs set (see the note the tool prints). Details:
 """
 import argparse
 import sys
-import warnings
 
-# detectron2 v0.6 scripts a few functions at import time; torch 2.x warns about each
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated")
+from sharp_fpn.utils import silence_warnings
+
+silence_warnings()  # the project's third-party filters, before detectron2 is imported
 
 from sharp_fpn.d2.torchvision_weights import (  # noqa: E402
     DEFAULT_PREFIX,

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
-# detectron2 v0.6 scripts a few functions at import time; torch 2.x warns about each
-for _message in (r".*torch\.jit\.\w+` is deprecated", r"torch\.meshgrid: in an upcoming release"):
-    warnings.filterwarnings("ignore", message=_message)
+from sharp_fpn.utils import silence_warnings
+
+silence_warnings()  # the project's third-party filters, before detectron2 is imported
 
 from sharp_fpn.d2.engine import ConfigError  # noqa: E402
 from sharp_fpn.d2.predictor import NucleiPredictor  # noqa: E402

@@ -12,6 +12,7 @@ workaround                    v0.6 behaviour it stands in for
 :func:`silence_warnings`      import-time ``torch.jit.script`` of a few helpers (torch 2.14
                               deprecates TorchScript: a FutureWarning each) and
                               ``torch.meshgrid`` without ``indexing=`` in the anchor generator
+                              (the list is :data:`sharp_fpn.utils.THIRD_PARTY_WARNINGS`)
 :func:`has_compiled_ops`      the fallback's ``detectron2._C`` is a stand-in (``IS_STAND_IN``)
 :func:`load_tracing_adapter`  ``detectron2/export/__init__.py`` imports caffe2, removed from
                               PyTorch in 2.0; upstream dropped caffe2 after v0.6
@@ -32,26 +33,13 @@ import os
 import socket
 import sys
 import types
-import warnings
 import weakref
 from pathlib import Path
 from typing import Callable
 
-# Third-party warnings the project silences, by message and the module that emits them; set
-# before detectron2 is first imported (its import-time jit.script calls emit the first ones).
-THIRD_PARTY_WARNINGS = (
-    # detectron2 v0.6 scripts a few helpers at import time; torch 2.14 deprecates TorchScript
-    (r"`torch\.jit\.\w+` is deprecated", FutureWarning),
-    # detectron2 v0.6's anchor generator calls torch.meshgrid without indexing=
-    (r"torch\.meshgrid: in an upcoming release", UserWarning),
-)
-
-
-def silence_warnings() -> None:
-    """Filter :data:`THIRD_PARTY_WARNINGS` (idempotent); the project's own warnings stay on."""
-    for message, category in THIRD_PARTY_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
-
+# The project's one list of silenced third-party warnings (sharp_fpn.utils), set before
+# detectron2 is first imported: its import-time jit.script calls emit the first ones.
+from ..utils import THIRD_PARTY_WARNINGS, silence_warnings
 
 silence_warnings()
 
