@@ -1,6 +1,8 @@
 """Training runs that must survive: distributed on CPU, killed and resumed, diverging, misconfigured."""
+import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,7 +120,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while not (out / "model_0000003.pth").exists():
+        # last_checkpoint is tagged after its file is renamed into place: wait for the tag
+        # (names sort by iteration; model_final.pth after them all).
+        while _tagged(out) < "model_0000003.pth":
             assert proc.poll() is None, "training ended before it could be killed"
             assert time.monotonic() < deadline, "no checkpoint after 240 s"
             time.sleep(0.2)
@@ -141,6 +145,14 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     iterations = [json.loads(line)["iteration"] for line in (out / "metrics.json").read_text().splitlines()]
     assert iterations[-1] == 7
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def _tagged(out: Path) -> str:
+    """The checkpoint ``last_checkpoint`` names ("" before the first)."""
+    try:
+        return (out / "last_checkpoint").read_text()
+    except FileNotFoundError:
+        return ""
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
@@ -201,3 +213,100 @@ def test_an_unknown_config_key_fails_naming_it(tmp_path):
         get_config(str(bad))
     with pytest.raises(ConfigError, match="command-line options: Non-existent key: SOLVER.MAX_ITERS"):
         get_config(str(DEMO), ["SOLVER.MAX_ITERS", "3"])
+
+
+# --- logging: each line once, each run its own log.txt ---------------------------------------
+
+STAMP = re.compile(r"\[\d\d/\d\d \d\d:\d\d:\d\d ")  # detectron2's console records
+
+TWO_RUNS = """
+import argparse, sys
+from sharp_fpn.d2.engine import Trainer, setup
+
+config, first, second, *tiny = sys.argv[1:]
+for i, out in enumerate((first, second)):
+    print(f"=== run {i}", flush=True)
+    opts = [*tiny, "SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "1", "OUTPUT_DIR", out]
+    cfg = setup(argparse.Namespace(config_file=config, eval_only=False, opts=opts))
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+"""
+
+
+def test_two_trainings_in_one_process_log_each_line_once(synth_json, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_RUNS, str(DEMO), str(first), str(second), *TINY],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = done.stdout.split("=== run 1\n")
+    assert len(runs) == 2
+    for console, out in zip(runs, (first, second)):
+        # the log records' first lines (a record's later lines, e.g. the config, may repeat)
+        lines = [line for line in console.splitlines() if STAMP.search(line)]
+        assert len(lines) > 10
+        doubled = [a for a, b in zip(lines, lines[1:]) if a == b]
+        assert not doubled, doubled[:3]
+        assert sum("Starting training from iteration 0" in line for line in lines) == 1
+        assert sum(f"Full config saved to {out / 'config.yaml'}" in line for line in lines) == 1
+        log = (out / "log.txt").read_text()
+        assert log.count("Starting training from iteration 0") == 1
+        assert log.count("Full config saved to") == 1  # its own run's, not the other's
+        assert (out / "config.yaml").is_file()
+
+
+def test_setup_logging_replaces_the_run_log_and_adds_no_console(tmp_path):
+    import logging
+
+    from sharp_fpn.d2.engine import RUN_LOGGERS, setup_logging
+
+    def handlers(name):
+        return list(logging.getLogger(name).handlers)
+
+    setup_logging(str(tmp_path / "a"))
+    consoles = {name: [h for h in handlers(name) if type(h) is logging.StreamHandler]
+                for name in RUN_LOGGERS}
+    try:
+        setup_logging(str(tmp_path / "b"))
+        for name in RUN_LOGGERS:
+            files = [h for h in handlers(name) if isinstance(h, logging.FileHandler)]
+            assert [h.baseFilename for h in files] == [str(tmp_path / "b" / "log.txt")]
+            assert [h for h in handlers(name) if type(h) is logging.StreamHandler] == consoles[name]
+        logging.getLogger("sharp_fpn.test").info("only in b")
+        assert "only in b" in (tmp_path / "b" / "log.txt").read_text()
+        assert "only in b" not in (tmp_path / "a" / "log.txt").read_text()
+    finally:
+        setup_logging(None)  # no run log left open for the tests after this one
+    assert not any(isinstance(h, logging.FileHandler) for n in RUN_LOGGERS for h in handlers(n))
+
+
+# --- tools/train_net.py's command line -------------------------------------------------------
+
+def _train_net():
+    spec = importlib.util.spec_from_file_location("train_net", ROOT / "tools" / "train_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--eval-only", "--num-gpus", "--num-gpus=2"])
+def test_a_flag_after_the_overrides_is_named(flag, capsys):
+    argv = ["--config-file", str(DEMO), "SOLVER.MAX_ITER", "8", flag]
+    if flag == "--num-gpus":
+        argv.append("2")  # an even-length list: yacs would read --num-gpus as a config key
+    with pytest.raises(SystemExit) as stop:
+        _train_net().parse_args(argv)
+    assert stop.value.code == 2
+    name = flag.split("=")[0]
+    err = capsys.readouterr().err  # one line: "<prog>: error: put --resume before ..."
+    assert err.endswith(f": error: put {name} before the config overrides\n")
+    assert err.count("\n") == 1
+
+
+def test_flags_before_the_overrides_parse():
+    args = _train_net().parse_args(
+        ["--config-file", str(DEMO), "--resume", "--num-gpus", "2", "SOLVER.MAX_ITER", "8"]
+    )
+    assert args.resume and args.num_gpus == 2 and args.opts == ["SOLVER.MAX_ITER", "8"]

@@ -16,13 +16,14 @@ import json
 import time
 from pathlib import Path
 
-from detectron2.data import DatasetCatalog
-from detectron2.engine import default_setup
-from detectron2.utils.logger import setup_logger
+from sharp_fpn.utils import silence_warnings, write_text_atomic
 
-from sharp_fpn.d2.engine import Trainer, get_config
-from sharp_fpn.predict import predict_images
-from sharp_fpn.utils import write_text_atomic
+silence_warnings()  # the project's third-party filters, before detectron2 is imported
+
+from detectron2.data import DatasetCatalog  # noqa: E402
+
+from sharp_fpn.d2.engine import Trainer, setup  # noqa: E402
+from sharp_fpn.predict import predict_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,10 +39,9 @@ def train_and_evaluate(config: Path, output_dir: Path, iters: int | None) -> dic
     opts = ["OUTPUT_DIR", str(output_dir)]
     if iters is not None:
         opts += ["SOLVER.MAX_ITER", iters, "SOLVER.STEPS", (int(iters * 0.75), int(iters * 0.9))]
-    cfg = get_config(str(config), opts)
-    cfg.freeze()
-    args = argparse.Namespace(config_file=str(config), eval_only=False, opts=opts)
-    default_setup(cfg, args)  # logs the environment, writes output_dir/config.yaml
+    # Logs the environment, writes output_dir/config.yaml; this run's log.txt replaces the
+    # previous run's, and the console gets each line once.
+    cfg = setup(argparse.Namespace(config_file=str(config), eval_only=False, opts=opts))
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     start = time.perf_counter()
@@ -71,7 +71,6 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=None, help="training iterations per model")
     parser.add_argument("--output", type=Path, default=ROOT / "output" / "demo")
     args = parser.parse_args()
-    setup_logger(name="sharp_fpn")
 
     runs = []
     for i, (label, config, subfolder) in enumerate(MODELS):

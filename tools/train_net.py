@@ -7,14 +7,36 @@
 
 Without CUDA, ``--num-gpus N`` runs N CPU processes (gloo); add ``MODEL.DEVICE cpu``.
 """
-from detectron2.engine import default_argument_parser
-from detectron2.evaluation import verify_results
-from detectron2.utils import comm
+from __future__ import annotations
 
-from sharp_fpn.d2.engine import AtomicCheckpointer, Trainer, launch, setup
+import argparse
+from typing import Optional, Sequence
+
+from sharp_fpn.utils import silence_warnings
+
+silence_warnings()  # the project's third-party filters, before detectron2 is imported
+
+from detectron2.engine import default_argument_parser  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+from sharp_fpn.d2.engine import AtomicCheckpointer, Trainer, launch, setup  # noqa: E402
 
 
-def main(args):
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """detectron2's command line; a flag of its own among the trailing config overrides (which
+    take every word after the first KEY) is an error that names the flag."""
+    parser = default_argument_parser()
+    args = parser.parse_args(argv)
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    for word in args.opts:
+        flag = word.split("=", 1)[0]
+        if flag in flags:
+            parser.exit(2, f"{parser.prog}: error: put {flag} before the config overrides\n")
+    return args
+
+
+def main(args: argparse.Namespace):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -31,7 +53,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = parse_args()
     print("Command Line Args:", args)
     launch(
         main,

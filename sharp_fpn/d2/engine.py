@@ -18,7 +18,9 @@ What differs from detectron2's ``DefaultTrainer``:
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -29,10 +31,12 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.engine import default_setup
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
+from detectron2.utils.collect_env import collect_env_info
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
 from .compat import DefaultTrainer, has_compiled_ops, launch, names_iteration
 from .config import add_sharp_fpn_config, check_value
@@ -185,11 +189,90 @@ def get_config(config_file: str | None = None, opts: Sequence[str] = ()) -> CfgN
     return cfg
 
 
+#: The loggers a run logs to the console and to its ``log.txt``: detectron2's, fvcore's (the
+#: checkpointer's) and the project's own.
+RUN_LOGGERS = ("detectron2", "fvcore", "sharp_fpn")
+
+_LOG_FORMAT = "[%(asctime)s] %(name)s %(levelname)s: %(message)s"
+_LOG_DATE_FORMAT = "%m/%d %H:%M:%S"
+
+
+class _RunLogFile(logging.FileHandler):
+    """The ``log.txt`` handler :func:`setup_logging` adds (and replaces on the next run)."""
+
+
+def _has_console(logger: logging.Logger) -> bool:
+    return any(
+        type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.__stdout__)
+        for h in logger.handlers
+    )
+
+
+def setup_logging(output_dir: str | None = None) -> None:
+    """Console logging set up once per process; the run's ``log.txt`` replaces the last run's.
+
+    detectron2's ``setup_logger`` adds a console handler for every output folder it is given
+    (it caches on its arguments), so a process that trains twice (``make demo``) printed every
+    line of its second run twice, and went on writing the first run's ``log.txt``. Here each
+    of :data:`RUN_LOGGERS` gets detectron2's console handler once (on the main process only,
+    as detectron2 does) and one file handler, ``<output_dir>/log.txt`` (``log.txt.rank<N>`` on
+    the other processes), which replaces the one of the process's previous run.
+    """
+    rank = comm.get_rank()
+    filename = None
+    if output_dir:
+        filename = os.path.join(output_dir, "log.txt") + (f".rank{rank}" if rank else "")
+        os.makedirs(output_dir, exist_ok=True)
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if rank == 0 and not _has_console(logger):
+            setup_logger(None, distributed_rank=rank, name=name)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        for handler in [h for h in logger.handlers if isinstance(h, _RunLogFile)]:
+            logger.removeHandler(handler)
+            handler.close()
+        if filename:
+            handler = _RunLogFile(filename, mode="a", encoding="utf-8")
+            handler.setLevel(logging.DEBUG)
+            handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt=_LOG_DATE_FORMAT))
+            logger.addHandler(handler)
+
+
+def setup_run(cfg: CfgNode, args: Any) -> None:
+    """What detectron2's ``default_setup`` does, with logging set up by :func:`setup_logging`.
+
+    Logs the rank, environment, command-line arguments and config; writes
+    ``OUTPUT_DIR/config.yaml`` (whole or not at all) on the main process; seeds every RNG with
+    ``SEED + rank`` (at random when ``SEED`` < 0); cuDNN benchmarking per
+    ``CUDNN_BENCHMARK``, except for evaluation only.
+    """
+    rank = comm.get_rank()
+    output_dir = cfg.OUTPUT_DIR
+    setup_logging(output_dir)
+    logger = logging.getLogger("detectron2")
+    logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
+    logger.info("Environment info:\n" + collect_env_info())
+    logger.info(f"Command line arguments: {args}")
+    config_file = getattr(args, "config_file", "")
+    if config_file:
+        with open(config_file, encoding="utf-8") as f:
+            logger.info(f"Contents of args.config_file={config_file}:\n{f.read()}")
+    if comm.is_main_process() and output_dir:
+        path = os.path.join(output_dir, "config.yaml")
+        logger.info(f"Running with full config:\n{cfg.dump()}")
+        write_text_atomic(path, cfg.dump())
+        logger.info(f"Full config saved to {path}")
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    if not getattr(args, "eval_only", False):
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+
 def setup(args: Any) -> CfgNode:
-    """Config from ``args.config_file`` and ``args.opts``, frozen; detectron2's default set-up."""
+    """Config from ``args.config_file`` and ``args.opts``, frozen, then :func:`setup_run`."""
     cfg = get_config(args.config_file, args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
+    setup_run(cfg, args)
     return cfg
 
 
@@ -202,4 +285,6 @@ __all__ = [
     "get_config",
     "launch",
     "setup",
+    "setup_logging",
+    "setup_run",
 ]
