@@ -26,10 +26,8 @@ from .outputs import (
     write_png,
 )
 
-if TYPE_CHECKING:  # the predictor is detectron2 glue, imported when a run needs one
-    from detectron2.config import CfgNode
-
-    from ..d2.predictor import NucleiPredictor
+if TYPE_CHECKING:  # the predictor is detectron2 glue (sharp_fpn.d2), imported when a run needs one
+    from ..d2.predictor import CfgNode, NucleiPredictor
 
 __all__ = ["SUMMARY_COLUMNS", "Failure", "ImageResult", "PredictionReport", "predict_images"]
 
