@@ -5,7 +5,9 @@
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file CFG --resume        # after an interruption
 
-Without CUDA, ``--num-gpus N`` runs N CPU processes (gloo); add ``MODEL.DEVICE cpu``.
+Without CUDA, ``--num-gpus N`` runs N CPU processes (gloo); add ``MODEL.DEVICE cpu``. Flags go
+before the config overrides (``KEY VALUE`` pairs, which take the rest of the line); a flag
+found among them is an error that names it.
 """
 from __future__ import annotations
 
