@@ -12,6 +12,9 @@ What differs from detectron2's ``DefaultTrainer``:
 * ``SOLVER.OPTIMIZER`` picks SGD (detectron2's), Adam or AdamW;
 * checkpoints are written to a temporary name and renamed when whole, ``last_checkpoint`` too,
   so a run killed at any moment resumes from its last complete checkpoint;
+* set-up (:func:`setup_run`, for ``default_setup``): the console handlers are added once per
+  process and each run logs to its own ``log.txt``, so a process that trains several models
+  (``tools/demo.py``) prints each line once;
 * on a machine without CUDA, ``--num-gpus N`` starts N CPU processes over gloo
   (:mod:`.compat`: v0.6's ``launch`` requires CUDA and NCCL, and its DDP wrapper passes
   ``device_ids``, which CPU modules reject).
