@@ -1,9 +1,30 @@
 """The timing policy (fake clocks, counting callables) and each benchmark at tiny sizes."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from sharp_fpn.perf.timing import Timing, machine, ratio, time_interleaved, time_one
+from sharp_fpn.perf.benchmarks import (
+    BENCHMARKS,
+    Benchmark,
+    benchmark_parser,
+    imports,
+    run_benchmark,
+    run_suite,
+)
+from sharp_fpn.perf.measure import images_per_second
+from sharp_fpn.perf.timing import (
+    Timing,
+    calls_per_round,
+    machine,
+    ratio,
+    time_interleaved,
+    time_one,
+)
 
 
 class FakeClock:
@@ -51,6 +72,37 @@ def test_number_divides_a_round_into_seconds_per_call():
     assert timing.as_dict() == {"best_s": 0.5, "rounds_s": [0.5, 0.5]}
 
 
+def test_calls_per_round_scales_from_one_call():
+    clock = FakeClock()
+    calls = []
+
+    def tick():
+        calls.append(1)
+        clock.now += 0.01
+
+    assert calls_per_round(tick, 0.05, clock=clock) == 5 and len(calls) == 1
+    assert calls_per_round(tick, 0.001, clock=clock) == 1  # one call already lasts a round
+
+
+def test_images_per_second_follows_the_policy():
+    import torch
+
+    network = torch.nn.Conv2d(3, 2, 3, padding=1)
+    clock = FakeClock()
+    calls = []
+
+    def forward_hook(module, inputs, output):
+        calls.append(inputs[0].shape)
+        clock.now += 0.25  # each batch "takes" 0.25 s
+
+    network.register_forward_hook(forward_hook)
+    speed, timing = images_per_second(network, (8, 8), batch=4, seconds=2.5, rounds=5,
+                                      clock=clock)
+    # one warm-up, one sizing call, then 5 rounds of 2 calls (0.5 s each)
+    assert len(calls) == 2 + 5 * 2 and calls[0] == (4, 3, 8, 8)
+    assert timing.rounds == (0.25,) * 5 and speed == 16.0
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="rounds=0"):
         time_interleaved({"a": lambda: None}, rounds=0)
@@ -66,20 +118,6 @@ def test_machine_reports_cores_and_load():
 
 # --------------------------------------------------------------------------------------------
 # the registry, and each benchmark at tiny sizes
-
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from sharp_fpn.perf.benchmarks import (  # noqa: E402
-    BENCHMARKS,
-    Benchmark,
-    benchmark_parser,
-    imports,
-    run_benchmark,
-    run_suite,
-)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD_KEYS = {"benchmark", "finished", "wall_s", "machine", "arguments", "figures"}
@@ -110,8 +148,8 @@ def test_a_new_benchmark_is_one_entry_and_a_failing_one_does_not_stop_the_suite(
     def fails(args):
         raise RuntimeError("broken on purpose")
 
-    monkeypatch.setitem(BENCHMARKS, "toy", Benchmark("a toy", add_arguments,
-                                                     lambda args: {"n": args.n}, suite=("--n", "3")))
+    toy = Benchmark("a toy", add_arguments, lambda args: {"n": args.n}, suite=("--n", "3"))
+    monkeypatch.setitem(BENCHMARKS, "toy", toy)
     monkeypatch.setitem(BENCHMARKS, "broken", Benchmark("fails", add_arguments, fails))
     lines = []
     written = run_suite(tmp_path, names=["broken", "toy"], echo=lines.append)

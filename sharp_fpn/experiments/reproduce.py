@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from .recipes import QUICK_ITERS
 from .report import header_note, machine_load, table_rows, write_figures, write_tables
@@ -117,9 +117,9 @@ def reproduce(options: Options) -> Path:
         UnknownRowError: ``options.rows`` names a row the table does not have (before any
             row runs).
     """
+    rows = select_rows(options.table, options.rows)  # checked before anything runs
     from ..d2.runner import setup_logging
 
-    rows = select_rows(options.table, options.rows)  # checked before anything runs
     setup_logging()
     output = options.output_dir()
     started = time.perf_counter()

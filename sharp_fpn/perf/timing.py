@@ -47,7 +47,8 @@ class Timing:
 
     def as_dict(self, digits: int = 6) -> Dict[str, object]:
         """JSON-ready: ``{"best_s": ..., "rounds_s": [...]}`` rounded to ``digits``."""
-        return {"best_s": round(self.best, digits), "rounds_s": [round(r, digits) for r in self.rounds]}
+        return {"best_s": round(self.best, digits),
+                "rounds_s": [round(r, digits) for r in self.rounds]}
 
 
 def time_interleaved(
@@ -103,7 +104,9 @@ def time_interleaved(
 def time_one(fn: Callable[[], object], rounds: int = 5, warmup: int = 1, number: int = 1,
              clock: Optional[Clock] = None) -> Timing:
     """:func:`time_interleaved` with one candidate."""
-    return time_interleaved({"fn": fn}, rounds=rounds, warmup=warmup, number=number, clock=clock)["fn"]
+    timings = time_interleaved({"fn": fn}, rounds=rounds, warmup=warmup, number=number,
+                               clock=clock)
+    return timings["fn"]
 
 
 def calls_per_round(fn: Callable[[], object], round_seconds: float,

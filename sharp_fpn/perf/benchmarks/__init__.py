@@ -7,7 +7,14 @@
 * :mod:`.predict`: nuclei prediction throughput, whole image and tiled;
 * :mod:`.necks`: Mask R-CNN with each grid neck beside the plain FPN (+ ``necks.md``).
 """
-from .registry import BENCHMARKS, DEFAULT_OUT_DIR, Benchmark, benchmark_parser, run_benchmark, run_suite
+from .registry import (
+    BENCHMARKS,
+    DEFAULT_OUT_DIR,
+    Benchmark,
+    benchmark_parser,
+    run_benchmark,
+    run_suite,
+)
 
 __all__ = ["BENCHMARKS", "DEFAULT_OUT_DIR", "Benchmark", "benchmark_parser", "run_benchmark",
            "run_suite"]

@@ -80,7 +80,8 @@ def _conversion(root: Path, labels_csv: Optional[Path], workers: int, out: Path,
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Seconds per conversion (fastest round), per source and worker count."""
-    cache = args.cache or Path(args.out_dir) / "cache" / f"dsb_synth_{args.num_images}_seed{args.seed}"
+    set_name = f"dsb_synth_{args.num_images}_seed{args.seed}"
+    cache = args.cache or Path(args.out_dir) / "cache" / set_name
     generation = synthetic_set(cache, args.num_images, args.seed)
     workers: List[int] = sorted({worker_count(w) for w in (args.workers or [1, worker_count()])})
     sources = {"folders": None, "csv": cache / f"{SPLIT}_labels.csv"}
@@ -91,8 +92,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             for w in workers:
                 key = f"{name} {w}"
                 records[key] = {"cpu_s": [], "sha256": set()}
-                candidates[key] = _conversion(cache, labels_csv, w, Path(scratch) / f"{name}{w}.json",
-                                              records[key])
+                out = Path(scratch) / f"{name}{w}.json"
+                candidates[key] = _conversion(cache, labels_csv, w, out, records[key])
         timings = time_interleaved(candidates, rounds=args.rounds, warmup=args.warmup)
     seconds = {name: {str(w): round(timings[f"{name} {w}"].best, 3) for w in workers}
                for name in sources}

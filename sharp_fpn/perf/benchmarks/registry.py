@@ -41,11 +41,11 @@ class Benchmark:
 BENCHMARKS: Dict[str, Benchmark] = {
     "imports": Benchmark(
         "import time of torch and of sharp_fpn's layers in fresh interpreters; what each loads",
-        imports.add_arguments, imports.run, suite=("--rounds", "3"),
+        imports.add_arguments, imports.run, suite=("--rounds", "2"),
     ),
     "convert": Benchmark(
         "DSB2018 -> COCO conversion (folders and CSV) per worker count on a synthetic set",
-        convert.add_arguments, convert.run, suite=("--num-images", "40", "--rounds", "2"),
+        convert.add_arguments, convert.run, suite=("--num-images", "20", "--rounds", "2"),
     ),
     "predict": Benchmark(
         "nuclei prediction throughput (MP/s), whole image and tiled, per config",
@@ -54,7 +54,8 @@ BENCHMARKS: Dict[str, Benchmark] = {
     "necks": Benchmark(
         "Mask R-CNN with each neck: parameters, GFLOPs, latency, memory, ratios to FPN",
         necks.add_arguments, necks.run,
-        suite=("--size", "256", "--backbones", "R101", "--repeat", "3", "--detections", "20"),
+        suite=("--size", "256", "--backbones", "R101", "--necks", "fpn", "sharp", "--repeat", "3",
+               "--detections", "20"),
     ),
 }
 
