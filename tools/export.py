@@ -88,7 +88,8 @@ def run_unet(args: argparse.Namespace) -> list:
     network.eval()
     return export_unet_levels(
         network, levels, Path(args.output), inputs, name=name, pixel_mean=cfg.MODEL.PIXEL_MEAN,
-        pixel_std=cfg.MODEL.PIXEL_STD, tolerance=args.tolerance, onnx=not args.no_onnx,
+        pixel_std=cfg.MODEL.PIXEL_STD, tolerance=args.tolerance,
+        onnx_tolerance=args.onnx_tolerance, onnx=not args.no_onnx,
     )
 
 
@@ -132,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     unet.add_argument("--size", type=int, default=256, help="check image side (%(default)s)")
     unet.add_argument("--full-scale", default="upsample", help="--arch unet_sharp's F op")
     unet.add_argument("--no-onnx", action="store_true", help="torch.export only")
-    unet.add_argument("--tolerance", type=float, default=1e-5, help="%(default)s")
+    unet.add_argument("--tolerance", type=float, default=1e-5,
+                      help="largest |diff| of the .pt2 probabilities (%(default)s)")
+    unet.add_argument("--onnx-tolerance", type=float, default=1e-4,
+                      help="largest |diff| of the ONNX Runtime probabilities (%(default)s)")
     mrcnn = commands.add_parser("mask-rcnn", help="detectron2 Mask R-CNN via TracingAdapter")
     mrcnn.add_argument("--config-file", required=True)
     mrcnn.add_argument("--weights", required=True)

@@ -13,10 +13,12 @@ adapter as below, on a 64 x 80 image):
 * ``strict=True`` fails earlier: ``Unsupported: Attempted to call function marked as skipped``,
   ``unittest.mock.patch``, which ``TracingAdapter.forward`` calls (``patch_builtin_len``).
 * ``torch.export.draft_export`` runs (over two minutes on 2 cores) and reports 13
-  data-dependent guards it could not prove (the padding above; ``Boxes.clip``; the RPN's
-  per-level top-k sizes; ``batched_nms`` and ``boxes[keep]``; the score threshold, ``topk`` and
-  ``boxes[keep]`` of ``fast_rcnn_inference``), i.e. "it was not able to soundly produce a
-  graph": the number of proposals and detections depends on the data at every stage.
+  data-dependent guards it could not prove, "not able to soundly produce a graph": the padding
+  above; the finite-value checks (``valid_mask.all()`` in ``find_top_rpn_proposals`` and
+  ``fast_rcnn_inference``, ``Boxes.clip``'s assertion); the sum of the RPN's per-level top-k
+  sizes; the empty-box filter, ``batched_nms`` and ``boxes[keep]``; the detections kept by the
+  score threshold and ``DETECTIONS_PER_IMAGE``. The number of proposals and detections depends
+  on the data at every stage.
 
 Getting past these needs detectron2's code changed (upstream's later export work), which this
 project does not patch. So Mask R-CNN keeps ``torch.jit.trace``: the trace records the control

@@ -103,7 +103,7 @@ def benchmark_export(
     check_inputs = [torch.rand(1, 3, 2 * step, 3 * step, generator=generator) * 255,
                     torch.rand(2, 3, 3 * step, 2 * step, generator=generator) * 255]
     checks = export_unet_levels(network, levels, Path(out_dir), check_inputs, name=arch,
-                                tolerance=tolerance)
+                                tolerance=tolerance, onnx_tolerance=tolerance)
     failed = [c.line() for c in checks if c.skipped or not c.ok]
     if failed:
         raise RuntimeError("export check failed: " + "; ".join(failed))

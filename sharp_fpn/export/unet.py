@@ -31,8 +31,10 @@ differs from the traced one.
 Every export is loaded back from its file and run on the check inputs (give several sizes and
 batch sizes); the largest absolute difference from the PyTorch model is reported
 (:class:`~sharp_fpn.export.check.ExportCheck`) and beyond the tolerance the export fails. The
-``.pt2`` round trip computes the same ATen operations and measures 0 here; ONNX Runtime differs
-by about 1e-6 (its own convolution kernels).
+``.pt2`` round trip computes the same ATen operations and measures 0; ONNX Runtime differs by
+1e-6 (tiny widths) to 5e-5 (the paper's widths, random weights): its own convolution kernels
+sum in another order (graph optimizations off, the difference stays), hence its own tolerance
+(1e-4 by default).
 """
 from __future__ import annotations
 
@@ -216,6 +218,7 @@ def export_unet_levels(
     pixel_mean: Optional[Sequence[float]] = None,
     pixel_std: Optional[Sequence[float]] = None,
     tolerance: float = 1e-5,
+    onnx_tolerance: float = 1e-4,
     onnx: bool = True,
 ) -> List[ExportCheck]:
     """Export ``network`` pruned to each level with ``torch.export`` (and ONNX), each checked.
@@ -230,7 +233,10 @@ def export_unet_levels(
             differ from the traced input (:func:`trace_example`).
         name: file name prefix.
         pixel_mean, pixel_std: normalisation built into the export (:class:`ProbabilityModel`).
-        tolerance: largest accepted absolute difference of probabilities.
+        tolerance: largest accepted absolute difference of the ``.pt2`` program's probabilities
+            (the same ATen operations: 0 measured).
+        onnx_tolerance: the same for ONNX Runtime, whose own kernels round differently: up
+            to 5e-5 measured at the paper's widths.
         onnx: also export ONNX (when :func:`~sharp_fpn.export.check.onnx_status` allows).
 
     Returns:
@@ -260,7 +266,7 @@ def export_unet_levels(
         checks.append(ExportCheck(label, "torch.export", str(path), diff, tolerance,
                                   diff <= tolerance, parameters, megabytes(path), note=note))
         if not onnx_ok:
-            checks.append(ExportCheck(label, "onnx", None, float("nan"), tolerance, False,
+            checks.append(ExportCheck(label, "onnx", None, float("nan"), onnx_tolerance, False,
                                       skipped=onnx_reason))
             continue
         path = out_dir / f"{label}.onnx"
@@ -268,7 +274,7 @@ def export_unet_levels(
         session = onnx_session(path)
         got = [run_onnx(session, x) for x in check_inputs]
         diff = max_abs_diff(got, expected)
-        checks.append(ExportCheck(label, "onnx", str(path), diff, tolerance, diff <= tolerance,
-                                  parameters, megabytes(path),
+        checks.append(ExportCheck(label, "onnx", str(path), diff, onnx_tolerance,
+                                  diff <= onnx_tolerance, parameters, megabytes(path),
                                   note=f"opset {opset}, ONNX Runtime CPU; {note}"))
     return checks
