@@ -225,7 +225,14 @@ def test_necks_benchmark(tmp_path):
     assert "| VGG16 sharp |" in table and "fastest of 2 interleaved rounds" in table
 
 
-def test_command_line_lists_every_benchmark():
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--help"],
-                          capture_output=True, text=True, timeout=60, check=True)
+def test_command_line_lists_every_benchmark_and_takes_the_folder_on_either_side(tmp_path):
+    tool = [sys.executable, str(ROOT / "tools" / "benchmark.py")]
+    done = subprocess.run(tool + ["--help"], capture_output=True, text=True, timeout=60,
+                          check=True)
     assert all(name in done.stdout for name in list(BENCHMARKS) + ["all"])
+    quick = ["imports", "--modules", "sharp_fpn", "--rounds", "1", "--warmup", "0"]
+    for argv, folder in (([*quick, "--out-dir", str(tmp_path / "a")], "a"),
+                         (["--out-dir", str(tmp_path / "b"), *quick], "b")):
+        subprocess.run(tool + argv, capture_output=True, text=True, timeout=60, check=True)
+        record = json.loads((tmp_path / folder / "imports.json").read_text())
+        assert record["arguments"]["out_dir"] == str(tmp_path / folder)

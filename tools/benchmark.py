@@ -37,6 +37,8 @@ SUITE = "all"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", type=Path, dest="out_dir_before",
+                        help="results folder, also accepted before the benchmark's name")
     commands = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     suite = commands.add_parser(SUITE, help="every benchmark with its suite options (default)")
     suite.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out_dir_before is not None:  # tools/benchmark.py --out-dir DIR [BENCHMARK]
+        args.out_dir = args.out_dir_before
+    del args.out_dir_before
     if args.benchmark in (None, SUITE):
         written = run_suite(getattr(args, "out_dir", DEFAULT_OUT_DIR))
         failed = [name for name, path in written.items() if path is None]
