@@ -139,7 +139,14 @@ def test_silence_warnings_adds_each_filter_once():
         assert len(warnings.filters) == count
 
 
-def test_a_warning_from_the_project_fails_the_tests():
-    # pytest.ini: error::Warning:sharp_fpn (a test that expects one uses pytest.warns)
+PROJECT_WARNINGS_FAIL = "error::Warning:sharp_fpn"
+
+
+@pytest.mark.filterwarnings(PROJECT_WARNINGS_FAIL)  # what pytest.ini sets, whatever -W says
+def test_a_warning_from_the_project_fails_the_tests(pytestconfig):
+    assert PROJECT_WARNINGS_FAIL in pytestconfig.getini("filterwarnings")
     with pytest.raises(UserWarning, match="from the project"):
         warnings.warn_explicit("from the project", UserWarning, "x.py", 1, "sharp_fpn.metrics")
+    with warnings.catch_warnings(record=True) as caught:  # a third party's is only shown
+        warnings.warn_explicit("elsewhere", UserWarning, "y.py", 1, "somebody.else")
+    assert [str(w.message) for w in caught] == ["elsewhere"]
