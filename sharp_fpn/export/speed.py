@@ -38,6 +38,10 @@ from .unet import (
 __all__ = ["CANDIDATES", "benchmark_export"]
 
 CANDIDATES = ("pytorch", "torch.export", "onnxruntime")
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+"""torchvision's ImageNet statistics in 0..255 pixels (the semantic configs'): the exports
+normalise their input as a deployed model does, so activations are of a realistic size."""
 
 
 def benchmark_export(
@@ -52,6 +56,8 @@ def benchmark_export(
     warmup: int = 1,
     threads: Optional[int] = None,
     tolerance: float = 1e-4,
+    pixel_mean: Sequence[float] = IMAGENET_MEAN,
+    pixel_std: Sequence[float] = IMAGENET_STD,
 ) -> Dict[str, Any]:
     """Time the exported UNet in ONNX Runtime, as a ``.pt2`` program and in eager PyTorch.
 
@@ -67,6 +73,7 @@ def benchmark_export(
         threads: CPU threads of ONNX Runtime; default torch's ``get_num_threads()`` (torch
             itself is left as it is).
         tolerance: largest accepted difference of the export checks (``ExportCheck``).
+        pixel_mean, pixel_std: the normalisation inside the exports (0..255 pixels in).
 
     Returns:
         JSON-ready: ``arch``, ``width``, ``channels``, ``threads``, ``batch``, ``rounds``,
@@ -103,6 +110,7 @@ def benchmark_export(
     check_inputs = [torch.rand(1, 3, 2 * step, 3 * step, generator=generator) * 255,
                     torch.rand(2, 3, 3 * step, 2 * step, generator=generator) * 255]
     checks = export_unet_levels(network, levels, Path(out_dir), check_inputs, name=arch,
+                                pixel_mean=pixel_mean, pixel_std=pixel_std,
                                 tolerance=tolerance, onnx_tolerance=tolerance)
     failed = [c.line() for c in checks if c.skipped or not c.ok]
     if failed:
@@ -111,7 +119,7 @@ def benchmark_export(
     rows = []
     for level in levels:
         label = f"{arch}_L{level}"
-        model = ProbabilityModel(network.prune(level)).eval()
+        model = ProbabilityModel(network.prune(level), pixel_mean, pixel_std).eval()
         program = load_program(paths[label, "torch.export"])
         session = onnx_session(paths[label, "onnx"], threads)
         parameters = next(c.parameters for c in checks if c.name == label)
