@@ -134,7 +134,7 @@ def _run(name: str, tmp_path: Path, *argv: str) -> dict:
 
 
 def test_every_benchmark_is_registered_with_suite_options_that_parse():
-    assert {"imports", "convert", "predict", "necks"} <= set(BENCHMARKS)
+    assert {"imports", "convert", "predict", "necks", "export"} <= set(BENCHMARKS)
     for name, benchmark in BENCHMARKS.items():
         args = benchmark_parser(name).parse_args(list(benchmark.suite))
         assert args.out_dir == Path("output/benchmarks")
@@ -223,6 +223,16 @@ def test_necks_benchmark(tmp_path):
     assert rows["VGG16 sharp"]["params_total_M_vs_fpn"] > 0
     table = (tmp_path / "necks.md").read_text()
     assert "| VGG16 sharp |" in table and "fastest of 2 interleaved rounds" in table
+
+
+def test_export_benchmark(tmp_path):
+    pytest.importorskip("onnxruntime")
+    figures = _run("export", tmp_path, "--sizes", "32", "--width", "0.125", "--levels", "1",
+                   "--rounds", "1")
+    (row,) = figures["rows"]
+    assert row["level"] == 1 and row["size"] == [32, 32]
+    assert all(seconds > 0 for seconds in row["seconds"].values())
+    assert all(check["ok"] for check in figures["exports"])
 
 
 def test_command_line_lists_every_benchmark_and_takes_the_folder_on_either_side(tmp_path):

@@ -18,9 +18,6 @@ from sharp_fpn.grid import FULL_SCALE, UP
 from sharp_fpn.models import GridDecoder
 from sharp_fpn.d2 import GridFPN
 
-# detectron2 v0.6's anchor generator calls torch.meshgrid without indexing=
-pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid")
-
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TABLE2 = [f"mask_rcnn_{neck}_{bb}.yaml" for bb in ("R101", "VGG16")
           for neck in ("fpn", "2plus", "3plus", "sharp")]

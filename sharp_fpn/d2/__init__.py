@@ -15,6 +15,10 @@
 * :mod:`.evaluators`, :mod:`.semantic_evaluator`: DSB2018 score and IoU/Dice evaluators;
 * :mod:`.datasets`: the catalog registration;
 * :mod:`.predictor`: a trained model as a nucleus labeller for ``sharp_fpn.predict``;
+* :mod:`.export`: Mask R-CNN export (the UNet family's is framework-free, ``sharp_fpn.export``);
+* :mod:`.runner`: train and evaluate one row of a paper table (``sharp_fpn.experiments``);
+* :mod:`.analysis`, :mod:`.calibration`: FLOPs, parameters and peak memory of detectron2
+  models, and FrozenBN statistics for randomly initialised ones (``sharp_fpn.perf``);
 * :mod:`.torchvision_weights`: torchvision ImageNet weights in detectron2's names.
 
 The networks themselves (``sharp_fpn.grid``, ``sharp_fpn.models``) know nothing of detectron2.

@@ -15,7 +15,8 @@ workaround                    v0.6 behaviour it stands in for
                               (the list is :data:`sharp_fpn.utils.THIRD_PARTY_WARNINGS`)
 :func:`has_compiled_ops`      the fallback's ``detectron2._C`` is a stand-in (``IS_STAND_IN``)
 :func:`load_tracing_adapter`  ``detectron2/export/__init__.py`` imports caffe2, removed from
-                              PyTorch in 2.0; upstream dropped caffe2 after v0.6
+                              PyTorch in 2.0; upstream dropped caffe2 after v0.6 (also what
+                              FLOP counts use: ``detectron2.utils.analysis`` imports it)
 :class:`DefaultTrainer`       ``DefaultTrainer.__init__`` wraps the model in DDP with
                               ``device_ids=[local_rank]``, which CPU modules reject
 :func:`launch`                ``launch`` needs CUDA and NCCL for more than one process; on CPU
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import socket
 import sys
 import types
@@ -39,7 +39,7 @@ from typing import Callable
 
 # The project's one list of silenced third-party warnings (sharp_fpn.utils), set before
 # detectron2 is first imported: its import-time jit.script calls emit the first ones.
-from ..utils import THIRD_PARTY_WARNINGS, silence_warnings
+from ..utils import THIRD_PARTY_WARNINGS, available_cpus, silence_warnings
 
 silence_warnings()
 
@@ -152,7 +152,7 @@ def _cpu_worker(rank: int, main_func: Callable, world_size: int, dist_url: str, 
     silence_warnings()  # a spawned process starts with fresh filters
     dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank)
     comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world_size)))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(max(1, available_cpus() // world_size))
     comm.synchronize()
     try:
         main_func(*args)

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
+from ..utils import available_cpus
+
 Clock = Callable[[], float]
 
 
@@ -137,16 +139,12 @@ def machine() -> Dict[str, object]:
     import torch: its thread count is reported only when the caller has imported it.
     """
     try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
-    try:
         load = [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         load = None
     info: Dict[str, object] = {
         "cpu_count": os.cpu_count(),
-        "usable_cores": usable,
+        "usable_cores": available_cpus(),
         "load_average_1_5_15": load,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ...utils import write_text_atomic
 from ..timing import machine
-from . import convert, imports, necks, predict
+from . import convert, export, imports, necks, predict
 
 DEFAULT_OUT_DIR = Path("output/benchmarks")
 
@@ -56,6 +56,10 @@ BENCHMARKS: Dict[str, Benchmark] = {
         necks.add_arguments, necks.run,
         suite=("--size", "256", "--backbones", "R101", "--necks", "fpn", "sharp", "--repeat", "3",
                "--detections", "20"),
+    ),
+    "export": Benchmark(
+        "the exported UNet family: ONNX Runtime vs .pt2 vs eager PyTorch per pruning level",
+        export.add_arguments, export.run, suite=("--sizes", "256", "--rounds", "3"),
     ),
 }
 
