@@ -36,33 +36,40 @@ def _absolute(path: Path, level: int, module: str) -> str:
     return ".".join(package + ([module] if module else []))
 
 
-def _modules():
-    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+def _offenders(forbidden, skip, top_level_only):
+    """``file:line imports X`` for every import of a module ``forbidden(X)`` holds, in the
+    package's modules that ``skip(path)`` does not leave out."""
+    found = []
+    for path in sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts):
+        if skip(path):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for level, module, line in _imports(tree, top_level_only):
+            name = _absolute(path, level, module)
+            if forbidden(name):
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}")
+    return found
+
+
+def _within(name, package):
+    return name == package or name.startswith(package + ".")
 
 
 def test_only_the_d2_package_imports_detectron2():
-    offenders = []
-    for path in _modules():
-        if D2 in path.parents:
-            continue
-        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        for level, module, line in _imports(tree, top_level_only=False):
-            name = _absolute(path, level, module)
-            if name == "detectron2" or name.startswith("detectron2."):
-                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}")
+    offenders = _offenders(
+        lambda name: _within(name, "detectron2"),
+        skip=lambda path: D2 in path.parents,
+        top_level_only=False,
+    )
     assert not offenders, "\n".join(offenders)
 
 
 def test_framework_free_layers_import_d2_only_inside_functions():
-    offenders = []
-    for path in _modules():
-        if D2 in path.parents or any(layer in path.parents for layer in ON_TOP):
-            continue
-        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        for level, module, line in _imports(tree, top_level_only=True):
-            name = _absolute(path, level, module)
-            if name == "sharp_fpn.d2" or name.startswith("sharp_fpn.d2."):
-                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}")
+    offenders = _offenders(
+        lambda name: _within(name, "sharp_fpn.d2"),
+        skip=lambda path: any(layer in path.parents for layer in (D2, *ON_TOP)),
+        top_level_only=True,
+    )
     assert not offenders, "\n".join(offenders)
 
 
