@@ -135,8 +135,12 @@ def json_bytes(coco: dict, path: Path) -> bytes:
 
 def test_folder_round_trip(tmp_path: Path) -> None:
     truth = make_dataset(tmp_path)
-    with pytest.warns(DSBFormatWarning, match="stage1_train/a1/masks/e_empty.png is empty"):
+    with pytest.warns(DSBFormatWarning) as caught:
         coco = convert_split(tmp_path, SPLIT, workers=1)
+    assert [str(w.message) for w in caught] == [
+        "stage1_train/a1/masks/e_empty.png is empty (no 255 pixel); skipped",
+        "stage1_train/c3 has no nucleus (its masks/ folder is empty); kept as an image with none",
+    ]
 
     assert coco["categories"] == [{"id": 1, "name": "nucleus"}]
     assert coco["images"] == [
@@ -287,7 +291,11 @@ def test_random_label_images_round_trip(labels: np.ndarray) -> None:
         write_image(root, SPLIT, "r", labels.shape, seed=0)
         write_masks(root, SPLIT, "r", masks)
         truth = {"r": sorted(masks.values(), key=lambda m: np.flatnonzero(m.ravel("F"))[0])}
-        coco = convert_split(root, SPLIT, workers=1)
+        messages: list[str] = []
+        coco = convert_split(root, SPLIT, workers=1, on_warning=messages.append)
+        assert messages == ([] if masks else [
+            "stage1_train/r has no nucleus (its masks/ folder is empty); kept as an image with none"
+        ])
         got = decoded(coco, "r")
         assert len(got) == len(truth["r"])
         for mask, back in zip(truth["r"], got):
@@ -314,6 +322,121 @@ def test_counts_from_runs_match_pycocotools(mask: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# what DSB2018 users have: file names in any case, other lossless formats, empty and missing
+# masks/ folders, Usage in any case
+
+
+def _rename(path: Path, name: str) -> None:
+    path.rename(path.with_name(name))
+
+
+def test_any_case_of_png_and_lossless_formats_give_the_same_annotations(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "png")
+    reference = convert_split(tmp_path / "png", SPLIT, workers=1, on_warning=lambda m: None)
+    root = tmp_path / "mixed"
+    shutil.copytree(tmp_path / "png", root)
+    masks = root / SPLIT / "a1" / "masks"
+    _rename(masks / "a_corner.png", "a_corner.PNG")
+    _rename(masks / "b_ring.png", "b_ring.Png")
+    with Image.open(masks / "m_rect.png") as image:
+        image.save(masks / "m_rect.TIFF")
+    (masks / "m_rect.png").unlink()
+    with Image.open(masks / "z_left.png") as image:
+        image.save(masks / "z_left.bmp")
+    (masks / "z_left.png").unlink()
+    for k, path in enumerate(sorted((root / SPLIT / "b2" / "masks").iterdir())):
+        with Image.open(path) as image:
+            image.save(path.with_suffix(".tif"), compression="tiff_lzw" if k % 2 else None)
+        path.unlink()
+    _rename(root / SPLIT / "b2" / "images" / "b2.png", "b2.PNG")
+
+    messages: list[str] = []
+    coco = convert_split(root, SPLIT, workers=2, on_warning=messages.append)
+    assert coco["images"][1]["file_name"] == "stage1_train/b2/images/b2.PNG"
+    coco["images"][1]["file_name"] = "stage1_train/b2/images/b2.png"
+    assert coco == reference  # every nucleus read, bit for bit, in the canonical order
+    assert messages[0] == "stage1_train/a1/masks/e_empty.png is empty (no 255 pixel); skipped"
+
+
+def test_files_that_are_no_masks_are_ignored_or_skipped_with_a_warning(tmp_path: Path) -> None:
+    """Hidden files and Windows' thumbnails say nothing; a sharp-fpn output there is named."""
+    make_dataset(tmp_path)
+    reference = convert_split(tmp_path, SPLIT, workers=1, on_warning=lambda m: None)
+    masks = tmp_path / SPLIT / "a1" / "masks"
+    (masks / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (masks / "._m_rect.png").write_bytes(b"\0\5\26\7 AppleDouble")  # macOS resource fork
+    (masks / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (masks / ".sharp-fpn-outputs.json").write_text('{"predict": ["m_rect_overlay.png"]}')
+    write_png(masks / "m_rect_overlay.png", np.full((12, 16), 255, np.uint8))
+    messages: list[str] = []
+    assert convert_split(tmp_path, SPLIT, workers=1, on_warning=messages.append) == reference
+    assert messages == [
+        "stage1_train/a1/masks/m_rect_overlay.png is an output of a sharp-fpn tool, not a mask; "
+        "skipped",
+        "stage1_train/a1/masks/e_empty.png is empty (no 255 pixel); skipped",
+        "stage1_train/c3 has no nucleus (its masks/ folder is empty); kept as an image with none",
+    ]
+
+
+def test_every_image_kept_without_nuclei_is_named(tmp_path: Path) -> None:
+    make_dataset(tmp_path)
+    write_image(tmp_path, SPLIT, "e4", (6, 6), seed=4)
+    write_masks(tmp_path, SPLIT, "e4", {"1.png": np.zeros((6, 6), bool)})
+    write_image(tmp_path, SPLIT, "e5", (6, 6), seed=5)
+    write_masks(tmp_path, SPLIT, "e5", {"1.png": np.zeros((6, 6), bool),
+                                         "2.png": np.zeros((6, 6), bool)})
+    write_image(tmp_path, SPLIT, "e6", (6, 6), seed=6)
+    (tmp_path / SPLIT / "e6" / "masks").mkdir()
+    messages: list[str] = []
+    coco = convert_split(tmp_path, SPLIT, workers=2, on_warning=messages.append)
+    assert [im["image_key"] for im in coco["images"]] == ["a1", "b2", "c3", "e4", "e5", "e6"]
+    assert [m for m in messages if "has no nucleus" in m] == [
+        f"stage1_train/{i} has no nucleus ({why}); kept as an image with none"
+        for i, why in [("c3", "its masks/ folder is empty"), ("e4", "its one mask is empty"),
+                       ("e5", "its 2 masks are empty"), ("e6", "its masks/ folder is empty")]
+    ]
+
+
+def test_images_without_a_masks_folder_are_left_out_and_named(tmp_path: Path) -> None:
+    truth = make_dataset(tmp_path, extra_images=2)
+    shutil.rmtree(tmp_path / SPLIT / "b2" / "masks")
+    shutil.rmtree(tmp_path / SPLIT / "d1" / "masks")
+    messages: list[str] = []
+    coco = convert_split(tmp_path, SPLIT, workers=2, on_warning=messages.append)
+    assert [im["image_key"] for im in coco["images"]] == ["a1", "c3", "d0"]
+    assert [im["id"] for im in coco["images"]] == [1, 2, 3]
+    assert [a["image_id"] for a in coco["annotations"]] == [1] * 4 + [3] * len(truth["d0"])
+    assert [m for m in messages if "masks/ folder:" in m] == [
+        f"stage1_train/{i} has no masks/ folder: not labelled, left out (an image with no "
+        "nucleus has an empty masks/ folder)" for i in ("b2", "d1")
+    ]
+
+
+def test_usage_is_read_in_any_case(tmp_path: Path) -> None:
+    """Private and Public rows (scored) are kept whatever their case, Ignored ones left out."""
+    split = "stage2_test_final"
+    ids = ["i1", "p1", "p2", "p3", "p4"]
+    for k, image_id in enumerate(ids):
+        write_image(tmp_path, split, image_id, (6, 6), seed=k)
+    solution = write_csv(
+        tmp_path / "stage2_solution_final.csv",
+        ["ImageId", "EncodedPixels", "Height", "Width", "Usage"],
+        [
+            ["i1", "1 3", 6, 6, "ignored"],
+            ["p1", "1 3", 6, 6, "private"],
+            ["p2", "2 3", 6, 6, "Public"],
+            ["p3", "3 3", 6, 6, "PRIVATE"],
+            ["p3", "20 3", 6, 6, "Private"],  # the same Usage, another case
+            ["p4", "4 3", 6, 6, " Private "],
+            ["i1", "9 3", 6, 6, "IGNORED"],
+        ],
+    )
+    coco = convert_split(tmp_path, split, solution, workers=1)
+    assert [im["image_key"] for im in coco["images"]] == ["p1", "p2", "p3", "p4"]
+    assert [a["image_id"] for a in coco["annotations"]] == [1, 2, 3, 3, 4]
+
+
+# --------------------------------------------------------------------------------------------
 # bad input: an error naming the file or line, and no output
 
 
@@ -327,6 +450,11 @@ def _replace_mask(root: Path, array: np.ndarray) -> None:
 
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:60])
+
+
+def _truncated_tiff(path: Path) -> None:
+    Image.fromarray(np.zeros((12, 16), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:150])  # the header whole, the pixels cut
 
 
 def _off_value(root: Path) -> None:
@@ -346,13 +474,18 @@ FOLDER_CASES: dict[str, tuple[Callable[[Path], object], list[str]]] = {
         lambda r: shutil.rmtree(r / SPLIT / "a1" / "images"),
         ["stage1_train/a1 has no images/ folder"],
     ),
-    "no masks folder": (
-        lambda r: shutil.rmtree(r / SPLIT / "b2" / "masks"),
-        ["stage1_train/b2 has no masks/ folder"],
+    "no masks folder anywhere": (
+        lambda r: [shutil.rmtree(r / SPLIT / i / "masks") for i in ("a1", "b2", "c3")],
+        [f"{SPLIT}: no image folder has a masks/ folder", "from its labels CSV (--labels-csv)"],
     ),
     "no image file": (
         lambda r: (r / SPLIT / "c3" / "images" / "c3.png").unlink(),
-        ["stage1_train/c3/images/c3.png: no such image file"],
+        ["stage1_train/c3/images/c3.png: no such image file (images/ is empty)"],
+    ),
+    "image of another name": (
+        lambda r: (r / SPLIT / "c3" / "images" / "c3.png").rename(
+            r / SPLIT / "c3" / "images" / "c3.tif"),
+        ["stage1_train/c3/images/c3.png: no such image file (images/ holds c3.tif)"],
     ),
     "mask size": (
         lambda r: _replace_mask(r, np.zeros((12, 15), np.uint8)),
@@ -361,6 +494,51 @@ FOLDER_CASES: dict[str, tuple[Callable[[Path], object], list[str]]] = {
     "corrupt mask": (
         lambda r: _truncate(mask_path(r)),
         ["stage1_train/a1/masks/m_rect.png is not a readable PNG"],
+    ),
+    "corrupt tiff mask": (
+        lambda r: _truncated_tiff(mask_path(r, "t.tif")),
+        ["stage1_train/a1/masks/t.tif is not a readable TIFF"],
+    ),
+    "jpeg mask": (
+        lambda r: Image.fromarray(a1_masks()["m_rect.png"].astype(np.uint8) * 255).save(
+            mask_path(r, "n_rect.jpg")),
+        ["stage1_train/a1/masks/n_rect.jpg: a JPG mask, which is lossy", "save the masks as PNG"],
+    ),
+    "JPEG mask, upper case": (
+        lambda r: Image.fromarray(a1_masks()["m_rect.png"].astype(np.uint8) * 255).save(
+            mask_path(r, "n_rect.JPEG"), format="JPEG"),
+        ["stage1_train/a1/masks/n_rect.JPEG: a JPEG mask, which is lossy"],
+    ),
+    "webp mask": (
+        lambda r: Image.fromarray(np.zeros((12, 16), np.uint8)).save(mask_path(r, "w.webp")),
+        ["stage1_train/a1/masks/w.webp: a WEBP mask, which is lossy"],
+    ),
+    "not a mask file": (
+        lambda r: mask_path(r, "notes.txt").write_text("drawn by hand"),
+        ["stage1_train/a1/masks/notes.txt is not a mask image (masks are .png, .tif, .tiff, "
+         ".bmp files); move it out of masks/"],
+    ),
+    "folder in masks": (
+        lambda r: mask_path(r, "more").mkdir(),
+        ["stage1_train/a1/masks/more is a folder; masks/ holds one mask image per nucleus"],
+    ),
+    "multi-page tiff mask": (
+        lambda r: Image.fromarray(np.zeros((12, 16), np.uint8)).save(
+            mask_path(r, "pages.tif"), save_all=True,
+            append_images=[Image.fromarray(np.full((12, 16), 255, np.uint8))]),
+        ["stage1_train/a1/masks/pages.tif has 2 pages; a mask is one single-channel page"],
+    ),
+    "16-bit mask": (
+        lambda r: Image.fromarray(np.zeros((12, 16), np.uint16)).save(mask_path(r, "deep.png")),
+        ["stage1_train/a1/masks/deep.png is a I;16 image; masks must be single-channel 8-bit"],
+    ),
+    "mask size, tiff": (
+        lambda r: Image.fromarray(np.zeros((11, 16), np.uint8)).save(mask_path(r, "small.TIF")),
+        ["stage1_train/a1/masks/small.TIF is 11x16 but its image is 12x16"],
+    ),
+    "bmp mask not 0/255": (
+        lambda r: Image.fromarray(np.full((12, 16), 7, np.uint8)).save(mask_path(r, "x.bmp")),
+        ["stage1_train/a1/masks/x.bmp has value 7 at row 0, column 0"],
     ),
     "corrupt image": (
         lambda r: (r / SPLIT / "b2" / "images" / "b2.png").write_bytes(b"\x89PNG garbage"),
@@ -457,6 +635,18 @@ CSV_CASES: dict[str, tuple[list[str], list[list], list[str]]] = {
                    ["labels.csv line 2: Height 'x' and Width '16' must be positive integers"]),
     "sizes disagree": (SIZED, [["a1", "1 2", 12, 16], ["a1", "9 2", 16, 12]],
                        ["labels.csv line 3: ImageId 'a1' is 16x12 but line 2 says 12x16"]),
+    "unknown usage": (
+        SIZED + ["Usage"], [["a1", "1 2", 12, 16, "Private"], ["a1", "9 2", 12, 16, "Scored"]],
+        ["labels.csv line 3: Usage 'Scored' is none of Private, Public (kept) or Ignored"],
+    ),
+    "empty usage": (
+        SIZED + ["Usage"], [["a1", "1 2", 12, 16, ""]],
+        ["labels.csv line 2: Usage '' is none of Private, Public"],
+    ),
+    "mixed usage, any case": (
+        SIZED + ["Usage"], [["a1", "1 2", 12, 16, "private"], ["a1", "9 2", 12, 16, "ignored"]],
+        ["labels.csv line 3: Usage 'ignored' but line 2 gives ImageId 'a1' Usage 'private'"],
+    ),
     "mixed usage": (
         SIZED + ["Usage"], [["a1", "1 2", 12, 16, "Private"], ["a1", "9 2", 12, 16, "Ignored"]],
         ["labels.csv line 3: Usage 'Ignored' but line 2 gives ImageId 'a1' Usage 'Private'"],

@@ -2,30 +2,49 @@
 
 Two sources give the same annotations:
 
-* mask folders, ``<root>/<split>/<ImageId>/images/<ImageId>.png`` and one 0/255 PNG per
+* mask folders, ``<root>/<split>/<ImageId>/images/<ImageId>.png`` and one 0/255 mask image per
   nucleus in ``<root>/<split>/<ImageId>/masks/``;
 * a run-length labels CSV (:mod:`sharp_fpn.data.rle`) for splits that ship no masks:
   ``stage1_train_labels.csv`` (``ImageId,EncodedPixels``), ``stage1_solution.csv`` (adds
-  ``Height,Width``) or ``stage2_solution_final.csv`` (adds ``Usage``; only ``Private`` rows, the
-  scored ones, are kept).
+  ``Height,Width``) or ``stage2_solution_final.csv`` (adds ``Usage``).
 
 The COCO dict has ``images`` (``id`` 1.. in sorted ImageId order, ``file_name`` relative to
 ``root``, ``height``, ``width`` and ``image_key``, the DSB ImageId), ``annotations`` (one per
 nucleus: compressed RLE ``segmentation`` with ``str`` counts exactly as
 ``pycocotools.mask.encode(np.asfortranarray(mask))`` writes them, ``area``, ``bbox`` XYWH floats
 from pycocotools, ``iscrowd`` 0, ``category_id`` 1, ``id`` 1..) and ``categories``
-``[{"id": 1, "name": "nucleus"}]``.
+``[{"id": 1, "name": "nucleus"}]``. Of an image only its size is recorded: its pixels are
+decoded to check that the file is whole, and nothing about their depth or range is kept (the
+loaders read the image itself, 8- or 16-bit).
 
 Canonical order: within an image, nuclei are sorted by their first pixel in DSB order
 (column-major: top to bottom, then left to right), which masks cannot share since they never
 overlap. So the folders and the CSV of the same data give byte-identical JSON whatever the mask
 file names or the CSV row order, and whatever the number of worker processes.
 
-Image set: with mask folders, every image folder of the split. With a CSV, the CSV defines it:
-each ImageId with a (kept) row must have its image file, whose size must match the Height and
-Width columns when the CSV has them. An image folder with no row at all is left out with one
-warning, since a missing row cannot tell "no nucleus" (written ``1 1``) from "not labelled".
-Images whose rows all have another ``Usage`` are left out silently.
+File names. The image is ``images/<ImageId>.png`` with the suffix in any case (``.PNG``).
+In ``masks/``, every file is a mask, read by one rule whatever its name:
+
+* ``.png``, ``.tif``/``.tiff`` and ``.bmp`` (suffix in any case), lossless formats, are read
+  exactly: single-channel 8-bit, one page, 0 and 255 only, the image's size;
+* a JPEG (``.jpg``, ``.jpeg``, ``.jpe``, ``.jfif``) or WebP mask is refused: lossy compression
+  blurs the edges into values between 0 and 255 and makes touching nuclei overlap, so no
+  threshold gives back the masks that were drawn; save the masks as PNG;
+* any other file is refused (``masks/`` holds one image per nucleus; move it out);
+* ignored without a word: hidden names (``.DS_Store``, macOS ``._*`` files, temporary files)
+  and Windows' ``Thumbs.db``/``desktop.ini``; skipped with a warning: files a sharp-fpn tool
+  wrote there (:func:`sharp_fpn.outdir.is_recorded_output`), which are never inputs.
+
+Image set: with mask folders, every image folder of the split. An image whose ``masks/`` is
+empty, or whose masks are all empty, is kept as an image with no nucleus, with a warning naming
+it; an image with no ``masks/`` folder at all is not labelled, and is left out with a warning
+naming it (a split where no image has one is refused: convert it from its labels CSV). With a
+CSV, the CSV defines it: each ImageId with a (kept) row must have its image file, whose size
+must match the Height and Width columns when the CSV has them. An image folder with no row at
+all is left out with one warning, since a missing row cannot tell "no nucleus" (written ``1 1``)
+from "not labelled". ``Usage`` is read in any case: ``Private`` and ``Public`` rows (the scored
+ones) are kept, ``Ignored`` rows left out (silently, whole images of them), and any other value
+is refused naming the line.
 
 Masks are turned into COCO RLE from their runs (read off the mask's bounding box, or the CSV),
 not by re-encoding whole images: the counts strings are the same bytes, far fewer pixels.
@@ -55,6 +74,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from ..outdir import recorded_outputs
 from ..utils import atomic_write, worker_count
 from .rle import EMPTY_IMAGE_RUN, RLEError, parse_runs
 
@@ -62,7 +82,16 @@ PathLike = Union[str, "os.PathLike[str]"]
 WarningHandler = Callable[[str], None]
 
 CATEGORIES = [{"id": 1, "name": "nucleus"}]
-KEPT_USAGE = "Private"
+KEPT_USAGES = ("private", "public")
+"""``Usage`` values (any case) whose rows are kept: the scored ones."""
+LEFT_OUT_USAGES = ("ignored",)
+"""``Usage`` values (any case) whose rows are left out; any other value is an error."""
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+"""Mask files read (suffix in any case): lossless formats, whose 0/255 values are exact."""
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".webp")
+"""Mask files refused: lossy formats, whose edges are not 0/255 any more."""
+IGNORED_NAMES = ("thumbs.db", "ehthumbs.db", "desktop.ini")
+"""Files of ``masks/`` (any case) that operating systems write: not masks, ignored."""
 
 
 class DSBFormatError(ValueError):
@@ -85,7 +114,7 @@ class _Nucleus:
 class _ImageResult:
     """What a worker hands back for one image."""
 
-    record: dict[str, Any]  # the COCO image, without "id"
+    record: Optional[dict[str, Any]]  # the COCO image, without "id"; None: left out
     nuclei: list[_Nucleus]  # in canonical order
     warnings: list[str]
 
@@ -178,6 +207,20 @@ def _rel(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def _image_path(root: Path, split: str, image_id: str) -> Optional[Path]:
+    """``images/<image_id>.png`` of ``image_id``, the suffix in any case; None if missing."""
+    folder = root / split / image_id / "images"
+    path = folder / f"{image_id}.png"
+    if path.is_file():
+        return path
+    wanted = path.name.casefold()
+    try:
+        found = sorted(p for p in folder.iterdir() if p.name.casefold() == wanted and p.is_file())
+    except OSError:  # no images/ folder
+        return None
+    return found[0] if found else None
+
+
 def _image_record(
     root: Path, split: str, image_id: str, missing: Optional[str] = None
 ) -> dict[str, Any]:
@@ -185,10 +228,11 @@ def _image_record(
 
     ``missing``: the message for a missing image file (default: the file's name).
     """
-    path = root / split / image_id / "images" / f"{image_id}.png"
+    path = _image_path(root, split, image_id)
+    if path is None:
+        rel = f"{split}/{image_id}/images/{image_id}.png"
+        raise DSBFormatError(missing or f"{rel}: no such image file{_holds(root, split, image_id)}")
     rel = _rel(root, path)
-    if not path.is_file():
-        raise DSBFormatError(missing or f"{rel}: no such image file")
     try:
         with Image.open(path) as image:
             image.load()
@@ -198,16 +242,29 @@ def _image_record(
     return {"file_name": rel, "height": height, "width": width, "image_key": image_id}
 
 
+def _holds(root: Path, split: str, image_id: str) -> str:
+    """`` (images/ holds a.tif, b.png)`` for a message about a missing image file, or ``""``."""
+    try:
+        names = sorted(p.name for p in (root / split / image_id / "images").iterdir())
+    except OSError:
+        return ""
+    if not names:
+        return " (images/ is empty)"
+    return f" (images/ holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
 def _read_mask(
     path: Path, rel: str, shape: tuple[int, int]
 ) -> Optional[tuple[int, int, np.ndarray]]:
-    """Read one 0/255 mask PNG of an image of ``shape`` (H, W).
+    """Read one 0/255 mask file (PNG, TIFF or BMP) of an image of ``shape`` (H, W).
 
     Returns ``(top, left, foreground)`` with ``foreground`` the bool crop of the mask's bounding
     box, or ``None`` for an all-zero mask.
     """
+    kind = (Image.registered_extensions().get(path.suffix.lower()) or "image").upper()
     try:
         with Image.open(path) as image:
+            pages = getattr(image, "n_frames", 1)
             image.load()
             if image.mode == "1":
                 image = image.convert("L")
@@ -215,7 +272,11 @@ def _read_mask(
             box = image.getbbox() if mode == "L" else None
             crop = np.asarray(image.crop(box)) if box else None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        raise DSBFormatError(f"{rel} is not a readable PNG ({err})") from None
+        raise DSBFormatError(f"{rel} is not a readable {kind} ({err})") from None
+    if pages != 1:
+        raise DSBFormatError(
+            f"{rel} has {pages} pages; a mask is one single-channel page (one file per nucleus)"
+        )
     if mode != "L":
         raise DSBFormatError(
             f"{rel} is a {mode} image; masks must be single-channel 8-bit with 0 and 255"
@@ -238,6 +299,40 @@ def _read_mask(
     return top, left, foreground
 
 
+def _mask_files(root: Path, masks: Path, notes: list[str]) -> list[Path]:
+    """The mask files of a ``masks/`` folder, sorted by name, by the module docstring's rule.
+
+    Raises :class:`DSBFormatError` for a lossy or unknown file; appends to ``notes`` the
+    warnings about files skipped.
+    """
+    outputs = recorded_outputs(masks)
+    files = []
+    for path in sorted(masks.iterdir(), key=lambda p: p.name):
+        name, rel = path.name, _rel(root, path)
+        suffix = path.suffix.lower()
+        if name.startswith(".") or name.casefold() in IGNORED_NAMES:
+            continue
+        if name in outputs:
+            notes.append(f"{rel} is an output of a sharp-fpn tool, not a mask; skipped")
+        elif path.is_dir():
+            raise DSBFormatError(
+                f"{rel} is a folder; masks/ holds one mask image per nucleus, nothing else"
+            )
+        elif suffix in MASK_SUFFIXES:
+            files.append(path)
+        elif suffix in LOSSY_SUFFIXES:
+            raise DSBFormatError(
+                f"{rel}: a {suffix[1:].upper()} mask, which is lossy: its edges are no longer "
+                "0 and 255 and touching nuclei blur into each other; save the masks as PNG"
+            )
+        else:
+            raise DSBFormatError(
+                f"{rel} is not a mask image (masks are {', '.join(MASK_SUFFIXES)} files); move "
+                "it out of masks/"
+            )
+    return files
+
+
 def _convert_folder_image(task: tuple[str, str, str]) -> _ImageResult:
     """Convert ``<root>/<split>/<image_id>/`` (images/ and masks/ folders)."""
     root, split, image_id = Path(task[0]), task[1], task[2]
@@ -245,17 +340,18 @@ def _convert_folder_image(task: tuple[str, str, str]) -> _ImageResult:
     if not (folder / "images").is_dir():
         raise DSBFormatError(f"{_rel(root, folder)} has no images/ folder")
     if not (folder / "masks").is_dir():
-        raise DSBFormatError(
-            f"{_rel(root, folder)} has no masks/ folder (a split without masks is converted "
-            "from its labels CSV)"
-        )
+        return _ImageResult(None, [], [
+            f"{_rel(root, folder)} has no masks/ folder: not labelled, left out (an image "
+            "with no nucleus has an empty masks/ folder)"
+        ])
     record = _image_record(root, split, image_id)
     shape = (record["height"], record["width"])
     owner = np.zeros(shape, dtype=np.int32)  # 1 + index of the mask holding each pixel
     names: list[str] = []
     nuclei: list[_Nucleus] = []
     notes: list[str] = []
-    for path in sorted((folder / "masks").glob("*.png"), key=lambda p: p.name):
+    files = _mask_files(root, folder / "masks", notes)
+    for path in files:
         rel = _rel(root, path)
         read = _read_mask(path, rel, shape)
         if read is None:
@@ -277,6 +373,14 @@ def _convert_folder_image(task: tuple[str, str, str]) -> _ImageResult:
         starts, lengths = _crop_runs(foreground, top, left, shape[0])
         counts = coco_counts_from_runs(starts, lengths, shape[0] * shape[1])
         nuclei.append(_Nucleus(int(starts[0]), counts))
+    if not nuclei:
+        if not files:
+            why = "its masks/ folder is empty"
+        elif len(files) == 1:
+            why = "its one mask is empty"
+        else:
+            why = f"its {len(files)} masks are empty"
+        notes.append(f"{_rel(root, folder)} has no nucleus ({why}); kept as an image with none")
     nuclei.sort(key=lambda n: n.first_pixel)
     return _ImageResult(record, nuclei, notes)
 
@@ -357,7 +461,7 @@ class _LabelsTable:
 
 
 def _read_labels_csv(path: Path) -> _LabelsTable:
-    """Read and check a DSB2018 labels CSV; keep only ``Usage == Private`` rows if it has Usage."""
+    """Read and check a DSB2018 labels CSV; of a CSV with Usage, keep the scored rows only."""
     name = path.name
     try:
         handle = open(path, newline="", encoding="utf-8-sig")
@@ -407,13 +511,18 @@ def _parse_labels(reader: Any, name: str) -> _LabelsTable:
         first = first_line.setdefault(image_id, line)
         if has_usage:
             usage = fields[column["Usage"]].strip()
+            if usage.casefold() not in KEPT_USAGES + LEFT_OUT_USAGES:
+                raise DSBFormatError(
+                    f"{name} line {line}: Usage {usage!r} is none of Private, Public (kept) "
+                    "or Ignored (left out)"
+                )
             seen = table.usage_of.setdefault(image_id, usage)
-            if seen != usage:
+            if seen.casefold() != usage.casefold():
                 raise DSBFormatError(
                     f"{name} line {line}: Usage {usage!r} but line {first} gives ImageId "
                     f"{image_id!r} Usage {seen!r}"
                 )
-            if usage != KEPT_USAGE:
+            if usage.casefold() not in KEPT_USAGES:
                 continue
         if table.shapes is not None:
             shape = _csv_shape(fields[column["Height"]], fields[column["Width"]], name, line)
@@ -533,9 +642,15 @@ def convert_split(
     tasks: list[Any]
     if labels_csv is None:
         folder = _split_folder(root, split)
-        tasks = [(str(root), split, image_id) for image_id in _image_ids(folder)]
-        if not tasks:
+        ids = _image_ids(folder)
+        if not ids:
             raise DSBFormatError(f"{folder} holds no image folder")
+        if not any((folder / image_id / "masks").is_dir() for image_id in ids):
+            raise DSBFormatError(
+                f"{folder}: no image folder has a masks/ folder; a split without masks (such "
+                "as stage1_test) is converted from its labels CSV (--labels-csv)"
+            )
+        tasks = [(str(root), split, image_id) for image_id in ids]
         work: Callable[[Any], _ImageResult] = _convert_folder_image
     else:
         tasks = _csv_tasks(root, split, Path(labels_csv), warn)
@@ -545,10 +660,12 @@ def convert_split(
 
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    results = _run(work, tasks, worker_count(workers), progress, split)
-    for coco_id, result in enumerate(results, start=1):
+    for result in _run(work, tasks, worker_count(workers), progress, split):
         for message in result.warnings:
             warn(message)
+        if result.record is None:
+            continue
+        coco_id = len(images) + 1
         images.append({"id": coco_id, **result.record})
         if not result.nuclei:
             continue
