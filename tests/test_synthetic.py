@@ -5,7 +5,10 @@ import csv
 import hashlib
 import importlib.util
 import io
+import json
+import os
 import re
+import socket
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -19,6 +22,7 @@ from scipy.spatial.distance import pdist
 
 from sharp_fpn.data import rle
 from sharp_fpn.data import synthetic as syn
+from sharp_fpn.outdir import LOCK_NAME, RECORD_NAME, OutputConflict
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(64, 64), (96, 128)]
@@ -90,7 +94,8 @@ def test_different_seed_different_data(dataset, tmp_path):
 def test_layout_ids_and_dtypes(dataset):
     out, ids = dataset
     split = out / "stage1_train"
-    assert sorted(p.name for p in out.iterdir()) == ["stage1_train", "stage1_train_labels.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        RECORD_NAME, "stage1_train", "stage1_train_labels.csv"]
     assert sorted(p.name for p in split.iterdir()) == sorted(ids)
     assert len(set(ids)) == N
     expected = hashlib.sha256(b"sharp-fpn synthetic nuclei v1|seed=7|index=0").hexdigest()
@@ -238,19 +243,89 @@ def test_bad_arguments_are_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_refuses_to_overwrite_then_replaces_atomically(tmp_path):
+def test_replaces_its_own_split_atomically(tmp_path):
     out = tmp_path / "data"
     syn.write_dataset(out, 3, 1, sizes=[(48, 48)], progress=False)
-    before = tree_hashes(out)
-    with pytest.raises(FileExistsError, match="stage1_train already exists.*--overwrite"):
-        syn.write_dataset(out, 3, 2, sizes=[(48, 48)], progress=False)
-    assert tree_hashes(out) == before
-    syn.write_dataset(out, 2, 2, sizes=[(48, 48)], overwrite=True, progress=False)
+    syn.write_dataset(out, 2, 2, sizes=[(48, 48)], progress=False)  # its own: replaced
     fresh = tmp_path / "fresh"
     syn.write_dataset(fresh, 2, 2, sizes=[(48, 48)], progress=False)
     assert tree_hashes(out) == tree_hashes(fresh)  # old images gone, no staging folder left
+    assert json.loads((out / RECORD_NAME).read_text()) == {
+        "make_synthetic_nuclei": ["stage1_train", "stage1_train_labels.csv"]}
     other = syn.write_dataset(out, 1, 3, split="stage1_test", sizes=[(48, 48)], progress=False)
     assert (out / "stage1_test" / other[0]).is_dir() and (out / "stage1_train").is_dir()
+    assert not (out / LOCK_NAME).exists()
+
+
+def _users_split(out: Path) -> None:
+    (out / "stage1_train" / "mine").mkdir(parents=True)
+    (out / "stage1_train" / "mine" / "notes.txt").write_text("my own annotations")
+
+
+@pytest.mark.parametrize("in_the_way, message", [
+    (_users_split, "stage1_train: exists and is not empty (not written by make_synthetic_nuclei)"),
+    (lambda out: (out / "stage1_train_labels.csv").write_text("ImageId,EncodedPixels\n"),
+     "stage1_train_labels.csv: exists (not written by sharp-fpn); choose another output folder, "
+     "or pass --overwrite"),
+    (lambda out: (out / "stage1_train").write_text("a file where the split folder goes"),
+     "stage1_train: exists and is not empty"),
+])
+def test_refuses_what_it_did_not_write_unless_overwrite(tmp_path, in_the_way, message):
+    out = tmp_path / "data"
+    out.mkdir()
+    in_the_way(out)
+    before = tree_hashes(out)
+    with pytest.raises(OutputConflict, match=re.escape(message)):
+        syn.write_dataset(out, 2, 1, sizes=[(48, 48)], progress=False)
+    assert tree_hashes(out) == before  # no record, lock or staging folder left either
+    syn.write_dataset(out, 2, 1, sizes=[(48, 48)], overwrite=True, progress=False)
+    fresh = tmp_path / "fresh"
+    syn.write_dataset(fresh, 2, 1, sizes=[(48, 48)], progress=False)
+    assert tree_hashes(out) == tree_hashes(fresh)
+
+
+def test_an_empty_split_folder_is_no_conflict_a_folder_for_the_csv_is(tmp_path):
+    (tmp_path / "stage1_train").mkdir()
+    syn.write_dataset(tmp_path, 1, 1, sizes=[(48, 48)], progress=False)
+    (tmp_path / "stage1_test_labels.csv").mkdir()
+    with pytest.raises(OutputConflict, match="stage1_test_labels.csv: a folder is in the way"):
+        syn.write_dataset(tmp_path, 1, 1, split="stage1_test", sizes=[(48, 48)],
+                          overwrite=True, progress=False)
+    assert not (tmp_path / "stage1_test").exists()
+
+
+def test_own_folder_refuses_a_folder_of_other_files(tmp_path):
+    (tmp_path / "thesis.docx").write_text("years of work")
+    (tmp_path / ".hidden").write_text("")
+    with pytest.raises(OutputConflict, match=re.escape(
+            f"{tmp_path}: holds files that make_synthetic_nuclei did not write (thesis.docx); "
+            "choose a new or empty folder, or pass --overwrite")):
+        syn.write_dataset(tmp_path, 1, 1, sizes=[(48, 48)], progress=False, own_folder=True)
+    assert sorted(os.listdir(tmp_path)) == [".hidden", "thesis.docx"]
+    syn.write_dataset(tmp_path, 1, 1, sizes=[(48, 48)], progress=False, own_folder=True,
+                      overwrite=True)
+    assert (tmp_path / "thesis.docx").read_text() == "years of work"
+    # now a folder it wrote into: another split goes beside without --overwrite
+    syn.write_dataset(tmp_path, 1, 1, split="stage1_test", sizes=[(48, 48)], progress=False,
+                      own_folder=True)
+    hidden_only = tmp_path / "hidden_only"
+    hidden_only.mkdir()
+    (hidden_only / ".DS_Store").write_bytes(b"")
+    syn.write_dataset(hidden_only, 1, 1, sizes=[(48, 48)], progress=False, own_folder=True)
+
+
+def test_an_output_folder_that_is_a_file_or_in_use_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputConflict, match="file: is a file, not a folder for the outputs"):
+        syn.write_dataset(tmp_path / "file", 1, 1, sizes=[(48, 48)], progress=False)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "tool": "make_synthetic_nuclei"}
+    (busy / LOCK_NAME).write_text(json.dumps(holder))  # a living process holds it
+    in_use = f"in use by make_synthetic_nuclei \\(pid {os.getpid()}"
+    with pytest.raises(OutputConflict, match=in_use):
+        syn.write_dataset(busy, 1, 1, sizes=[(48, 48)], progress=False)
+    assert sorted(os.listdir(busy)) == [LOCK_NAME]
 
 
 def test_cli_subprocess_matches_library(tmp_path):
@@ -276,11 +351,18 @@ def test_cli_reports_refusals(tmp_path, capsys):
     spec.loader.exec_module(tool)
     common = ["--out", str(tmp_path), "--num-images", "2", "--seed", "1", "--no-progress"]
     assert tool.main([*common, "--sizes", "48x48"]) == 0
-    assert tool.main([*common, "--sizes", "48x48"]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert tool.main([*common, "--sizes", "48x48", "--overwrite"]) == 0
-    assert tool.main([*common, "--sizes", "64by64"]) == 2
+    assert tool.main([*common, "--sizes", "48x48", "--seed", "2"]) == 0  # its own: replaced
+    (tmp_path / "stage1_test_labels.csv").write_text("someone's labels\n")
+    assert tool.main([*common, "--sizes", "48x48", "--split", "stage1_test"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "stage1_test_labels.csv: exists (not written by sharp-fpn)" in err
+    assert "--overwrite" in err
+    assert tool.main([*common, "--sizes", "48x48", "--split", "stage1_test", "--overwrite"]) == 0
+    assert tool.main([*common, "--sizes", "64by64"]) == 1
     assert "'64by64' is not HEIGHTxWIDTH" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="'64by64' is not HEIGHTxWIDTH"):
+        tool.main([*common, "--sizes", "64by64", "--debug"])
 
 
 def test_column_strip_encoding_equals_rle_encode():

@@ -38,7 +38,11 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from sharp_fpn.data import rle
+from sharp_fpn.outdir import OutputConflict, OutputDir
 from sharp_fpn.utils import worker_count, write_csv_atomic
+
+TOOL = "make_synthetic_nuclei"
+"""The writer's name in an output folder's record (:mod:`sharp_fpn.outdir`)."""
 
 STYLES: tuple[str, ...] = ("fluorescence", "he")
 FLUORESCENCE_FRACTION = 0.7
@@ -482,6 +486,7 @@ def write_dataset(
     workers: Optional[int] = None,
     overwrite: bool = False,
     progress: bool = True,
+    own_folder: bool = False,
 ) -> list[str]:
     """Write ``num_images`` synthetic images in DSB2018's layout; returns their ids by index.
 
@@ -490,32 +495,68 @@ def write_dataset(
     without nuclei gets the single run ``1 1``). Everything is first written into a temporary
     folder inside ``out_dir`` and moved into place when complete.
 
+    Outputs follow :mod:`sharp_fpn.outdir`: both go on ``out_dir``'s record as
+    ``make_synthetic_nuclei``'s, a later run replaces them, and anything else in their way (a
+    non-empty ``<split>`` folder or a ``<split>_labels.csv`` this writer did not make) is
+    refused with :class:`~sharp_fpn.outdir.OutputConflict` unless ``overwrite``. The folder is
+    locked while the run writes: a second run into it is refused while the first lives.
+
     Args:
         out_dir: dataset root (created if missing).
         num_images, seed, sizes, style: see :func:`plan_images`.
         split: folder and CSV name prefix, e.g. ``stage1_train``.
         workers: processes to use (:func:`~sharp_fpn.utils.worker_count`: None = every core
             this process may use; at most one per image). The output does not depend on it.
-        overwrite: replace an existing non-empty ``<split>`` folder or ``<split>_labels.csv``;
-            without it these raise FileExistsError.
+        overwrite: replace an existing ``<split>`` folder or ``<split>_labels.csv`` that
+            this writer did not make (the tools' ``--overwrite``).
         progress: show a tqdm bar (when there are at least 20 images).
+        own_folder: also refuse (unless ``overwrite``) an ``out_dir`` that holds files, hidden
+            ones aside, when this writer has never written there: the tool's rule, so that a
+            data set never lands among a user's own files.
     """
-    if not split or split in (".", "..") or "/" in split or os.sep in split:
+    if not split or split.startswith(".") or "/" in split or os.sep in split:
         raise ValueError(f"split {split!r} must be a plain folder name, e.g. stage1_train")
     plans = plan_images(num_images, seed, sizes, style)
-    out = Path(out_dir)
-    target, csv_target = out / split, out / f"{split}_labels.csv"
-    existing = [
-        p for p in (target, csv_target) if p.is_file() or (p.is_dir() and any(p.iterdir()))
-    ]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{existing[0]} already exists and is not empty; choose another --out or --split, "
-            f"or pass --overwrite (overwrite=True) to replace {target} and {csv_target}"
-        )
     workers = min(worker_count(workers), num_images)  # plan_images checked num_images >= 1
+    out = Path(out_dir)
+    if own_folder and not overwrite:
+        _check_own_folder(out, split)
+    folder = OutputDir(out, TOOL, overwrite=overwrite)
+    with folder.lock():
+        return _write_locked(folder, plans, seed, split, workers, progress)
 
-    out.mkdir(parents=True, exist_ok=True)
+
+def _check_own_folder(out: Path, split: str) -> None:
+    """Refuse an ``out`` holding visible files when this writer never wrote there."""
+    if not out.is_dir():
+        return  # missing (made), or a file (OutputDir says so)
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    mine = OutputDir(out, TOOL)
+    if others and not any(mine.owns(name) for name in others):
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise OutputConflict(
+            f"{out}: holds files that make_synthetic_nuclei did not write ({shown}); choose a "
+            f"new or empty folder, or pass --overwrite to write {split}/ and {split}_labels.csv "
+            "among them"
+        )
+
+
+def _write_locked(
+    folder: OutputDir, plans: list[ImagePlan], seed: int, split: str, workers: int,
+    progress: bool,
+) -> list[str]:
+    """:func:`write_dataset`'s work, with ``folder`` locked."""
+    out, num_images = folder.folder, len(plans)
+    target, csv_target = out / split, out / f"{split}_labels.csv"
+    folder.check(csv_target.name)
+    in_the_way = target.is_file() or target.is_symlink() or (
+        target.is_dir() and any(target.iterdir()))
+    if in_the_way and not folder.overwrite and not folder.owns(split):
+        raise OutputConflict(
+            f"{target}: exists and is not empty (not written by make_synthetic_nuclei); choose "
+            "another --out or --split, or pass --overwrite to replace it"
+        )
+
     staging = Path(tempfile.mkdtemp(prefix=f".{split}.partial-", dir=out))
     try:
         split_dir = staging / split
@@ -559,9 +600,11 @@ def write_dataset(
             ("ImageId", "EncodedPixels"),
         )
 
-        if target.exists():
+        if target.exists() or target.is_symlink():
             target.rename(staging / f"{split}.old")
+        folder.claim(split)  # on record before it is there (its old self moved out of the way)
         split_dir.rename(target)
+        folder.claim(csv_target.name)
         os.replace(staged_csv, csv_target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
