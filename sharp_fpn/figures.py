@@ -15,7 +15,7 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -28,6 +28,7 @@ from .metrics import dsb_score  # noqa: E402
 from .utils import PathLike, atomic_write  # noqa: E402
 
 __all__ = [
+    "CURVE_FIGURES",
     "TRAINING_STAT_PREFIXES",
     "Series",
     "plot_predictions",
@@ -42,6 +43,9 @@ __all__ = [
 TRAINING_STAT_PREFIXES = ("rpn", "roi_head", "fast_rcnn", "mask_rcnn", "keypoint_head")
 #: Bookkeeping scalars that are not curves worth drawing.
 _IGNORED = {"iteration", "data_time", "time", "eta_seconds", "rank_data_time"}
+
+#: The files :func:`plot_training_curves` may write into its folder.
+CURVE_FIGURES = ("losses.png", "metrics.png")
 
 Series = Dict[str, Tuple[np.ndarray, np.ndarray]]
 """Scalar name -> ``(iterations, values)``, both ``(n,)``, iterations increasing."""
@@ -107,7 +111,22 @@ def save_figure(fig: "plt.Figure", path: PathLike, dpi: int = 120) -> Path:
     return path
 
 
-def plot_training_curves(series: Series, out_dir: PathLike, smooth: int = 20) -> List[Path]:
+def _save_claimed(fig: "plt.Figure", path_of: Callable[[str], Path], name: str) -> Path:
+    """:func:`save_figure` to ``path_of(name)``; the figure is closed if the claim fails too."""
+    try:
+        path = path_of(name)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return save_figure(fig, path)
+
+
+def plot_training_curves(
+    series: Series,
+    out_dir: PathLike,
+    smooth: int = 20,
+    claim: Optional[Callable[[str], Path]] = None,
+) -> List[Path]:
     """Write ``losses.png`` and, when there are evaluation results, ``metrics.png``.
 
     Args:
@@ -115,11 +134,15 @@ def plot_training_curves(series: Series, out_dir: PathLike, smooth: int = 20) ->
         out_dir: where the PNGs go.
         smooth: moving-average window (in logged points) of the loss and statistics lines;
             the raw values are drawn faintly beneath.
+        claim: called with each file's name just before it is written, returns the path to
+            write (e.g. :meth:`sharp_fpn.outdir.OutputDir.claim`, which puts it on record or
+            refuses it); default: the name in ``out_dir``.
 
     Returns:
         The files written.
     """
     out_dir = Path(out_dir)
+    path_of = claim or (lambda name: out_dir / name)
     losses = sorted(k for k in series if k.startswith("loss") or k == "total_loss")
     stats = sorted(k for k in series if k.split("/")[0] in TRAINING_STAT_PREFIXES and "/" in k)
     evaluation: Dict[str, List[str]] = defaultdict(list)
@@ -153,7 +176,7 @@ def plot_training_curves(series: Series, out_dir: PathLike, smooth: int = 20) ->
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        written.append(save_figure(fig, out_dir / "losses.png"))
+        written.append(_save_claimed(fig, path_of, CURVE_FIGURES[0]))
 
     if evaluation:
         cols = min(3, len(evaluation))
@@ -170,7 +193,7 @@ def plot_training_curves(series: Series, out_dir: PathLike, smooth: int = 20) ->
         for ax in axes.ravel()[len(evaluation):]:
             ax.axis("off")
         fig.tight_layout()
-        written.append(save_figure(fig, out_dir / "metrics.png"))
+        written.append(_save_claimed(fig, path_of, CURVE_FIGURES[1]))
     return written
 
 

@@ -17,6 +17,7 @@ from torchvision.models.vgg import make_layers
 import sharp_fpn.d2  # noqa: F401  (registers the builders)
 from sharp_fpn.d2.config import add_sharp_fpn_config
 from sharp_fpn.d2.torchvision_weights import INPUT_SETTINGS, convert, convert_file
+from sharp_fpn.outdir import RECORD_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE2 = sorted((ROOT / "configs").glob("mask_rcnn_*_*.yaml"))
@@ -136,7 +137,9 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "torchvision vgg, 48 tensors" in out and "8 num_batches_tracked counters" in out
     assert "INPUT.FORMAT RGB" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pth", "vgg11_bn.pth"]  # no temp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temporary file left
+        RECORD_NAME, "out.pth", "vgg11_bn.pth"]
+    assert (tmp_path / "out.pth").stat().st_mode & 0o777 == 0o644
 
     assert tool.main([str(source), str(tmp_path / "out.pkl")]) == 1
     assert "the output must end in .pth" in capsys.readouterr().err

@@ -6,6 +6,11 @@
     python tools/visualize.py predictions --config-file output/demo/config.yaml \\
         --weights output/demo/model_final.pth --dataset nuclei_synth_val --num 4
         # image | ground truth | prediction, one image per row (the paper's Figure 6 layout)
+
+A figure replaces only a file that this tool wrote (the folder's record, .sharp-fpn-outputs.json,
+says which); anything else is refused unless --overwrite, and an input (metrics.json, the
+config, the weights, a dataset image) never is an output. Errors are one line naming the file
+(--debug: the traceback).
 """
 from __future__ import annotations
 
@@ -17,13 +22,21 @@ from sharp_fpn.utils import silence_warnings
 
 silence_warnings()  # the project's third-party filters, before detectron2 is imported
 
-from sharp_fpn.figures import plot_training_curves, read_metrics  # noqa: E402
+from sharp_fpn.cli import UserError, add_debug_argument, run  # noqa: E402
+from sharp_fpn.figures import CURVE_FIGURES, plot_training_curves, read_metrics  # noqa: E402
+from sharp_fpn.outdir import OutputDir  # noqa: E402
+
+TOOL = "visualize"
 
 
 def run_curves(args: argparse.Namespace) -> int:
-    folder = Path(args.output_dir)
-    written = plot_training_curves(read_metrics(folder / "metrics.json"), args.save_dir or folder,
-                                   smooth=args.smooth)
+    metrics = Path(args.output_dir) / "metrics.json"
+    series = read_metrics(metrics)
+    out = OutputDir(args.save_dir or args.output_dir, TOOL, overwrite=args.overwrite,
+                    inputs=[metrics])
+    for name in CURVE_FIGURES:
+        out.check(name)  # both refused before either is drawn
+    written = plot_training_curves(series, out.folder, smooth=args.smooth, claim=out.claim)
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -37,19 +50,22 @@ def run_predictions(args: argparse.Namespace) -> int:
     from sharp_fpn.figures import plot_predictions, true_labels
     from sharp_fpn.d2.predictor import load_config, model_label
 
-    predictor = NucleiPredictor(load_config(args.config_file, args.opts), args.weights,
-                                device=args.device, score_threshold=args.score_threshold)
     records = DatasetCatalog.get(args.dataset)[: args.num]
     if not records:
-        raise SystemExit(f"dataset {args.dataset!r} has no image")
+        raise UserError(f"dataset {args.dataset!r} has no image")
+    output = Path(args.output or f"output/visualize/{args.dataset}_predictions.png")
+    inputs = [args.config_file, args.weights, *(r["file_name"] for r in records)]
+    out = OutputDir(output.parent, TOOL, overwrite=args.overwrite, inputs=inputs)
+    out.check(output.name)  # before the model runs
+    predictor = NucleiPredictor(load_config(args.config_file, args.opts), args.weights,
+                                device=args.device, score_threshold=args.score_threshold)
     rows = []
     for record in records:
         rgb = load_image(Path(record["file_name"])).rgb
         predicted = predictor.predict(rgb, tile=args.tile, overlap=args.overlap).labels
         truth = true_labels(record) if "annotations" in record else None
         rows.append((Path(record["file_name"]).name, rgb, truth, predicted))
-    output = Path(args.output or f"output/visualize/{args.dataset}_predictions.png")
-    plot_predictions(rows, output, model_name=model_label(args.config_file))
+    plot_predictions(rows, out.claim(output.name), model_name=model_label(args.config_file))
     print(f"wrote {output}")
     return 0
 
@@ -78,16 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     predictions.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                              help="config options to override")
     predictions.set_defaults(run=run_predictions)
+    for command in (curves, predictions):
+        command.add_argument("--overwrite", action="store_true",
+                             help="replace a figure file that this tool did not write")
+        add_debug_argument(command)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def visualize(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return args.run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The exit status: 0, or 1 after a one-line error on stderr (see sharp_fpn.cli)."""
+    return run(visualize, argv)
 
 
 if __name__ == "__main__":
