@@ -201,14 +201,25 @@ def stretch(values):
     return np.rint(np.clip((values - low) / (high - low), 0, 1) * 255).astype(np.uint8)
 
 
+def blobs16(shape, seed, background=200.0, noise=8.0, peak=3000.0, count=4):
+    """A real-looking 16-bit field: camera offset and noise, and a few bright blurred nuclei."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]]
+    values = background + rng.normal(0.0, noise, size=shape)
+    for _ in range(count):
+        cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        values += peak * np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * 3.0 ** 2))
+    return np.clip(np.rint(values), 0, 65535).astype(np.uint16)
+
+
 @pytest.fixture
 def samples():
     rng = np.random.default_rng(0)
     rgb8 = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
     rgb8[..., 0] = 200  # distinct channels: an RGB/BGR swap shows
     rgb8[..., 2] = 10
-    gray16 = rng.integers(100, 4000, size=(20, 30), dtype=np.uint16)
-    rgb16 = rng.integers(0, 65535, size=(20, 30, 3), dtype=np.uint16)
+    gray16 = blobs16((20, 30), seed=1)
+    rgb16 = np.dstack([blobs16((20, 30), seed=2, peak=p) for p in (4000, 9000, 2000)])
     return rgb8, gray16, rgb16
 
 
@@ -269,7 +280,7 @@ def test_16_bit_inputs_are_stretched_by_percentiles(tmp_path, samples):
         image = load_image(tmp_path / name)
         np.testing.assert_array_equal(image.rgb, np.dstack([stretch(gray16)] * 3), err_msg=name)
         np.testing.assert_array_equal(image.intensity, gray16)  # stored units for the table
-        assert image.dtype == np.uint16
+        assert image.dtype == np.uint16 and image.stretching.mode == "percentile"
     for name in ("rgb16.png", "rgba16.tif"):
         np.testing.assert_array_equal(load_image(tmp_path / name).rgb, stretch(rgb16), err_msg=name)
     np.testing.assert_array_equal(
@@ -284,7 +295,7 @@ def test_unreadable_inputs_name_the_file_and_the_reason(tmp_path):
     (tmp_path / "text.tif").write_text("not a tiff")
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((9, 20, 30), np.uint16))
     cases = {"empty.png": "cannot be decoded", "text.tif": "not a readable TIFF",
-             "stack.tif": "stack of planes", "missing.png": "no such file"}
+             "stack.tif": "holds 9 pages", "missing.png": "no such file"}
     for name, reason in cases.items():
         with pytest.raises(ImageReadError, match=reason) as error:
             load_image(tmp_path / name)

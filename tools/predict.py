@@ -6,24 +6,53 @@
 
 Per image: <stem>_labels.tif (uint16, 0 = background, one id per nucleus), <stem>_overlay.png
 (outlines over the image), <stem>_nuclei.csv (area, centroid, box, intensity, score per
-nucleus); and summary.csv for the run. Images of any size are cut into overlapping tiles
-(--tile, --overlap: nuclei up to the overlap in size are never cut nor duplicated); 8- or
-16-bit, gray, RGB or RGBA, PNG/TIFF/JPEG. Files that cannot be read are reported and skipped;
-the exit status is 1 when any input failed.
+nucleus); and summary.csv for the run (one row per input: ok, skipped (done), failed with the
+reason, pending while the run goes on).
+
+Images: 8- or 16-bit (or float), PNG/TIFF/JPEG/BMP, one 2-D image per file: gray, or gray +
+alpha / RGB / RGBA where the file says so (PNG/JPEG colour types, TIFF photometric RGB and
+alpha extra samples). Multi-channel, multi-plane and multi-page files are refused with a
+message saying what they hold (choosing a channel or plane is not supported yet). Non-8-bit
+images are stretched per image (0.1st..99.9th percentile to 0..255), but a range narrower
+than 40 times the image's noise is widened to that, so an empty field stays dim instead of
+becoming full-contrast noise; --no-stretch maps the sample type's range instead (uint16:
+value / 257). summary.csv says what was read and how it was stretched.
+
+Large images are cut into overlapping tiles (--tile, --overlap: nuclei up to the overlap in
+size are never cut nor duplicated). --tile 0 predicts images whole, except an image the model
+would shrink more than a 512-px tile: that one is tiled at 512 px (a note says so).
+
+Files: nothing predict did not write is replaced (a file of yours named like an output is
+refused, naming it; --overwrite replaces it), an input never. --output may be the input folder:
+earlier predict outputs there are not read as inputs. Outputs are written as each image is
+done and summary.csv after each image, so a killed run loses nothing finished; rerun the same
+command to go on: an image is left as it is (reported "skipped (done)") when summary.csv says
+it was done with the same image file, model, weights and options and its three outputs are
+there. --redo segments everything again.
+
+A file that cannot be read, or a tile the model fails on, fails that image only (a failed row;
+the batch goes on); the exit status is 1 when any input failed. Other problems stop the run
+with one line naming the file or option (--debug for the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from sharp_fpn.utils import silence_warnings
 
-silence_warnings()  # the project's third-party filters, before detectron2 is imported
+silence_warnings()  # the project's third-party filters, before any third-party import
 
-from sharp_fpn.d2.engine import ConfigError  # noqa: E402
-from sharp_fpn.d2.predictor import NucleiPredictor  # noqa: E402
-from sharp_fpn.predict import predict_images  # noqa: E402
-from sharp_fpn.d2.predictor import load_config  # noqa: E402
+from sharp_fpn.cli import add_debug_argument, run  # noqa: E402
+from sharp_fpn.predict.run import DEFAULT_TILE, MAX_TILE, MIN_TILE, check_options  # noqa: E402
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0 or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,18 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="image files, folders (their images) or glob patterns")
     parser.add_argument("--output", required=True, help="folder for the outputs")
-    parser.add_argument("--tile", type=int, default=512,
-                        help="tile side in pixels, 0 for whole images (%(default)s)")
+    parser.add_argument("--tile", type=int, default=DEFAULT_TILE,
+                        help=f"tile side in pixels, {MIN_TILE}..{MAX_TILE}, or 0 for whole "
+                        "images (%(default)s)")
     parser.add_argument("--overlap", type=int, default=64,
-                        help="least overlap of neighbouring tiles in pixels; make it at least "
-                        "the largest nucleus diameter (%(default)s)")
-    parser.add_argument("--score-threshold", type=float, default=0.5,
-                        help="drop instances scoring below (%(default)s)")
-    parser.add_argument("--min-kept-fraction", type=float, default=0.5,
+                        help="least overlap of neighbouring tiles in pixels, less than half the "
+                        "tile; make it at least the largest nucleus diameter (%(default)s)")
+    parser.add_argument("--score-threshold", type=_fraction, default=0.5,
+                        help="drop instances scoring below, in [0, 1] (%(default)s)")
+    parser.add_argument("--min-kept-fraction", type=_fraction, default=0.5,
                         help="drop an instance that keeps less than this fraction of its mask "
                         "after better ones took theirs: a duplicate detection (%(default)s)")
+    parser.add_argument("--no-stretch", action="store_true",
+                        help="do not stretch non-8-bit images per image: map the sample type's "
+                        "whole range to 0..255 (uint16: value / 257; float: 0..1)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files in the output folder that predict did not write "
+                        "(inputs are never replaced)")
+    parser.add_argument("--redo", action="store_true",
+                        help="segment again the images an earlier run into --output finished")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1... "
                         "(%(default)s)")
+    add_debug_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config options to override, e.g. INPUT.MIN_SIZE_TEST 512")
     return parser
@@ -56,26 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.tile > 0 and not 0 <= args.overlap < args.tile:
-        parser.error(f"--overlap must be in [0, --tile) = [0, {args.tile}), got {args.overlap}")
     try:
-        predictor = NucleiPredictor(
-            load_config(args.config_file, args.opts), args.weights, device=args.device,
-            score_threshold=args.score_threshold, min_kept_fraction=args.min_kept_fraction,
-        )
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+        check_options(args.tile, args.overlap, args.score_threshold, args.min_kept_fraction)
+    except ValueError as e:
         parser.error(str(e))
+
+    from sharp_fpn.d2.predictor import check_device, check_weights_file, load_config
+    from sharp_fpn.predict import predict_images
+
+    cfg = load_config(args.config_file, args.opts)
+    check_weights_file(args.weights)
+    check_device(args.device)
     report = predict_images(
-        predictor.cfg, args.weights, args.input, args.output, tile=args.tile,
-        overlap=args.overlap, predictor=predictor,
+        cfg, args.weights, args.input, args.output, tile=args.tile, overlap=args.overlap,
+        score_threshold=args.score_threshold, min_kept_fraction=args.min_kept_fraction,
+        device=args.device, stretch=not args.no_stretch, overwrite=args.overwrite,
+        redo=args.redo, debug=args.debug,
     )
-    for failure in report.failures:
-        print(f"FAILED {failure.reason}", file=sys.stderr)
     nuclei = sum(r.nuclei for r in report.results)
-    print(f"{len(report.results)} image(s) processed ({nuclei} nuclei), "
+    done = f", {len(report.skipped)} skipped (done earlier)" if report.skipped else ""
+    print(f"{len(report.results)} image(s) processed ({nuclei} nuclei){done}, "
           f"{len(report.failures)} failed; outputs in {report.out_dir}, summary {report.summary}")
     return 1 if report.failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

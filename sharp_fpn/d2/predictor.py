@@ -7,7 +7,14 @@ MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``, as ``DefaultPredictor``; the semantic mod
 ``Resize(INPUT.SEMANTIC.SIZE)``, as their test mapper), the outputs brought back to the tile's
 size. All tiles of an image have the same size, so the model sees every part of the image at
 the same scale; choose ``tile`` near the size of the images the model was trained on (``tile=0``
-predicts the whole image at once).
+predicts the whole image at once). :func:`input_scale` says how much that resize shrinks or
+enlarges an image (``tools/predict.py`` uses it to keep ``--tile 0`` from shrinking a large
+image to the model's input size). A tile whose model run fails raises
+:class:`sharp_fpn.predict.tiling.TileError` naming the tile (the run reports the image as failed and goes on).
+
+Everything a user gives is checked before any work, each failure one line naming the file or
+option: the config (:func:`load_config`: missing, malformed, unknown keys), the weights
+(missing, empty, corrupt, or not fitting the config), the device (:func:`check_device`).
 
 What the model returns decides the labelling:
 
@@ -31,6 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
@@ -38,12 +46,13 @@ from detectron2.modeling import build_model
 from skimage.measure import label as connected_components
 from tqdm import tqdm
 
-from .engine import get_config
+from .engine import ConfigError, get_config
 from .semantic import is_semantic  # also registers the necks and meta-architectures
 from .semantic_data import build_semantic_augmentation
 from ..predict.tiling import (
     InstanceSet,
     Tile,
+    TileError,
     keep_largest_components,
     stitch_cores,
     stitch_instances,
@@ -54,6 +63,9 @@ __all__ = [
     "SEMANTIC_THRESHOLD",
     "NucleiPredictor",
     "Prediction",
+    "check_device",
+    "check_weights_file",
+    "input_scale",
     "load_config",
     "model_label",
     "semantic_labels",
@@ -92,14 +104,80 @@ def load_config(
     config: Union[CfgNode, str, os.PathLike], opts: Optional[List[str]] = None
 ) -> CfgNode:
     """A config object from a config (cloned) or a yaml file (with sharp-fpn's keys), plus
-    ``opts`` (``["KEY", value, ...]``)."""
+    ``opts`` (``["KEY", value, ...]``).
+
+    Raises:
+        ConfigError: in one line naming the file: it is missing, not a readable yaml mapping,
+            names a missing ``_BASE_``, or has a key or value that does not fit (an option of
+            ``opts`` likewise).
+    """
     if isinstance(config, CfgNode):
         cfg = config.clone()
         cfg.defrost()
         if opts:
-            cfg.merge_from_list(list(opts))
+            try:
+                cfg.merge_from_list(list(opts))
+            except (AssertionError, KeyError, ValueError, TypeError) as e:
+                raise ConfigError(f"command-line options: {_one_line(e)}") from None
         return cfg
-    return get_config(os.fspath(config), opts or [])
+    path = os.fspath(config)
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such config file")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: is a folder, not a config file")
+    try:
+        return get_config(path, opts or [])
+    except ConfigError:
+        raise
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid yaml ({_one_line(e)})") from None
+    except OSError as e:  # a _BASE_ that is missing or unreadable
+        raise ConfigError(f"{path}: {e.strerror or e}: {e.filename}") from None
+    except Exception as e:  # noqa: BLE001  yacs: a list instead of a mapping, a bad value type...
+        raise ConfigError(f"{path}: not a usable config ({type(e).__name__}: {_one_line(e)})") \
+            from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch can put a tensor there, else ValueError in one line (``--device``)."""
+    try:
+        torch.empty(1, device=device)
+    except Exception as e:  # noqa: BLE001  RuntimeError, AssertionError (no CUDA build)...
+        available = "cpu" + (f", cuda:0..{torch.cuda.device_count() - 1}"
+                             if torch.cuda.is_available() else "")
+        raise ValueError(f"--device {device}: not usable here ({_one_line(e)}); available: "
+                         f"{available}") from None
+    return device
+
+
+def check_weights_file(path: Union[str, os.PathLike]) -> str:
+    """``path`` as a string if it is a non-empty file, else a one-line error naming it."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such weights file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: is a folder, not a weights file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the weights file is empty")
+    return path
+
+
+def input_scale(cfg: CfgNode, height: int, width: int) -> float:
+    """How much the model's test-time resize (:func:`inference_augmentations`) scales an
+    image of ``height x width`` pixels: the smaller of the two axes' factors (< 1: shrunk)."""
+    image = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (height, width, 3))  # no memory
+    scale = 1.0
+    for augmentation in inference_augmentations(cfg):
+        transform = augmentation.get_transform(image)
+        for t in getattr(transform, "transforms", [transform]):
+            if isinstance(t, T.ResizeTransform):
+                scale *= min(t.new_h / t.h, t.new_w / t.w)
+                image = np.broadcast_to(image[:1, :1], (t.new_h, t.new_w, 3))
+    return scale
 
 
 def model_label(config_file: Union[str, os.PathLike]) -> str:
@@ -133,8 +211,9 @@ class NucleiPredictor:
 
     Raises:
         FileNotFoundError: ``weights`` is not a file.
-        ValueError: the weights do not fit the model the config describes, or the config's
-            ``INPUT.FORMAT`` is not RGB or BGR.
+        ValueError: ``weights`` is empty, not a readable checkpoint, or does not fit the model
+            the config describes; the config's ``INPUT.FORMAT`` is not RGB or BGR, or its Mask
+            R-CNN predicts no masks; ``device`` is not usable; a threshold is not in [0, 1].
     """
 
     def __init__(
@@ -146,29 +225,48 @@ class NucleiPredictor:
         score_threshold: float = 0.5,
         min_kept_fraction: float = 0.5,
     ) -> None:
+        for name, value in (("score_threshold", score_threshold),
+                            ("min_kept_fraction", min_kept_fraction)):
+            if not 0.0 <= float(value) <= 1.0:  # NaN fails too
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         cfg = load_config(cfg)
         if device:
             cfg.MODEL.DEVICE = device
+        check_device(cfg.MODEL.DEVICE)
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = float(score_threshold)
         cfg.freeze()
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT: expected 'RGB' or 'BGR', got {cfg.INPUT.FORMAT!r}")
+        if not is_semantic(cfg) and not cfg.MODEL.MASK_ON:
+            raise ValueError(f"{cfg.MODEL.META_ARCHITECTURE} with MODEL.MASK_ON off predicts no "
+                             f"masks: no nuclei to label")
+        if weights is not None:
+            weights = check_weights_file(weights)
         self.cfg = cfg
+        self.weights = weights
         self.score_threshold = float(score_threshold)
         self.min_kept_fraction = float(min_kept_fraction)
         self.model = build_model(cfg).eval()
         if weights is None:
             logger.warning("no weights given: the model keeps its random initialisation")
         else:
-            self._load_weights(os.fspath(weights))
+            self._load_weights(weights)
         self.augmentations = T.AugmentationList(inference_augmentations(cfg))
 
+    def input_scale(self, height: int, width: int) -> float:
+        """:func:`input_scale` of this model's config."""
+        return input_scale(self.cfg, height, width)
+
     def _load_weights(self, path: str) -> None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such weights file")
         checkpointer = DetectionCheckpointer(self.model)
-        checkpoint = checkpointer._load_file(path)  # noqa: SLF001 (also reads detectron2 .pkl)
-        incompatible = checkpointer._load_model(checkpoint)  # noqa: SLF001
+        try:
+            checkpoint = checkpointer._load_file(path)  # noqa: SLF001 (also reads .pkl)
+            if not isinstance(checkpoint.get("model"), dict):
+                raise ValueError("it holds no model parameters")
+            incompatible = checkpointer._load_model(checkpoint)  # noqa: SLF001
+        except Exception as e:  # noqa: BLE001  pickle, zip, EOF, type errors of a corrupt file
+            raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                             f"{_one_line(e)[:200]})") from None
         missing, shapes = incompatible.missing_keys, incompatible.incorrect_shapes
         if missing or shapes:
             examples = ", ".join(list(missing)[:3] + [name for name, *_ in shapes[:3]])
@@ -217,17 +315,23 @@ class NucleiPredictor:
         maps: List[np.ndarray] = []
         bar = tqdm(tiles, desc="tiles", unit="tile", leave=False,
                    disable=not progress or len(tiles) == 1)
-        for t in bar:
-            output = self.run_model(rgb[t.slices])
-            if "instances" in output and not maps:
-                sets.append(self._instance_set(output, t))
-            elif "sem_seg" in output and not sets:
-                maps.append(self._probabilities(output, t))
-            else:
-                raise ValueError(
-                    f"{self.cfg.MODEL.META_ARCHITECTURE} returned {sorted(output)}; expected "
-                    f"'instances' (Mask R-CNN) or 'sem_seg' (nucleus probabilities)"
-                )
+        for k, t in enumerate(bar, 1):
+            try:
+                output = self.run_model(rgb[t.slices])
+                if "instances" in output and not maps:
+                    sets.append(self._instance_set(output, t))
+                elif "sem_seg" in output and not sets:
+                    maps.append(self._probabilities(output, t))
+                else:
+                    raise ValueError(
+                        f"{self.cfg.MODEL.META_ARCHITECTURE} returned {sorted(output)}; expected "
+                        f"'instances' (Mask R-CNN) or 'sem_seg' (nucleus probabilities)"
+                    )
+            except Exception as e:  # noqa: BLE001  out of memory, a model error: name the tile
+                raise TileError(
+                    f"tile {k}/{len(tiles)} (rows {t.top}-{t.bottom}, columns {t.left}-"
+                    f"{t.right}): {type(e).__name__}: {_one_line(e)}"
+                ) from e
         if sets:
             labels, scores = stitch_instances(shape, tiles, sets, self.min_kept_fraction)
             return Prediction(keep_largest_components(labels), scores, "instances", len(tiles))

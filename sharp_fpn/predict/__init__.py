@@ -1,33 +1,56 @@
 """Nuclei segmentation for biologists: whole images of any size, depth and channel count in,
 label TIFF, outline overlay and per-nucleus table out (SPEC section 5).
 
-* :mod:`.image_io`: reading PNG/TIFF/JPEG, 8/16-bit, gray/RGB/RGBA, normalised to the model's
-  8-bit RGB input.
+* :mod:`.image_io`: reading PNG/TIFF/JPEG, 8/16-bit, gray/RGB/RGBA by a stated rule (other
+  layouts refused), normalised to the model's 8-bit RGB input without inventing contrast.
 * :mod:`.tiling`: tiles with overlap and exact stitching (no torch, no detectron2).
 * :mod:`.outputs`: the label TIFF, the overlay PNG, the per-nucleus CSV.
 * :mod:`.run`: :func:`predict_images`, the whole run (``tools/predict.py``, ``make demo``), with
-  a trained model as :class:`sharp_fpn.d2.predictor.NucleiPredictor` runs it tile by tile.
+  a trained model as :class:`sharp_fpn.d2.predictor.NucleiPredictor` runs it tile by tile;
+  outputs through :class:`sharp_fpn.outdir.OutputDir`, incremental and resumable.
 
 None of these modules imports detectron2; the predictor does, when a run builds one.
 """
-from .image_io import ImageError, ImageReadError, LoadedImage, expand_inputs, load_image, normalise
+from .image_io import (
+    ImageError,
+    ImageReadError,
+    Inputs,
+    LoadedImage,
+    Stretch,
+    expand_inputs,
+    load_image,
+    normalise,
+    read_image,
+)
 from .run import Failure, ImageResult, PredictionReport, predict_images
-from .tiling import InstanceSet, Stitched, Tile, stitch_cores, stitch_instances, tile_grid
+from .tiling import (
+    InstanceSet,
+    Stitched,
+    Tile,
+    TileError,
+    stitch_cores,
+    stitch_instances,
+    tile_grid,
+)
 
 __all__ = [
     "Failure",
     "ImageError",
     "ImageReadError",
     "ImageResult",
+    "Inputs",
     "InstanceSet",
     "LoadedImage",
     "PredictionReport",
     "Stitched",
+    "Stretch",
     "Tile",
+    "TileError",
     "expand_inputs",
     "load_image",
     "normalise",
     "predict_images",
+    "read_image",
     "stitch_cores",
     "stitch_instances",
     "tile_grid",

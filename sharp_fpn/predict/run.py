@@ -1,22 +1,56 @@
 """Predict the nuclei of many images and write a biologist's outputs (``tools/predict.py``).
 
 For each image ``<stem>`` (:mod:`.outputs`): ``<stem>_labels.tif``, ``<stem>_overlay.png``,
-``<stem>_nuclei.csv``; for the run, ``summary.csv`` (one row per input, failed ones with the
-reason). A file that cannot be read is reported and skipped; the others are processed.
+``<stem>_nuclei.csv``; for the run, ``summary.csv`` (one row per input: ``ok``, ``skipped
+(done)``, ``failed`` with the reason, or ``pending`` while the run goes on).
+
+The rules a run keeps:
+
+* **Checked before any work**: the options (:func:`check_options`), the output folder (a file,
+  a folder that cannot be written), every output name of every image, the config, the weights
+  and the device. Each failure is one line naming the file or the option.
+* **No file lost**: outputs are written through :class:`sharp_fpn.outdir.OutputDir` (tool
+  ``"predict"``): a file predict did not write (a user's ``cells_labels.tif``, a ground truth)
+  is never replaced unless ``overwrite`` (``--overwrite``), an input never; the folder is
+  locked while the run writes. The output folder may be the input folder: files an earlier
+  predict run wrote are left out of the inputs (:func:`~.image_io.expand_inputs`).
+* **Incremental**: each image's three files are written (each whole or not at all) as soon as
+  the image is done, and ``summary.csv`` is rewritten (atomically) after every image, so a
+  run killed at any moment leaves a summary of what is done (the rest ``pending``).
+* **Resumable**: a rerun skips an image, reporting it ``skipped (done)`` with its numbers, when
+  the summary of the earlier run says ``ok`` (or ``skipped (done)``) with the same
+  ``fingerprint`` (the same image file, by path, size and modification time, and the same
+  config, weights file, tile, overlap, thresholds and stretch) and the same output stem, and
+  its three outputs are there, written by predict. Any other image is segmented again.
+  ``redo=True`` (``--redo``) segments every image again.
+* **One image's failure is its own**: an image that cannot be read, a tile on which the
+  model fails (out of memory, say), too many nuclei: a ``failed`` row with the reason, and the
+  batch goes on. Only a failure to write the outputs (a full disk, an output refused) ends it.
+* **Tiles**: ``tile=0`` predicts each image whole, unless the model's test-time resize would
+  shrink it more than it shrinks a 512-px tile (or, for a model that does not shrink 512-px
+  tiles, at all): such an image is tiled at :data:`DEFAULT_TILE` px instead, with a note, and
+  its ``tile`` column says so. A tile the model shrinks more than twice as much as a 512-px
+  tile is allowed, with a note.
 """
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
 import os
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from tqdm import tqdm
 
+from ..outdir import OutputConflict, OutputDir
 from ..utils import write_csv_atomic
-from .image_io import ImageError, expand_inputs, load_image
+from .image_io import ImageError, LoadedImage, expand_inputs, load_image
 from .outputs import (
     MAX_LABELS,
     TABLE_COLUMNS,
@@ -25,14 +59,50 @@ from .outputs import (
     write_label_tiff,
     write_png,
 )
+from .tiling import TileError
 
 if TYPE_CHECKING:  # the predictor is detectron2 glue (sharp_fpn.d2), imported when a run needs one
     from ..d2.predictor import CfgNode, NucleiPredictor
 
-__all__ = ["SUMMARY_COLUMNS", "Failure", "ImageResult", "PredictionReport", "predict_images"]
+__all__ = [
+    "DEFAULT_TILE",
+    "MAX_TILE",
+    "MIN_TILE",
+    "OUTPUT_SUFFIXES",
+    "SUMMARY_COLUMNS",
+    "SUMMARY_NAME",
+    "TOOL",
+    "Failure",
+    "ImageResult",
+    "PredictionReport",
+    "check_options",
+    "output_names",
+    "predict_images",
+]
 
-#: Columns of ``summary.csv``. Areas in pixels; ``foreground_fraction`` = nucleus pixels /
-#: image pixels; ``stretch_low/high``: stored values mapped to 0 and 255 (non-8-bit input).
+#: The kind of writer predict is in an output folder's record (:mod:`sharp_fpn.outdir`).
+TOOL = "predict"
+SUMMARY_NAME = "summary.csv"
+#: What each image gives, ``<stem>`` + suffix.
+OUTPUT_SUFFIXES = ("_labels.tif", "_overlay.png", "_nuclei.csv")
+#: Tile side of ``--tile``'s default, and of the tiles ``--tile 0`` falls back to.
+DEFAULT_TILE = 512
+#: Smallest and largest tile sides accepted (0, whole images, aside).
+MIN_TILE, MAX_TILE = 64, 4096
+_DONE = ("ok", "skipped (done)")
+_FINGERPRINT_VERSION = 1
+
+#: Columns of ``summary.csv``. ``status``: ``ok`` (segmented by this run), ``skipped (done)``
+#: (segmented by an earlier run with the same fingerprint; its numbers are kept), ``failed``
+#: (``error`` says why), ``pending`` (not reached yet: a run still going, or killed). What was
+#: read: ``dtype``, ``channels`` (stored), ``colour`` (gray, gray+alpha, RGB, RGBA), ``axes``
+#: (the file's, tifffile's letters for TIFFs), ``stretch`` (none: 8-bit as stored;
+#: percentile; limited: a low-contrast image not stretched beyond 40 noise standard
+#: deviations; off: ``--no-stretch``), ``stretch_low/high`` (stored values mapped to 0 and
+#: 255), ``noise`` (estimated noise standard deviation, stored units). ``tile``: the tile side
+#: used, ``whole`` for one tile of the whole image; ``tiles``: how many. Areas in pixels;
+#: ``foreground_fraction`` = nucleus pixels / image pixels. ``fingerprint``: what a rerun
+#: compares to skip the image (module docstring).
 SUMMARY_COLUMNS = (
     "image",
     "status",
@@ -42,9 +112,14 @@ SUMMARY_COLUMNS = (
     "width",
     "dtype",
     "channels",
+    "colour",
+    "axes",
+    "stretch",
     "stretch_low",
     "stretch_high",
+    "noise",
     "model_output",
+    "tile",
     "tiles",
     "nuclei",
     "mean_area",
@@ -54,6 +129,7 @@ SUMMARY_COLUMNS = (
     "mean_score",
     "foreground_fraction",
     "seconds",
+    "fingerprint",
 )
 
 
@@ -83,16 +159,51 @@ class Failure:
 
 @dataclass
 class PredictionReport:
-    """What a run did: one result per image processed, one failure per input skipped."""
+    """What a run did.
+
+    Attributes:
+        results: one per image segmented by this run.
+        failures: one per input that gave no output.
+        skipped: images left as an earlier run segmented them (``skipped (done)``).
+        skipped_outputs: files left out of the inputs, outputs of an earlier predict run.
+        notes: what the run said along the way (tiling fallbacks, large tiles, skipped files).
+    """
 
     out_dir: Path
     summary: Path
     results: List[ImageResult] = field(default_factory=list)
     failures: List[Failure] = field(default_factory=list)
+    skipped: List[Path] = field(default_factory=list)
+    skipped_outputs: List[Path] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.failures
+
+
+def output_names(stem: str) -> List[str]:
+    """The files image ``stem`` gives: ``<stem>_labels.tif``, ``_overlay.png``, ``_nuclei.csv``."""
+    return [stem + suffix for suffix in OUTPUT_SUFFIXES]
+
+
+def check_options(tile: int, overlap: int, score_threshold: float,
+                  min_kept_fraction: float) -> None:
+    """ValueError, one line naming the option, unless: ``tile`` is 0 (whole images) or in
+    ``[MIN_TILE, MAX_TILE]``; ``overlap`` in ``[0, tile / 2)`` (the 512-px fallback tiles of
+    ``tile=0`` for whole images); both thresholds in ``[0, 1]`` (NaN is not)."""
+    if tile != 0 and not MIN_TILE <= tile <= MAX_TILE:
+        raise ValueError(f"--tile must be 0 (whole images) or {MIN_TILE}..{MAX_TILE} pixels, "
+                         f"got {tile}")
+    side = tile or DEFAULT_TILE
+    if not 0 <= overlap < side / 2:
+        of = "the tile" if tile else f"the {DEFAULT_TILE}-px tiles --tile 0 may fall back to"
+        raise ValueError(f"--overlap must be in [0, {side / 2:g}) pixels (less than half {of}), "
+                         f"got {overlap}")
+    for name, value in (("--score-threshold", score_threshold),
+                        ("--min-kept-fraction", min_kept_fraction)):
+        if not 0.0 <= value <= 1.0:  # NaN fails too
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
 def _output_stems(paths: Sequence[Path]) -> List[str]:
@@ -121,105 +232,114 @@ def _area_stats(labels: np.ndarray, count: int) -> Dict[str, Any]:
     }
 
 
-def predict_images(
-    cfg: Union[CfgNode, str, os.PathLike],
-    weights: Optional[Union[str, os.PathLike]],
-    inputs: Sequence[Union[str, os.PathLike]],
-    out_dir: Union[str, os.PathLike],
-    *,
-    tile: int = 512,
-    overlap: int = 64,
-    score_threshold: float = 0.5,
-    min_kept_fraction: float = 0.5,
-    device: Optional[str] = None,
-    progress: bool = True,
-    predictor: Optional[NucleiPredictor] = None,
-) -> PredictionReport:
-    """Label the nuclei of every input image and write the outputs to ``out_dir``.
+def _file_key(path: Union[str, os.PathLike]) -> List[Any]:
+    stat = os.stat(path)
+    return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
 
-    Args:
-        cfg: the model's config (``CfgNode`` or yaml file).
-        weights: its checkpoint (None: random weights, for tests).
-        inputs: image files, folders and glob patterns (:func:`~.image_io.expand_inputs`).
-        out_dir: where the outputs go (created).
-        tile, overlap: tiling in pixels (:meth:`NucleiPredictor.predict`).
-        score_threshold: instances scoring below are dropped.
-        min_kept_fraction: instances keeping less of their mask are dropped as duplicates.
-        device: torch device; default the config's ``MODEL.DEVICE``.
-        progress: show tqdm progress bars (images, and tiles of large images).
-        predictor: a model already built (then ``cfg``, ``weights``, ``device`` and
-            ``score_threshold``, ``min_kept_fraction`` are not used).
 
-    Returns:
-        The report; ``summary.csv`` in ``out_dir`` lists every input, failed ones included.
+def _settings(cfg: CfgNode, weights, tile: int, overlap: int, score_threshold: float,
+              min_kept_fraction: float, stretch: bool) -> str:
+    """What, besides the image, decides an image's outputs (the device aside)."""
+    config = cfg.clone()
+    config.defrost()
+    config.MODEL.DEVICE = ""
+    config.MODEL.ROI_HEADS.SCORE_THRESH_TEST = float(score_threshold)
+    try:
+        dumped = config.dump()
+    except Exception:  # noqa: BLE001  a value yaml cannot write
+        dumped = str(config)
+    return json.dumps({
+        "version": _FINGERPRINT_VERSION, "config": dumped,
+        "weights": "random" if weights is None else _file_key(weights), "tile": tile,
+        "overlap": overlap, "score_threshold": float(score_threshold),
+        "min_kept_fraction": float(min_kept_fraction), "stretch": bool(stretch),
+    }, sort_keys=True)
 
-    Raises:
-        ValueError: ``overlap`` is not in ``[0, tile)`` (with ``tile > 0``).
-    """
-    if tile > 0 and not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile) = [0, {tile}), got {overlap}")
-    out_dir = Path(out_dir)
-    files, problems = expand_inputs([os.fspath(p) for p in inputs])
-    report = PredictionReport(out_dir, out_dir / "summary.csv")
-    report.failures.extend(Failure(spec, f"{spec}: {reason}") for spec, reason in problems)
-    rows: List[Dict[str, Any]] = [
-        {"image": f.image, "status": "failed", "error": f.reason} for f in report.failures
-    ]
-    if files and predictor is None:
-        from ..d2.predictor import NucleiPredictor
 
-        predictor = NucleiPredictor(
-            cfg, weights, device=device, score_threshold=score_threshold,
-            min_kept_fraction=min_kept_fraction,
-        )
-    for path, stem in tqdm(
-        list(zip(files, _output_stems(files))), desc="nuclei", unit="image", disable=not progress
-    ):
+def _fingerprint(settings: str, path: Path) -> str:
+    try:
+        image = json.dumps(_file_key(path))
+    except OSError:
+        return ""  # gone: it will fail as an image
+    return hashlib.sha256((settings + image).encode("utf-8")).hexdigest()[:16]
+
+
+def _earlier_rows(out: OutputDir) -> Dict[str, Dict[str, str]]:
+    """The done rows of the summary an earlier predict run wrote there, by fingerprint."""
+    path = out.folder / SUMMARY_NAME
+    if not out.owns(SUMMARY_NAME) or not path.is_file():
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return {}
+    return {r["fingerprint"]: r for r in rows
+            if r.get("fingerprint") and r.get("status") in _DONE}
+
+
+def _check_outputs(out: OutputDir, stems: Sequence[str]) -> None:
+    """Every output name of the run, checked before any work (OutputConflict otherwise)."""
+    conflicts = []
+    for name in [SUMMARY_NAME] + [n for stem in stems for n in output_names(stem)]:
         try:
-            result = _predict_one(predictor, path, out_dir, stem, tile, overlap, progress)
-        except ImageError as e:
-            report.failures.append(Failure(str(path), str(e)))
-            rows.append({"image": str(path), "status": "failed", "error": str(e)})
-            tqdm.write(f"skipped: {e}")
-            continue
-        report.results.append(result)
-        rows.append(result.summary)
-    write_csv_atomic(report.summary, rows, SUMMARY_COLUMNS)
-    return report
+            out.check(name)
+        except OutputConflict as e:
+            conflicts.append(e)
+    if conflicts:
+        more = f" ({len(conflicts) - 1} more outputs in the way)" if len(conflicts) > 1 else ""
+        raise OutputConflict(f"{conflicts[0]}{more}")
 
 
-def _predict_one(
-    predictor: NucleiPredictor,
-    path: Path,
-    out_dir: Path,
-    stem: str,
-    tile: int,
-    overlap: int,
-    progress: bool,
-) -> ImageResult:
-    start = time.perf_counter()
-    image = load_image(path)
-    prediction = predictor.predict(image.rgb, tile=tile, overlap=overlap, progress=progress)
-    if prediction.count > MAX_LABELS:
-        raise TooManyNuclei(
-            f"{path}: {prediction.count} nuclei do not fit a uint16 label image "
-            f"(at most {MAX_LABELS})"
-        )
-    result = ImageResult(
-        image=path,
-        labels=out_dir / f"{stem}_labels.tif",
-        overlay=out_dir / f"{stem}_overlay.png",
-        table=out_dir / f"{stem}_nuclei.csv",
-        nuclei=prediction.count,
-        summary={},
+def _reason(path: Path, error: BaseException) -> str:
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, TileError):
+        return f"{path}: {message}"
+    if isinstance(error, ImageError):
+        return message
+    return f"{path}: {type(error).__name__}: {message}"
+
+
+def _note(report: PredictionReport, text: str) -> None:
+    report.notes.append(text)
+    tqdm.write(f"note: {text}", file=sys.stderr)
+
+
+def _tile_for(cfg: CfgNode, shape: Tuple[int, int], tile: int) -> Tuple[int, Optional[str]]:
+    """The tile to use for an image (``tile=0``'s fallback, module docstring) and a note."""
+    if tile:
+        return tile, None
+    from ..d2.predictor import input_scale
+
+    height, width = shape
+    limit = min(1.0, input_scale(cfg, DEFAULT_TILE, DEFAULT_TILE))
+    scale = input_scale(cfg, height, width)
+    if scale >= limit * (1 - 1e-9):
+        return 0, None
+    return DEFAULT_TILE, (
+        f"{width}x{height} px, tiled at {DEFAULT_TILE} px: whole (--tile 0), the model's "
+        f"resize would shrink it {1 / scale:.1f}x, more than a {DEFAULT_TILE}-px tile"
     )
-    write_label_tiff(result.labels, prediction.labels)
-    write_png(result.overlay, overlay_outlines(image.rgb, prediction.labels))
-    table = nuclei_table(prediction.labels, prediction.scores, image.intensity)
-    write_csv_atomic(result.table, table, TABLE_COLUMNS)
+
+
+def _large_tile_note(cfg: CfgNode, tile: int) -> Optional[str]:
+    from ..d2.predictor import input_scale
+
+    limit = min(1.0, input_scale(cfg, DEFAULT_TILE, DEFAULT_TILE))
+    scale = input_scale(cfg, tile, tile)
+    if scale >= limit / 2:
+        return None
+    return (f"--tile {tile}: the model resizes each tile to about {round(tile * scale)} px, "
+            f"shrinking nuclei {1 / scale:.1f}x; a smaller --tile keeps them nearer the size "
+            f"the model saw in training")
+
+
+def _image_row(path: Path, stem: str, image: LoadedImage, prediction, tile: int,
+               seconds: float, fingerprint: str) -> Dict[str, Any]:
     height, width = image.shape
+    how = image.stretching
     low, high = image.stretch if image.stretch else ("", "")
-    result.summary = {
+    return {
         "image": str(path),
         "status": "ok",
         "error": "",
@@ -228,14 +348,191 @@ def _predict_one(
         "width": width,
         "dtype": str(image.dtype),
         "channels": image.channels,
+        "colour": image.colour,
+        "axes": image.axes,
+        "stretch": how.mode if how else "",
         "stretch_low": low,
         "stretch_high": high,
+        "noise": "" if how is None or how.noise is None else round(how.noise, 4),
         "model_output": prediction.kind,
+        "tile": tile or "whole",
         "tiles": prediction.tiles,
         "nuclei": prediction.count,
         **_area_stats(prediction.labels, prediction.count),
         "mean_score": round(float(prediction.scores.mean()), 4) if prediction.count else "",
         "foreground_fraction": round(float((prediction.labels > 0).mean()), 4),
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(seconds, 2),
+        "fingerprint": fingerprint,
     }
-    return result
+
+
+def predict_images(
+    cfg: Union[CfgNode, str, os.PathLike, None],
+    weights: Optional[Union[str, os.PathLike]],
+    inputs: Sequence[Union[str, os.PathLike]],
+    out_dir: Union[str, os.PathLike],
+    *,
+    tile: int = DEFAULT_TILE,
+    overlap: int = 64,
+    score_threshold: float = 0.5,
+    min_kept_fraction: float = 0.5,
+    device: Optional[str] = None,
+    stretch: bool = True,
+    overwrite: bool = False,
+    redo: bool = False,
+    progress: bool = True,
+    predictor: Optional[NucleiPredictor] = None,
+    debug: bool = False,
+) -> PredictionReport:
+    """Label the nuclei of every input image and write the outputs to ``out_dir``, by the
+    rules of the module docstring.
+
+    Args:
+        cfg: the model's config (``CfgNode`` or yaml file).
+        weights: its checkpoint (None: random weights, for tests).
+        inputs: image files, folders and glob patterns (:func:`~.image_io.expand_inputs`).
+        out_dir: where the outputs go (created).
+        tile, overlap: tiling in pixels (:meth:`NucleiPredictor.predict`); ``tile=0``: whole
+            images, where the model would not shrink them too much (module docstring).
+        score_threshold: instances scoring below are dropped.
+        min_kept_fraction: instances keeping less of their mask are dropped as duplicates.
+        device: torch device; default the config's ``MODEL.DEVICE``.
+        stretch: the per-image stretch of non-8-bit images (:mod:`.image_io`); False maps
+            the sample type's range to 0..255.
+        overwrite: replace files predict did not write (never an input).
+        redo: segment again the images an earlier run finished.
+        progress: show tqdm progress bars (images, and tiles of large images).
+        predictor: a model already built (then ``cfg``, ``weights``, ``device`` and
+            ``score_threshold``, ``min_kept_fraction`` are not used).
+        debug: print the traceback of each image's failure (the batch still goes on).
+
+    Returns:
+        The report; ``summary.csv`` in ``out_dir`` lists every input, failed ones included.
+
+    Raises:
+        ValueError: an option out of range (:func:`check_options`), a config, weights file or
+            device that cannot be used (one line naming it).
+        OutputConflict: the output folder cannot be used, an output would replace a file
+            predict did not write or an input, another run holds the folder.
+        OSError: an output could not be written (the summary says what was done).
+    """
+    if predictor is not None:
+        score_threshold = predictor.score_threshold
+        min_kept_fraction = predictor.min_kept_fraction
+    check_options(tile, overlap, score_threshold, min_kept_fraction)
+    found = expand_inputs([os.fspath(p) for p in inputs], outputs_of=TOOL)
+    files = found.files
+    stems = _output_stems(files)
+    out = OutputDir(out_dir, TOOL, overwrite=overwrite, inputs=files)
+    report = PredictionReport(out.folder, out.folder / SUMMARY_NAME,
+                              skipped_outputs=list(found.skipped_outputs))
+    with out.lock():
+        _check_outputs(out, stems)
+        if predictor is None:
+            from ..d2.predictor import check_weights_file, load_config
+
+            model_cfg = load_config(cfg)
+            if weights is not None:
+                weights = check_weights_file(weights)
+        else:
+            model_cfg, weights = predictor.cfg, predictor.weights
+        if found.skipped_outputs:
+            names = ", ".join(p.name for p in found.skipped_outputs[:3])
+            more = ", ..." if len(found.skipped_outputs) > 3 else ""
+            _note(report, f"{len(found.skipped_outputs)} file(s) left out of the inputs: "
+                          f"outputs of an earlier predict run ({names}{more})")
+        settings = _settings(model_cfg, weights, tile, overlap, score_threshold,
+                             min_kept_fraction, stretch)
+        earlier = {} if redo else _earlier_rows(out)
+
+        failed_inputs = [Failure(spec, f"{spec}: {reason}") for spec, reason in found.problems]
+        report.failures.extend(failed_inputs)
+        head = [{"image": f.image, "status": "failed", "error": f.reason} for f in failed_inputs]
+        rows: List[Dict[str, Any]] = []
+        fingerprints: List[str] = []
+        todo: List[int] = []
+        for i, (path, stem) in enumerate(zip(files, stems)):
+            fingerprints.append(_fingerprint(settings, path))
+            before = earlier.get(fingerprints[i])
+            if before and before.get("output_stem") == stem and all(
+                out.owns(name) and (out.folder / name).is_file() for name in output_names(stem)
+            ):
+                rows.append({**{k: before.get(k, "") for k in SUMMARY_COLUMNS},
+                             "image": str(path), "status": "skipped (done)", "error": ""})
+                report.skipped.append(path)
+            else:
+                rows.append({"image": str(path), "status": "pending", "output_stem": stem})
+                todo.append(i)
+
+        if todo and predictor is None:
+            from ..d2.predictor import NucleiPredictor
+
+            predictor = NucleiPredictor(
+                model_cfg, weights, device=device, score_threshold=score_threshold,
+                min_kept_fraction=min_kept_fraction,
+            )
+        if todo and tile:
+            note = _large_tile_note(model_cfg, tile)
+            if note:
+                _note(report, note)
+
+        summary = out.claim(SUMMARY_NAME)
+
+        def write_summary() -> None:
+            write_csv_atomic(summary, head + rows, SUMMARY_COLUMNS)
+
+        write_summary()
+        for i in tqdm(todo, desc="nuclei", unit="image", disable=not progress):
+            path, stem = files[i], stems[i]
+            start = time.perf_counter()
+            try:
+                image = load_image(path, stretch=stretch)
+                used_tile, note = _tile_for(model_cfg, image.shape, tile)
+                prediction = predictor.predict(image.rgb, tile=used_tile, overlap=overlap,
+                                               progress=progress)
+                if prediction.count > MAX_LABELS:
+                    raise TooManyNuclei(
+                        f"{path}: {prediction.count} nuclei do not fit a uint16 label image "
+                        f"(at most {MAX_LABELS})"
+                    )
+                overlay = overlay_outlines(image.rgb, prediction.labels)
+                table = nuclei_table(prediction.labels, prediction.scores, image.intensity)
+            except Exception as e:  # noqa: BLE001  one image's failure never ends the batch
+                reason = _reason(path, e)
+                if debug:
+                    traceback.print_exc()
+                report.failures.append(Failure(str(path), reason))
+                rows[i] = {"image": str(path), "status": "failed", "error": reason,
+                           "output_stem": stem}
+                tqdm.write(f"failed: {reason}", file=sys.stderr)
+                write_summary()
+                continue
+            if note:
+                _note(report, f"{path}: {note}")
+            try:
+                labels_file, overlay_file, table_file = out.claim_all(output_names(stem))
+                write_label_tiff(labels_file, prediction.labels)
+                write_png(overlay_file, overlay)
+                write_csv_atomic(table_file, table, TABLE_COLUMNS)
+            except BaseException as e:  # the outputs themselves: the run cannot go on
+                if isinstance(e, Exception):
+                    rows[i] = {"image": str(path), "status": "failed", "output_stem": stem,
+                               "error": f"outputs not written: {_reason(path, e)}"}
+                try:
+                    write_summary()
+                except Exception:  # noqa: BLE001  the disk may be full: the first error counts
+                    pass
+                if isinstance(e, OSError):
+                    where = e.filename or out.folder
+                    raise OSError(f"{where}: the outputs of {path} cannot be written "
+                                  f"({e.strerror or e}); the run stops here, {summary} lists "
+                                  f"what is done") from e
+                raise
+            rows[i] = _image_row(path, stem, image, prediction, used_tile,
+                                 time.perf_counter() - start, fingerprints[i])
+            report.results.append(ImageResult(
+                image=path, labels=labels_file, overlay=overlay_file, table=table_file,
+                nuclei=prediction.count, summary=rows[i],
+            ))
+            write_summary()
+    return report

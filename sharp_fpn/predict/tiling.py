@@ -40,16 +40,23 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from skimage.measure import label as connected_components
 
+from .image_io import ImageError
+
 __all__ = [
     "InstanceSet",
     "Stitched",
     "Tile",
+    "TileError",
     "axis_spans",
     "keep_largest_components",
     "stitch_cores",
     "stitch_instances",
     "tile_grid",
 ]
+
+
+class TileError(ImageError):
+    """The model failed on one tile (the message names the tile; the run names the image)."""
 
 
 @dataclass(frozen=True)
