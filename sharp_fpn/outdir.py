@@ -65,13 +65,15 @@ def _read_record(folder: Path) -> dict:
     return record
 
 
-def recorded_outputs(folder: PathLike) -> set:
-    """Names (relative to ``folder``) that any sharp-fpn tool wrote into ``folder``."""
+def recorded_outputs(folder: PathLike, tool: Optional[str] = None) -> set:
+    """Names (relative to ``folder``) that ``tool`` (default: any sharp-fpn tool) wrote into
+    ``folder``; an unreadable record counts as none."""
     try:
         record = _read_record(Path(folder))
     except OutputConflict:
         return set()
-    return {name for names in record.values() for name in names}
+    kinds = record.values() if tool is None else [record.get(tool, [])]
+    return {name for names in kinds for name in names if isinstance(name, str)}
 
 
 def is_recorded_output(path: PathLike) -> bool:

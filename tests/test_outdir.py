@@ -111,3 +111,11 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     with OutputDir(tmp_path, "train").lock():
         holder = json.loads((tmp_path / LOCK_NAME).read_text())
         assert holder["pid"] == os.getpid()
+
+
+def test_recorded_outputs_of_one_tool(tmp_path):
+    _write(OutputDir(tmp_path, "predict"), "a_overlay.png", "overlay")
+    _write(OutputDir(tmp_path, "make_synthetic_nuclei"), "labels.csv", "csv")
+    assert recorded_outputs(tmp_path, "predict") == {"a_overlay.png"}
+    assert recorded_outputs(tmp_path) == {"a_overlay.png", "labels.csv"}
+    assert recorded_outputs(tmp_path, "train") == set()

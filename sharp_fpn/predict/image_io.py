@@ -45,7 +45,6 @@ never the stretched 8-bit version), so 16-bit quantification is not lost.
 from __future__ import annotations
 
 import glob
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
@@ -54,7 +53,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from ..outdir import LOCK_NAME, RECORD_NAME
+from ..outdir import LOCK_NAME, RECORD_NAME, recorded_outputs
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -472,15 +471,9 @@ class Inputs(NamedTuple):
 
 
 def _recorded_by(folder: Path, tool: str, cache: Dict[Path, Set[str]]) -> Set[str]:
-    """Names ``tool`` put on record in ``folder`` (:mod:`sharp_fpn.outdir`'s record)."""
+    """Names ``tool`` put on record in ``folder`` (:mod:`sharp_fpn.outdir`'s record), cached."""
     if folder not in cache:
-        try:
-            record = json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            record = {}
-        names = record.get(tool, []) if isinstance(record, dict) else []
-        cache[folder] = {n for n in names if isinstance(n, str)} if isinstance(names, list) \
-            else set()
+        cache[folder] = recorded_outputs(folder, tool)
     return cache[folder]
 
 
