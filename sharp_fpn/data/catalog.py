@@ -39,7 +39,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 SPLIT_RANDOM_STATE = 41
 SPLIT_VAL_FRACTION = 0.2
@@ -85,6 +85,21 @@ DATASETS: dict[str, NucleiDataset] = {
     "nuclei_synth_train": NucleiDataset("nuclei_synth", "stage1_train", subset="train", synthetic=True),
     "nuclei_synth_val": NucleiDataset("nuclei_synth", "stage1_train", subset="val", synthetic=True),
 }
+
+
+def unknown_dataset_message(key: str, name: str, registered: Iterable[str] = ()) -> str:
+    """What to say when config key ``key`` (``DATASETS.TRAIN``...) names no registered dataset:
+    the names sharp-fpn registers, where their data go, and the closest registered name."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(DATASETS) + list(registered), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return (
+        f"{key}: no dataset named {name!r} is registered; {hint}sharp-fpn registers "
+        f"{', '.join(DATASETS)}, whose data go under {datasets_root()} "
+        f"($DETECTRON2_DATASETS; see datasets/README.md); a dataset of your own must be "
+        f"registered with detectron2 (register_coco_instances) by the script that trains"
+    )
 
 
 def datasets_root() -> Path:
@@ -163,7 +178,12 @@ def prepare(name: str, datasets: Optional[Path] = None) -> Path:
         if not full_json.is_file():
             csv = root / spec.labels_csv if spec.labels_csv else None
             print(f"[sharp_fpn] {name}: converting {root / spec.split} to {full_json}")
-            write_json_atomic(convert_split(root, spec.split, labels_csv=csv), full_json)
+            # The converter's notes (an image kept with no nucleus...) are said as the other
+            # steps of the first use are, naming the dataset: the synthetic default holds
+            # empty images on purpose (negative examples), and a note per image is no error.
+            coco = convert_split(root, spec.split, labels_csv=csv,
+                                 on_warning=lambda m: print(f"[sharp_fpn] {name}: note: {m}"))
+            write_json_atomic(coco, full_json)
         if spec.subset:
             coco = json.loads(full_json.read_text())
             split_file = annotations / f"{spec.split}_split.json"
