@@ -14,7 +14,7 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 
-from sharp_fpn.d2.engine import ConfigError, Trainer, get_config, launch
+from sharp_fpn.d2.engine import ConfigError, ProcessFailed, Trainer, get_config, launch
 from sharp_fpn.utils import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,8 +99,11 @@ def test_ddp_over_gloo_equals_one_process(synth_json, tmp_path):
 
 
 def test_images_per_batch_must_divide_by_the_processes(tmp_path):
-    with pytest.raises(Exception, match="IMS_PER_BATCH=3 does not divide by the 2 processes"):
+    # Raised in the processes; the launching process says it in one line, naming the process.
+    with pytest.raises(ProcessFailed, match=r"^process [01] of 2 failed: ConfigError: "
+                       "SOLVER.IMS_PER_BATCH=3 does not divide by the 2 processes") as failed:
         launch(_bad_batch, 2, args=(str(tmp_path),))
+    assert "\n" not in str(failed.value)
 
 
 def _bad_batch(output_dir: str) -> None:

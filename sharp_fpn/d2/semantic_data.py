@@ -5,7 +5,9 @@ images to 96x96 and augments with RandomRotate90, Flip and one of (HSV shift, br
 contrast); the paper lists the same (SPEC section 2). :class:`SemanticNucleiMapper` does that
 on the registered instance datasets: its ``"sem_seg"`` is the union of the image's nucleus
 masks (``sharp_fpn.d2.semantic_evaluator.union_mask``), so no extra label files are needed.
-Normalization happens in the model (``MODEL.PIXEL_MEAN``, ``MODEL.PIXEL_STD``).
+Images are read as prediction reads them (:func:`.mapper.read_image`: 16-bit images stretched
+to 8 bits, not clipped); normalization happens in the model (``MODEL.PIXEL_MEAN``,
+``MODEL.PIXEL_STD``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import NoOpTransform, Transform
 
+from .mapper import check_image_format, read_image
 from .semantic_evaluator import union_mask
 
 __all__ = [
@@ -197,7 +200,8 @@ class SemanticNucleiMapper:
 
     Returns a copy of the dict with:
 
-    - ``"image"``: ``(3, h, w)`` uint8 tensor in ``INPUT.FORMAT``, augmented;
+    - ``"image"``: ``(3, h, w)`` uint8 tensor in ``INPUT.FORMAT``, read as predict reads the
+      file (:func:`.mapper.read_image`), augmented;
     - ``"sem_seg"`` (training only): ``(h, w)`` int64 tensor, 1 where any nucleus of the image
       is (the OR of its instance masks), transformed with the image;
     - ``"height"``, ``"width"``: the original size (the model's output size), as before.
@@ -212,7 +216,7 @@ class SemanticNucleiMapper:
     ):
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
-        self.image_format = image_format
+        self.image_format = check_image_format(image_format)
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> Dict[str, Any]:
@@ -224,7 +228,7 @@ class SemanticNucleiMapper:
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         record = copy.copy(dataset_dict)  # the annotations are read, never changed
-        image = utils.read_image(record["file_name"], format=self.image_format)
+        image = read_image(record["file_name"], self.image_format)
         utils.check_image_size(record, image)
         sem_seg = None
         if self.is_train:
