@@ -116,9 +116,11 @@ THIRD_PARTY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (r"`torch\.jit\.script(_method)?` is deprecated", FutureWarning, r"torch\.jit\."),
     # detectron2 v0.6's anchor generator calls torch.meshgrid without indexing=.
     (r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"),
-    # detectron2 v0.6 resizes bitmasks through PIL (np.asarray of a PIL image is read-only)
-    # and hands them to torch.from_numpy in annotations_to_instances, which only reads them.
-    (r"The given NumPy array is not writable", UserWarning, r"detectron2\.data\."),
+    # detectron2 v0.6 resizes masks through PIL (np.asarray of a PIL image is read-only) and
+    # hands them to torch.from_numpy in annotations_to_instances, or fvcore's flip does after
+    # its ResizeTransform; both only read them.
+    (r"The given NumPy array is not writable", UserWarning,
+     r"(detectron2\.data\.|fvcore\.transforms\.)"),
     # pycocotools' compiled RLE decode/encode/area hand NumPy 2 an __array__ that takes no
     # copy= argument (NumPy falls back to a copy; the results are right).
     (r"__array__ implementation doesn't accept a copy keyword", DeprecationWarning,

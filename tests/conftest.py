@@ -6,7 +6,7 @@ Every test model is tiny: one thread runs it fastest, above all on a shared 2-co
 Warnings: pytest.ini makes any warning that sharp_fpn's own modules emit an error; the
 third-party ones the project knows of are silenced by the same function the tools and
 ``sharp_fpn.d2`` call (:func:`sharp_fpn.utils.silence_warnings`). pytest restores the filters
-after each test, hence the autouse fixture; the call at import covers collection.
+after each test, hence the set-up hook; the call at import covers collection.
 """
 import atexit
 import os
@@ -25,11 +25,12 @@ torch.set_num_threads(1)
 silence_warnings()
 
 
-@pytest.fixture(autouse=True)
-def _third_party_warnings_silenced():
-    """The project's third-party filters inside pytest's per-test warnings context."""
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """The project's third-party filters inside pytest's per-test warnings context, before any
+    fixture of the test is set up (module-scoped ones included, which an autouse function
+    fixture would come after)."""
     silence_warnings()
-    yield
 
 
 def pytest_collection(session):

@@ -12,6 +12,10 @@
 * :mod:`.neck`, :mod:`.vgg`: the grid FPN necks and the VGG bottom-up;
 * :mod:`.semantic`, :mod:`.semantic_data`: the semantic meta-architecture and its mapper;
 * :mod:`.engine`: trainer, evaluators, optimizer choice, set-up, launch;
+* :mod:`.run_folder`, :mod:`.checkpoint`: an OUTPUT_DIR's rules (no finished or running run
+  replaced unasked) and checkpoints written whole, checked against the model, resumed from the
+  newest readable one;
+* :mod:`.mapper`: training and evaluation read images as prediction does (16-bit stretched);
 * :mod:`.evaluators`, :mod:`.semantic_evaluator`: DSB2018 score and IoU/Dice evaluators;
 * :mod:`.datasets`: the catalog registration;
 * :mod:`.predictor`: a trained model as a nucleus labeller for ``sharp_fpn.predict``;
