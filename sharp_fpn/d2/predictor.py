@@ -46,6 +46,7 @@ from detectron2.modeling import build_model
 from skimage.measure import label as connected_components
 from tqdm import tqdm
 
+from .checkpoint import fit_problem
 from .engine import ConfigError, get_config
 from .semantic import is_semantic  # also registers the necks and meta-architectures
 from .semantic_data import build_semantic_augmentation
@@ -267,15 +268,10 @@ class NucleiPredictor:
         except Exception as e:  # noqa: BLE001  pickle, zip, EOF, type errors of a corrupt file
             raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
                              f"{_one_line(e)[:200]})") from None
-        missing, shapes = incompatible.missing_keys, incompatible.incorrect_shapes
-        if missing or shapes:
-            examples = ", ".join(list(missing)[:3] + [name for name, *_ in shapes[:3]])
-            raise ValueError(
-                f"{path} does not fit the model of this config ({self.cfg.MODEL.META_ARCHITECTURE}"
-                f", {self.cfg.MODEL.BACKBONE.NAME}): {len(missing)} parameters missing, "
-                f"{len(shapes)} of another shape (e.g. {examples}); were the weights trained "
-                f"with this config?"
-            )
+        model_name = f"{self.cfg.MODEL.META_ARCHITECTURE}, {self.cfg.MODEL.BACKBONE.NAME}"
+        problem = fit_problem(incompatible, path, model_name)
+        if problem:
+            raise ValueError(problem)
 
     def model_input(self, rgb: np.ndarray) -> torch.Tensor:
         """``(h, w, 3)`` uint8 RGB -> the model's ``(3, h', w')`` float32 input: channels in
