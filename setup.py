@@ -20,6 +20,9 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=("sharp_fpn", "sharp_fpn.*")),
+    # the shipped nuclei models (sharp_fpn/model_zoo): the index and each model's folder
+    package_data={"sharp_fpn.model_zoo": ["index.json", "*/config.yaml", "*/model.pth",
+                                          "*/MODEL_CARD.md"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.0",
