@@ -1,8 +1,22 @@
 #!/usr/bin/env python
 """Segment the nuclei of microscopy images with a trained sharp-fpn model.
 
+    python tools/predict.py --input images/ more/*.tif --output results/
+    python tools/predict.py --model NAME --input images/ --output results/ [--diameter PX]
     python tools/predict.py --config-file output/demo/config.yaml \\
-        --weights output/demo/model_final.pth --input images/ more/*.tif --output results/
+        --weights output/demo/model_final.pth --input images/ --output results/
+    python tools/predict.py --list-models
+
+The model: the model zoo's default (sharp_fpn/model_zoo, or $SHARP_FPN_MODEL_ZOO) when neither
+--config-file and --weights (always both) nor --model is given; --list-models shows the zoo's
+models. A zoo model's weights are checked against the zoo's sha256 before use.
+
+Nucleus size: a model that knows the nucleus diameter it was trained on (INPUT.NUCLEUS_DIAMETER,
+which zoo models have) gets each image rescaled so its nuclei have that size: by --diameter PX
+(the diameter of your nuclei in pixels) when given, else estimated per image from a first pass
+(median equivalent diameter of at least 3 nuclei; a second pass when the scale needed is outside
+0.8..1.25; scales kept within 0.25..4). Outputs are of the image at its own size; summary.csv
+says the diameter, whether it was given or estimated, and the scale.
 
 Per image: <stem>_labels.tif (uint16, 0 = background, one id per nucleus), <stem>_overlay.png
 (outlines over the image), <stem>_nuclei.csv (area, centroid, box, intensity, score per
@@ -55,16 +69,64 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _diameter(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number of pixels > 0, got {text}")
+    return value
+
+
+def list_models() -> str:
+    """The zoo's models as a table (name, default mark, modalities, size, description)."""
+    from sharp_fpn.model_zoo import list_models as zoo_models, zoo_root
+
+    models = zoo_models()
+    if not models:
+        return (f"no model in the model zoo {zoo_root()} yet: give --config-file and --weights, "
+                f"or publish one with tools/publish_model.py")
+    rows = [("name", "default", "modalities", "size", "description")] + [
+        (m.name, "*" if m.is_default else "", ",".join(m.modalities),
+         f"{m.size_bytes / 1e6:.1f} MB", m.description) for m in models]
+    widths = [max(len(r[k]) for r in rows) for k in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4]
+                     for r in rows)
+
+
+def model_files(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """(config, weights) the options name: both given, a zoo model, or the zoo's default."""
+    if args.model and (args.config_file or args.weights):
+        parser.error("--model picks a zoo model: give it without --config-file and --weights")
+    if bool(args.config_file) != bool(args.weights):
+        given, missing = (("--config-file", "--weights") if args.config_file
+                          else ("--weights", "--config-file"))
+        parser.error(f"{given} needs {missing} too (or neither, for the model zoo's default "
+                     f"model)")
+    if args.config_file:
+        return args.config_file, args.weights
+    from sharp_fpn.model_zoo import resolve
+
+    config, weights = resolve(args.model)
+    return str(config), str(weights)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config-file", required=True, help="the model's config (yaml)")
-    parser.add_argument("--weights", required=True, help="the model's checkpoint (.pth)")
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+    parser.add_argument("--config-file", help="the model's config (yaml), with --weights; "
+                        "default: the model zoo's default model")
+    parser.add_argument("--weights", help="the model's checkpoint (.pth), with --config-file")
+    parser.add_argument("--model", metavar="NAME",
+                        help="a model of the zoo (--list-models), instead of --config-file")
+    parser.add_argument("--list-models", action="store_true",
+                        help="list the zoo's models and exit")
+    parser.add_argument("--input", nargs="+", metavar="PATH",
                         help="image files, folders (their images) or glob patterns")
-    parser.add_argument("--output", required=True, help="folder for the outputs")
+    parser.add_argument("--output", help="folder for the outputs")
+    parser.add_argument("--diameter", type=_diameter, default=None, metavar="PX",
+                        help="the nuclei's diameter in pixels: images are rescaled so that "
+                        "nuclei have the model's training size (default: estimated per image)")
     parser.add_argument("--tile", type=int, default=DEFAULT_TILE,
                         help=f"tile side in pixels, {MIN_TILE}..{MAX_TILE}, or 0 for whole "
                         "images (%(default)s)")
@@ -95,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list_models:
+        print(list_models())
+        return 0
+    missing = [name for name, value in (("--input", args.input), ("--output", args.output))
+               if not value]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     try:
         check_options(args.tile, args.overlap, args.score_threshold, args.min_kept_fraction)
     except ValueError as e:
@@ -103,14 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     from sharp_fpn.d2.predictor import check_device, check_weights_file, load_config
     from sharp_fpn.predict import predict_images
 
-    cfg = load_config(args.config_file, args.opts)
-    check_weights_file(args.weights)
+    config_file, weights = model_files(parser, args)
+    cfg = load_config(config_file, args.opts)
+    check_weights_file(weights)
     check_device(args.device)
     report = predict_images(
-        cfg, args.weights, args.input, args.output, tile=args.tile, overlap=args.overlap,
+        cfg, weights, args.input, args.output, tile=args.tile, overlap=args.overlap,
         score_threshold=args.score_threshold, min_kept_fraction=args.min_kept_fraction,
         device=args.device, stretch=not args.no_stretch, overwrite=args.overwrite,
-        redo=args.redo, debug=args.debug,
+        redo=args.redo, debug=args.debug, diameter=args.diameter,
     )
     nuclei = sum(r.nuclei for r in report.results)
     done = f", {len(report.skipped)} skipped (done earlier)" if report.skipped else ""

@@ -20,8 +20,8 @@ The rules a run keeps:
 * **Resumable**: a rerun skips an image, reporting it ``skipped (done)`` with its numbers, when
   the summary of the earlier run says ``ok`` (or ``skipped (done)``) with the same
   ``fingerprint`` (the same image file, by path, size and modification time, and the same
-  config, weights file, tile, overlap, thresholds and stretch) and the same output stem, and
-  its three outputs are there, written by predict. Any other image is segmented again.
+  config, weights file, tile, overlap, thresholds, stretch and diameter) and the same output
+  stem, and its three outputs are there, written by predict. Any other image is segmented again.
   ``redo=True`` (``--redo``) segments every image again.
 * **One image's failure is its own**: an image that cannot be read, a tile on which the
   model fails (out of memory, say), too many nuclei: a ``failed`` row with the reason, and the
@@ -31,10 +31,16 @@ The rules a run keeps:
   tiles, at all): such an image is tiled at :data:`DEFAULT_TILE` px instead, with a note, and
   its ``tile`` column says so. A tile the model shrinks more than twice as much as a 512-px
   tile is allowed, with a note.
+* **Nucleus size** (:mod:`.scale`): an image is predicted rescaled so its nuclei have the size
+  the model was trained on (``INPUT.NUCLEUS_DIAMETER``): by ``diameter`` (``--diameter``)
+  when given, else by the diameter a first pass finds; labels, overlay and measurements are of
+  the image at its own size. ``summary.csv`` says the diameter, where it came from and the
+  scale. Tiles are cut from the rescaled image.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -59,6 +65,7 @@ from .outputs import (
     write_label_tiff,
     write_png,
 )
+from .scale import check_diameter, predict_at_scale
 from .tiling import TileError
 
 if TYPE_CHECKING:  # the predictor is detectron2 glue (sharp_fpn.d2), imported when a run needs one
@@ -76,6 +83,7 @@ __all__ = [
     "ImageResult",
     "PredictionReport",
     "check_options",
+    "model_diameter",
     "output_names",
     "predict_images",
 ]
@@ -90,7 +98,7 @@ DEFAULT_TILE = 512
 #: Smallest and largest tile sides accepted (0, whole images, aside).
 MIN_TILE, MAX_TILE = 64, 4096
 _DONE = ("ok", "skipped (done)")
-_FINGERPRINT_VERSION = 1
+_FINGERPRINT_VERSION = 2  # 2: the --diameter option
 
 #: Columns of ``summary.csv``. ``status``: ``ok`` (segmented by this run), ``skipped (done)``
 #: (segmented by an earlier run with the same fingerprint; its numbers are kept), ``failed``
@@ -100,7 +108,12 @@ _FINGERPRINT_VERSION = 1
 #: percentile; limited: a low-contrast image not stretched beyond 40 noise standard
 #: deviations; off: ``--no-stretch``), ``stretch_low/high`` (stored values mapped to 0 and
 #: 255), ``noise`` (estimated noise standard deviation, stored units). ``tile``: the tile side
-#: used, ``whole`` for one tile of the whole image; ``tiles``: how many. Areas in pixels;
+#: used, ``whole`` for one tile of the whole image; ``tiles``: how many (both of the image as
+#: the model saw it, rescaled). ``diameter``: the nucleus diameter (px, in the image) the
+#: image was rescaled for, ``diameter_source``: ``given`` (--diameter), ``estimated`` (from a
+#: first pass), or why neither (too few nuclei, a model with no INPUT.NUCLEUS_DIAMETER);
+#: ``scale``: the image was predicted at ``scale`` times its size (:mod:`.scale`), the labels
+#: and measurements are of the image at its own size. Areas in pixels;
 #: ``foreground_fraction`` = nucleus pixels / image pixels. ``fingerprint``: what a rerun
 #: compares to skip the image (module docstring).
 SUMMARY_COLUMNS = (
@@ -121,6 +134,9 @@ SUMMARY_COLUMNS = (
     "model_output",
     "tile",
     "tiles",
+    "diameter",
+    "diameter_source",
+    "scale",
     "nuclei",
     "mean_area",
     "median_area",
@@ -238,7 +254,8 @@ def _file_key(path: Union[str, os.PathLike]) -> List[Any]:
 
 
 def _settings(cfg: CfgNode, weights, tile: int, overlap: int, score_threshold: float,
-              min_kept_fraction: float, stretch: bool) -> str:
+              min_kept_fraction: float, stretch: bool,
+              diameter: Optional[float] = None) -> str:
     """What, besides the image, decides an image's outputs (the device aside)."""
     config = cfg.clone()
     config.defrost()
@@ -253,6 +270,7 @@ def _settings(cfg: CfgNode, weights, tile: int, overlap: int, score_threshold: f
         "weights": "random" if weights is None else _file_key(weights), "tile": tile,
         "overlap": overlap, "score_threshold": float(score_threshold),
         "min_kept_fraction": float(min_kept_fraction), "stretch": bool(stretch),
+        "diameter": None if diameter is None else float(diameter),
     }, sort_keys=True)
 
 
@@ -334,8 +352,16 @@ def _large_tile_note(cfg: CfgNode, tile: int) -> Optional[str]:
             f"the model saw in training")
 
 
+def model_diameter(cfg: CfgNode) -> float:
+    """The model's ``INPUT.NUCLEUS_DIAMETER`` (px; 0 when not known or not in the config)."""
+    try:
+        return float(cfg.INPUT.get("NUCLEUS_DIAMETER", 0.0) or 0.0)
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
+
+
 def _image_row(path: Path, stem: str, image: LoadedImage, prediction, tile: int,
-               seconds: float, fingerprint: str) -> Dict[str, Any]:
+               seconds: float, fingerprint: str, choice=None) -> Dict[str, Any]:
     height, width = image.shape
     how = image.stretching
     low, high = image.stretch if image.stretch else ("", "")
@@ -357,6 +383,9 @@ def _image_row(path: Path, stem: str, image: LoadedImage, prediction, tile: int,
         "model_output": prediction.kind,
         "tile": tile or "whole",
         "tiles": prediction.tiles,
+        "diameter": "" if choice is None or choice.diameter is None else round(choice.diameter, 2),
+        "diameter_source": "" if choice is None else choice.source,
+        "scale": 1.0 if choice is None else round(choice.scale, 4),
         "nuclei": prediction.count,
         **_area_stats(prediction.labels, prediction.count),
         "mean_score": round(float(prediction.scores.mean()), 4) if prediction.count else "",
@@ -383,6 +412,7 @@ def predict_images(
     progress: bool = True,
     predictor: Optional[NucleiPredictor] = None,
     debug: bool = False,
+    diameter: Optional[float] = None,
 ) -> PredictionReport:
     """Label the nuclei of every input image and write the outputs to ``out_dir``, by the
     rules of the module docstring.
@@ -405,6 +435,9 @@ def predict_images(
         predictor: a model already built (then ``cfg``, ``weights``, ``device`` and
             ``score_threshold``, ``min_kept_fraction`` are not used).
         debug: print the traceback of each image's failure (the batch still goes on).
+        diameter: the nuclei's diameter in px (``--diameter``): each image is rescaled by the
+            model's ``INPUT.NUCLEUS_DIAMETER / diameter``; None estimates it per image where
+            the model knows its diameter (:mod:`.scale`).
 
     Returns:
         The report; ``summary.csv`` in ``out_dir`` lists every input, failed ones included.
@@ -436,13 +469,15 @@ def predict_images(
                 weights = check_weights_file(weights)
         else:
             model_cfg, weights = predictor.cfg, predictor.weights
+        trained_diameter = model_diameter(model_cfg)
+        check_diameter(diameter, trained_diameter)
         if found.skipped_outputs:
             names = ", ".join(p.name for p in found.skipped_outputs[:3])
             more = ", ..." if len(found.skipped_outputs) > 3 else ""
             _note(report, f"{len(found.skipped_outputs)} file(s) left out of the inputs: "
                           f"outputs of an earlier predict run ({names}{more})")
         settings = _settings(model_cfg, weights, tile, overlap, score_threshold,
-                             min_kept_fraction, stretch)
+                             min_kept_fraction, stretch, diameter)
         earlier = {} if redo else _earlier_rows(out)
 
         failed_inputs = [Failure(spec, f"{spec}: {reason}") for spec, reason in found.problems]
@@ -487,9 +522,17 @@ def predict_images(
             start = time.perf_counter()
             try:
                 image = load_image(path, stretch=stretch)
-                used_tile, note = _tile_for(model_cfg, image.shape, tile)
-                prediction = predictor.predict(image.rgb, tile=used_tile, overlap=overlap,
-                                               progress=progress)
+                used: Dict[str, Any] = {}
+
+                def run_model(rgb: np.ndarray):
+                    used["tile"], used["note"] = _tile_for(model_cfg, rgb.shape[:2], tile)
+                    return predictor.predict(rgb, tile=used["tile"], overlap=overlap,
+                                             progress=progress)
+
+                scaled = predict_at_scale(run_model, image.rgb, trained_diameter, diameter)
+                prediction = dataclasses.replace(scaled.prediction, labels=scaled.labels,
+                                                 scores=scaled.scores)
+                used_tile, note = used["tile"], used["note"]
                 if prediction.count > MAX_LABELS:
                     raise TooManyNuclei(
                         f"{path}: {prediction.count} nuclei do not fit a uint16 label image "
@@ -529,7 +572,7 @@ def predict_images(
                                   f"what is done") from e
                 raise
             rows[i] = _image_row(path, stem, image, prediction, used_tile,
-                                 time.perf_counter() - start, fingerprints[i])
+                                 time.perf_counter() - start, fingerprints[i], scaled.choice)
             report.results.append(ImageResult(
                 image=path, labels=labels_file, overlay=overlay_file, table=table_file,
                 nuclei=prediction.count, summary=rows[i],
