@@ -14,6 +14,9 @@ All data live under ``$DETECTRON2_DATASETS`` (default ``./datasets``)::
       nuclei_synth/                 # the embedded default: generated on first use
         stage1_train/ ...
         annotations/
+      nuclei_synth2/                # synthetic v2 (DSB2018-like), generated on first use
+      nuclei_synth2_nobf/           # v2 without brightfield (an ablation)
+      nuclei_synth2_test_<style>/   # v2 held-out tests, one style each, another seed
 
 ==========================  ==========================================================
 name                        content
@@ -22,9 +25,19 @@ name                        content
 ``dsb2018_val``             20 % of stage1_train: sklearn's ``train_test_split(ids,
                             test_size=0.2, random_state=41)`` over the sorted ImageIds
 ``dsb2018_stage1_test``     stage1_test, labels from stage1_solution.csv
-``nuclei_synth_train``      the synthetic set (DSB2018 layout), same split rule
-``nuclei_synth_val``
+``nuclei_synth_train``      the synthetic set (DSB2018 layout, v1: 60 images, seed
+``nuclei_synth_val``        2018, small sizes), same split rule
+``nuclei_synth2_train``     synthetic v2 (:mod:`sharp_fpn.data.synthetic_v2`): 500
+``nuclei_synth2_val``       images, seed 2026, DSB2018's sizes, the v2 style mix
+                            (fluorescence, H&E, brightfield); same split rule
+``nuclei_synth2_nobf_*``    ``_train`` / ``_val``: as ``nuclei_synth2`` but fluorescence
+                            and H&E only (brightfield never seen: an ablation)
+``nuclei_synth2_test_*``    ``_fluorescence``, ``_he``, ``_brightfield``: held-out v2
+                            tests, 40 images of one style each, seed 7001, DSB2018's
+                            sizes, the whole split
 ==========================  ==========================================================
+
+A synthetic dataset's folder is written on first use from its :class:`SyntheticParams`.
 
 Annotations are converted to COCO json the first time a dataset is used, and the split is
 written to ``annotations/<split>_split.json`` so that it never drifts, even if the folder later
@@ -39,7 +52,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Union
 
 SPLIT_RANDOM_STATE = 41
 SPLIT_VAL_FRACTION = 0.2
@@ -48,6 +61,31 @@ SPLIT_VAL_FRACTION = 0.2
 SYNTH_NUM_IMAGES = 60
 SYNTH_SEED = 2018
 SYNTH_SIZES = ((256, 256), (256, 320), (360, 360), (260, 347))
+
+#: Synthetic v2 sets (issue 8): training sets and held-out tests of another seed.
+SYNTH2_NUM_IMAGES = 500
+SYNTH2_SEED = 2026
+SYNTH2_TEST_NUM_IMAGES = 40
+SYNTH2_TEST_SEED = 7001
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """How a synthetic dataset's folder is generated (:func:`sharp_fpn.data.synthetic.write_dataset`)."""
+
+    num_images: int
+    seed: int
+    sizes: Optional[tuple[tuple[int, int], ...]] = None  # None: DSB2018's size distribution
+    style: Union[None, str, tuple[str, ...]] = None  # None: the version's mix
+    version: int = 1
+
+
+SYNTH_PARAMS = SyntheticParams(SYNTH_NUM_IMAGES, SYNTH_SEED, SYNTH_SIZES)
+SYNTH2_PARAMS = SyntheticParams(SYNTH2_NUM_IMAGES, SYNTH2_SEED, version=2)
+SYNTH2_NOBF_PARAMS = SyntheticParams(
+    SYNTH2_NUM_IMAGES, SYNTH2_SEED, style=("fluorescence", "he"), version=2
+)
+SYNTH2_TEST_STYLES = ("fluorescence", "he", "brightfield")
 
 DSB2018_WHERE = (
     "Get the Kaggle 2018 Data Science Bowl data (https://www.kaggle.com/c/data-science-bowl-2018"
@@ -66,6 +104,11 @@ class NucleiDataset:
     labels_csv: Optional[str] = None  # run-length labels (relative to folder); None: masks/
     subset: Optional[str] = None  # "train" or "val" of the split; None: all of it
     synthetic: bool = False  # generate the folder on first use
+    generate: Optional[SyntheticParams] = None  # how (synthetic; None: SYNTH_PARAMS, v1)
+
+    def synthetic_params(self) -> SyntheticParams:
+        """The generation parameters of a synthetic dataset."""
+        return self.generate or SYNTH_PARAMS
 
     def root(self, datasets: Path) -> Path:
         return datasets / self.folder
@@ -84,6 +127,24 @@ DATASETS: dict[str, NucleiDataset] = {
     "dsb2018_stage1_test": NucleiDataset("dsb2018", "stage1_test", "stage1_solution.csv"),
     "nuclei_synth_train": NucleiDataset("nuclei_synth", "stage1_train", subset="train", synthetic=True),
     "nuclei_synth_val": NucleiDataset("nuclei_synth", "stage1_train", subset="val", synthetic=True),
+    **{
+        f"{folder}_{subset}": NucleiDataset(
+            folder, "stage1_train", subset=subset, synthetic=True, generate=params
+        )
+        for folder, params in (
+            ("nuclei_synth2", SYNTH2_PARAMS), ("nuclei_synth2_nobf", SYNTH2_NOBF_PARAMS)
+        )
+        for subset in ("train", "val")
+    },
+    **{
+        f"nuclei_synth2_test_{style}": NucleiDataset(
+            f"nuclei_synth2_test_{style}", "stage1_train", synthetic=True,
+            generate=SyntheticParams(
+                SYNTH2_TEST_NUM_IMAGES, SYNTH2_TEST_SEED, style=style, version=2
+            ),
+        )
+        for style in SYNTH2_TEST_STYLES
+    },
 }
 
 
@@ -142,8 +203,11 @@ def _ensure_source(name: str, spec: NucleiDataset, root: Path) -> None:
     if spec.synthetic and not (root / spec.split).is_dir():
         from .synthetic import write_dataset
 
-        print(f"[sharp_fpn] {name}: generating the synthetic nuclei set in {root} (first use)")
-        write_dataset(root, SYNTH_NUM_IMAGES, SYNTH_SEED, split=spec.split, sizes=SYNTH_SIZES)
+        params = spec.synthetic_params()
+        print(f"[sharp_fpn] {name}: generating the synthetic nuclei set in {root} (first use, "
+              f"v{params.version}, {params.num_images} images, seed {params.seed})")
+        write_dataset(root, params.num_images, params.seed, split=spec.split,
+                      sizes=params.sizes, style=params.style, version=params.version)
     if not (root / spec.split).is_dir():
         raise FileNotFoundError(
             f"dataset {name!r}: {root / spec.split} does not exist. "

@@ -16,6 +16,10 @@ single 4-connected region of at least :data:`MIN_NUCLEUS_AREA` pixels. One image
 of :data:`EMPTY_BLOCK` consecutive indices, at a random position, has no nucleus and appears in
 the CSV with the run ``1 1``, as in the real file.
 
+This is version 1, kept byte for byte. Version 2 (:mod:`sharp_fpn.data.synthetic_v2`, chosen
+with ``version=2`` in :func:`plan_images`, :func:`generate_image` and :func:`write_dataset`)
+imitates DSB2018 more closely: denser, touching, more varied nuclei and three styles.
+
 Everything is a function of ``(seed, index)`` through :class:`numpy.random.SeedSequence`, and PNGs
 are written by OpenCV with fixed settings and no metadata, so the same seed gives the same bytes
 whatever the number of worker processes.
@@ -30,7 +34,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import cv2
 import numpy as np
@@ -45,6 +49,9 @@ TOOL = "make_synthetic_nuclei"
 """The writer's name in an output folder's record (:mod:`sharp_fpn.outdir`)."""
 
 STYLES: tuple[str, ...] = ("fluorescence", "he")
+"""Version 1's styles (version 2's: :data:`STYLES_V2`)."""
+VERSIONS: tuple[int, ...] = (1, 2)
+"""Generator versions: 1 this module's images, 2 :mod:`sharp_fpn.data.synthetic_v2`'s."""
 FLUORESCENCE_FRACTION = 0.7
 """Share of fluorescence images when the style is not forced (the rest are H&E-like)."""
 
@@ -99,6 +106,7 @@ class ImagePlan:
     width: int
     style: str
     empty: bool
+    version: int = 1
 
 
 def image_id(seed: int, index: int) -> str:
@@ -136,7 +144,8 @@ def plan_images(
     num_images: int,
     seed: int,
     sizes: Optional[Sequence[tuple[int, int]]] = None,
-    style: Optional[str] = None,
+    style: Union[None, str, Sequence[str]] = None,
+    version: int = 1,
 ) -> list[ImagePlan]:
     """Decide each image's size, style and emptiness; cheap, no pixels.
 
@@ -146,7 +155,15 @@ def plan_images(
         sizes: (height, width) pairs drawn uniformly, or None for DSB2018's stage1_train
             distribution (:data:`DSB2018_STAGE1_TRAIN_SIZES`, weighted by count).
         style: ``"fluorescence"`` or ``"he"`` to force one style, None for the 70/30 mix.
+            Version 2: None (its mix), one of :data:`STYLES_V2`, or a tuple of them (a uniform
+            mix of those).
+        version: 1 (this module's images) or 2 (:mod:`sharp_fpn.data.synthetic_v2`).
     """
+    _check_version(version)
+    if version == 2:
+        from . import synthetic_v2
+
+        return synthetic_v2.plan_images(num_images, seed, sizes, style)
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if seed < 0:
@@ -183,6 +200,11 @@ def plan_images(
             )
         )
     return plans
+
+
+def _check_version(version: int) -> None:
+    if version not in VERSIONS:
+        raise ValueError(f"version {version!r} is not one of {VERSIONS}")
 
 
 def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
@@ -397,7 +419,8 @@ def _render_he(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
 
 
 def generate_image(
-    rng: np.random.Generator, height: int, width: int, style: str, empty: bool = False
+    rng: np.random.Generator, height: int, width: int, style: str, empty: bool = False,
+    version: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one synthetic microscopy image and its nuclei.
 
@@ -406,6 +429,8 @@ def generate_image(
         height, width: image size in pixels (each >= :data:`MIN_SIDE`).
         style: ``"fluorescence"`` (gray, bright on dark) or ``"he"`` (H&E-like colour).
         empty: draw no nucleus (background only).
+        version: 1, or 2 for :func:`sharp_fpn.data.synthetic_v2.generate_image` (styles
+            :data:`STYLES_V2`; a 16-bit fluorescence frame comes back as (H, W) uint16 gray).
 
     Returns:
         ``rgba``: (H, W, 4) uint8, alpha 255 everywhere, R = G = B for fluorescence;
@@ -413,6 +438,11 @@ def generate_image(
         k's mask: one 4-connected region of at least :data:`MIN_NUCLEUS_AREA` pixels; K >= 1
         unless ``empty``).
     """
+    _check_version(version)
+    if version == 2:
+        from . import synthetic_v2
+
+        return synthetic_v2.generate_image(rng, height, width, style, empty)
     if style not in STYLES:
         raise ValueError(f"style {style!r} is not one of {STYLES}")
     _check_sizes([(height, width)])
@@ -434,7 +464,7 @@ def generate_image(
 
 
 def _write_png(path: Path, image: np.ndarray, params: list[int]) -> None:
-    """Write an 8-bit gray (H, W) or RGBA (H, W, 4) PNG with fixed OpenCV ``params``.
+    """Write a gray (H, W, 8- or 16-bit) or RGBA (H, W, 4) PNG with fixed OpenCV ``params``.
 
     OpenCV writes no timestamp or other metadata, so equal pixels give equal bytes.
     """
@@ -457,10 +487,18 @@ def _encode_within_columns(mask: np.ndarray, x0: int, x1: int) -> str:
     return " ".join(map(str, runs.tolist()))
 
 
+def _image_rng(seed: int, plan: ImagePlan) -> np.random.Generator:
+    if plan.version == 2:
+        from . import synthetic_v2
+
+        return _rng(seed, synthetic_v2._IMAGE_KEY, plan.index)
+    return _rng(seed, _IMAGE_KEY, plan.index)
+
+
 def _make_image(plan: ImagePlan, seed: int, split_dir: Path) -> tuple[int, list[str]]:
     """Generate and write one image folder; returns (index, run-length string per nucleus)."""
     rgba, labels = generate_image(
-        _rng(seed, _IMAGE_KEY, plan.index), plan.height, plan.width, plan.style, plan.empty
+        _image_rng(seed, plan), plan.height, plan.width, plan.style, plan.empty, plan.version
     )
     folder = split_dir / plan.image_id
     (folder / "images").mkdir(parents=True)
@@ -482,11 +520,12 @@ def write_dataset(
     seed: int,
     split: str = "stage1_train",
     sizes: Optional[Sequence[tuple[int, int]]] = None,
-    style: Optional[str] = None,
+    style: Union[None, str, Sequence[str]] = None,
     workers: Optional[int] = None,
     overwrite: bool = False,
     progress: bool = True,
     own_folder: bool = False,
+    version: int = 1,
 ) -> list[str]:
     """Write ``num_images`` synthetic images in DSB2018's layout; returns their ids by index.
 
@@ -503,7 +542,7 @@ def write_dataset(
 
     Args:
         out_dir: dataset root (created if missing).
-        num_images, seed, sizes, style: see :func:`plan_images`.
+        num_images, seed, sizes, style, version: see :func:`plan_images`.
         split: folder and CSV name prefix, e.g. ``stage1_train``.
         workers: processes to use (:func:`~sharp_fpn.utils.worker_count`: None = every core
             this process may use; at most one per image). The output does not depend on it.
@@ -516,7 +555,7 @@ def write_dataset(
     """
     if not split or split.startswith(".") or "/" in split or os.sep in split:
         raise ValueError(f"split {split!r} must be a plain folder name, e.g. stage1_train")
-    plans = plan_images(num_images, seed, sizes, style)
+    plans = plan_images(num_images, seed, sizes, style, version)
     workers = min(worker_count(workers), num_images)  # plan_images checked num_images >= 1
     out = Path(out_dir)
     if own_folder and not overwrite:
@@ -609,3 +648,12 @@ def _write_locked(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [p.image_id for p in plans]
+
+
+def __getattr__(name: str):
+    """Version 2's public names, also reachable from here (imported on first use)."""
+    if name in ("STYLES_V2", "describe", "contact_sheet"):
+        from . import synthetic_v2
+
+        return getattr(synthetic_v2, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
