@@ -5,6 +5,8 @@ label TIFF, outline overlay and per-nucleus table out (SPEC section 5).
   layouts refused), normalised to the model's 8-bit RGB input without inventing contrast.
 * :mod:`.tiling`: tiles with overlap and exact stitching (no torch, no detectron2).
 * :mod:`.outputs`: the label TIFF, the overlay PNG, the per-nucleus CSV.
+* :mod:`.scale`: rescaling an image so its nuclei have the model's training size
+  (``--diameter``, or estimated from a first pass), labels brought back to the image's size.
 * :mod:`.run`: :func:`predict_images`, the whole run (``tools/predict.py``, ``make demo``), with
   a trained model as :class:`sharp_fpn.d2.predictor.NucleiPredictor` runs it tile by tile;
   outputs through :class:`sharp_fpn.outdir.OutputDir`, incremental and resumable.
