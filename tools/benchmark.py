@@ -6,6 +6,8 @@
     python tools/benchmark.py convert             # DSB2018 -> COCO on a DSB-size synthetic set
     python tools/benchmark.py predict             # prediction MP/s, whole image and tiled
     python tools/benchmark.py necks               # Mask R-CNN cost of each neck vs FPN
+    python tools/benchmark.py zoo                 # zoo models vs classical: accuracy, MP/s
+    python tools/benchmark.py zoo --candidate NAME=CONFIG:WEIGHTS   # more models (repeatable)
 
 Each benchmark prints its figures and writes them, with the machine and the arguments, to
 ``output/benchmarks/<name>.json`` (``--out-dir`` to change). A benchmark is library code
