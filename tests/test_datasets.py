@@ -20,7 +20,9 @@ SMALL = [(64, 64), (64, 80)]
 
 
 def test_every_dataset_is_registered_with_nucleus_metadata():
-    for name in ("dsb2018_train", "dsb2018_val", "dsb2018_stage1_test", "nuclei_synth_train", "nuclei_synth_val"):
+    for name in ("dsb2018_train", "dsb2018_val", "dsb2018_stage1_test", "nuclei_synth_train", "nuclei_synth_val",
+                 "nuclei_synth2_train", "nuclei_synth2_val", "nuclei_synth2_nobf_train", "nuclei_synth2_nobf_val",
+                 "nuclei_synth2_test_fluorescence", "nuclei_synth2_test_he", "nuclei_synth2_test_brightfield"):
         assert name in DatasetCatalog.list()
         meta = MetadataCatalog.get(name)
         assert meta.thing_classes == ["nucleus"]

@@ -55,7 +55,7 @@ MAX_NUCLEI = 400
 """Cap on the nuclei of one image (DSB2018's busiest images hold a few hundred)."""
 MIN_EQ_DIAMETER, MAX_EQ_DIAMETER = 6.0, 60.0
 """Targets (px) for the equivalent diameters of the nuclei."""
-MEDIAN_EQ_DIAMETER = 26.0
+MEDIAN_EQ_DIAMETER = 28.0
 """Median, over images, of an image's typical equivalent diameter (px)."""
 
 StyleArg = Union[None, str, Sequence[str]]
@@ -336,6 +336,14 @@ def _fibres(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     rot[:, 2] -= [(side - w) / 2, (side - h) / 2]
     noise = cv2.warpAffine(noise, rot, (w, h), flags=cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REFLECT)
+    # Waves: displace the strands by a smooth random field (bundles bend, as collagen does).
+    wave = rng.uniform(3.0, 10.0)
+    dy = _blur_small(rng.standard_normal((h, w), dtype=np.float32), 16.0)
+    dx = _blur_small(rng.standard_normal((h, w), dtype=np.float32), 16.0)
+    scale = np.float32(wave / max(float(dy.std()), float(dx.std()), 1e-6))
+    grid_y, grid_x = np.mgrid[0:h, 0:w].astype(np.float32)
+    noise = cv2.remap(noise, grid_x + dx * scale, grid_y + dy * scale, cv2.INTER_LINEAR,
+                      borderMode=cv2.BORDER_REFLECT)
     return np.exp(-((noise / rng.uniform(0.25, 0.5)) ** 2))
 
 
@@ -404,7 +412,7 @@ def _render_he(rng: np.random.Generator, labels: np.ndarray, lumen: np.ndarray) 
     h_od = _jitter_stain(rng, _HEMATOXYLIN_OD, 0.12)
     e_od = _jitter_stain(rng, _EOSIN_OD, 0.12)
 
-    stroma = rng.uniform(0.15, 0.45)
+    stroma = rng.uniform(0.12, 0.38)
     fibres = _fibres(rng, shape)
     eosin = stroma * (0.35 + 0.65 * fibres + 0.15 * _smooth_noise(rng, shape, 2.0))
     eosin = np.clip(eosin, 0.0, None) * (1.0 - lumen)
