@@ -17,6 +17,10 @@ def add_sharp_fpn_config(cfg: CN) -> CN:
     # built by build_{resnet,vgg16}_grid_fpn_backbone. They read MODEL.FPN.IN_FEATURES (C2..C5,
     # strides 4..32, finest first) and MODEL.FPN.OUT_CHANNELS (the channels of p2..p6).
     # ---------------------------------------------------------------------------------------
+    # res2..res5 widths of a basic-block ResNet (MODEL.RESNETS.DEPTH 18 or 34) built from
+    # detectron2's parts by sharp_fpn.d2.resnet: [] (default) is detectron2's ResNet, unchanged.
+    _C.MODEL.RESNETS.STAGE_WIDTHS = []
+
     _C.MODEL.SHARP_FPN = CN()
     # Which node feeds which (sharp_fpn.grid): "2plus" (UNet++), "3plus" (UNet3+), "sharp"
     # (UNet#), or "unet" (the anti-diagonal alone: FPN with concatenation and conv nodes).
@@ -153,6 +157,32 @@ def add_unet_config(cfg: CN) -> CN:
     # Training: one of an HSV shift (hue +-20, saturation +-30, value +-20), a brightness or a
     # contrast change (factor 0.8..1.2), chosen uniformly per image.
     _C.INPUT.SEMANTIC.COLOR_JITTER = True
+
+    # ---------------------------------------------------------------------------------------
+    # The recipe of the shipped nuclei models (configs/zoo/, sharp_fpn.model_zoo): what training
+    # and prediction both do to an image, so that a model sees the same kind of input in both.
+    # ---------------------------------------------------------------------------------------
+    # Per-image intensity normalisation before the model, in training (NucleiDatasetMapper,
+    # after the augmentations) and prediction (NucleiPredictor, on the whole image before it is
+    # tiled): "" (off: the image as read, sharp_fpn.predict.image_io) or "percentile" (the
+    # INPUT.NORMALIZE_PERCENTILES of the image, all channels together, mapped to 0 and 255,
+    # the range never narrower than image_io.MIN_SPAN_NOISE noise standard deviations).
+    _C.INPUT.NORMALIZE = ""
+    _C.INPUT.NORMALIZE_PERCENTILES = [1.0, 99.8]
+    # Training: rescale each image by a factor log-uniform in [low, high] of its own size
+    # instead of ResizeShortestEdge, then INPUT.CROP, then INPUT.DIHEDRAL (sharp_fpn.d2.augment).
+    # [] (default): detectron2's resize and INPUT.RANDOM_FLIP.
+    _C.INPUT.RESCALE_RANGE = []
+    # Training, with RESCALE_RANGE: flips both ways and a transpose, each with probability 1/2
+    # (the 8 rotations and reflections of the square); False: INPUT.RANDOM_FLIP.
+    _C.INPUT.DIHEDRAL = False
+    # Training: torchvision's colour jitter, gamma, grayscale, blur and noise and
+    # scikit-image's stain jitter (sharp_fpn.data.augment, its table), before INPUT.NORMALIZE.
+    _C.INPUT.PHOTOMETRIC = False
+    # Median nucleus diameter (px) of the images the model was trained on, after the training
+    # augmentations' mean scale; tools/predict.py --diameter rescales an image so that its
+    # nuclei have this size. 0: not known (--diameter is then refused).
+    _C.INPUT.NUCLEUS_DIAMETER = 0.0
 
     _C.TEST.SEMANTIC = CN()
     # SemanticIoUEvaluator: a pixel is foreground where its probability exceeds this.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,12 +25,29 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from ..predict.image_io import load_image
+from .augment import recipe_augmentations, uses_recipe
+from .config import check_value
+from ..predict.image_io import load_image, percentile_normalise
 
-__all__ = ["IMAGE_FORMATS", "NucleiDatasetMapper", "check_image_format", "read_image"]
+__all__ = ["IMAGE_FORMATS", "NORMALIZATIONS", "NucleiDatasetMapper", "check_image_format",
+           "normalization", "read_image"]
 
 #: ``INPUT.FORMAT`` values the readers support (those of every sharp-fpn config).
 IMAGE_FORMATS = ("BGR", "RGB")
+#: ``INPUT.NORMALIZE`` values: off, or the per-image percentile normalisation.
+NORMALIZATIONS = ("", "percentile")
+
+
+def normalization(cfg) -> Optional[Tuple[float, float]]:
+    """The percentiles ``INPUT.NORMALIZE`` maps to 0 and 255, or None when it is off."""
+    check_value("INPUT.NORMALIZE", cfg.INPUT.NORMALIZE, cfg.INPUT.NORMALIZE in NORMALIZATIONS,
+                f"one of {NORMALIZATIONS}")
+    if not cfg.INPUT.NORMALIZE:
+        return None
+    low, high = (float(v) for v in cfg.INPUT.NORMALIZE_PERCENTILES)
+    check_value("INPUT.NORMALIZE_PERCENTILES", [low, high], 0.0 <= low < high <= 100.0,
+                "[low, high] percentiles with 0 <= low < high <= 100")
+    return low, high
 
 
 def check_image_format(image_format: str) -> str:
@@ -66,12 +83,48 @@ class NucleiDatasetMapper(DatasetMapper):
     Everything else is detectron2's: the augmentations of ``INPUT.*`` (``from_config``),
     the annotations turned into ``Instances`` (its ``_transform_annotations``), a
     ``sem_seg_file_name`` read as a label map, proposals, and what is dropped at test time.
+    The shipped models' recipe adds, when its keys are set: the geometric augmentations of
+    :mod:`.augment` (``INPUT.RESCALE_RANGE``, ``CROP``, ``DIHEDRAL``) in place of detectron2's,
+    then in training the photometric ones (``INPUT.PHOTOMETRIC``:
+    :class:`sharp_fpn.data.augment.PhotometricAugmentation`), then in training and at test the
+    per-image percentile normalisation (``INPUT.NORMALIZE``), which the predictor applies too.
     """
 
     @configurable
-    def __init__(self, is_train: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        photometric: Optional[Any] = None,
+        normalize: Optional[Tuple[float, float]] = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(is_train, **kwargs)
         check_image_format(self.image_format)
+        self.photometric = photometric
+        self.normalize = normalize
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True) -> Dict[str, Any]:
+        ret = super().from_config(cfg, is_train)
+        if uses_recipe(cfg):
+            ret["augmentations"] = recipe_augmentations(cfg, is_train)
+        if is_train and cfg.INPUT.PHOTOMETRIC:
+            from ..data.augment import PhotometricAugmentation
+
+            ret["photometric"] = PhotometricAugmentation()
+        ret["normalize"] = normalization(cfg)
+        return ret
+
+    def _intensities(self, image: np.ndarray) -> np.ndarray:
+        """The photometric augmentation (training) and the normalisation, in that order."""
+        if self.photometric is not None:
+            bgr = self.image_format == "BGR"
+            rgb = self.photometric(image[:, :, ::-1] if bgr else image)
+            image = np.ascontiguousarray(rgb[:, :, ::-1]) if bgr else rgb
+        if self.normalize is not None:
+            image = percentile_normalise(image, self.normalize)[0]
+        return image
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         record = copy.deepcopy(dataset_dict)  # its annotations are transformed in place
@@ -82,7 +135,7 @@ class NucleiDatasetMapper(DatasetMapper):
             label_map = utils.read_image(record.pop("sem_seg_file_name"), "L").squeeze(2)
         augmented = T.AugInput(image, sem_seg=label_map)
         transforms = self.augmentations(augmented)
-        image, label_map = augmented.image, augmented.sem_seg
+        image, label_map = self._intensities(augmented.image), augmented.sem_seg
         shape = image.shape[:2]
         record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if label_map is not None:

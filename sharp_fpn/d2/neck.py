@@ -9,7 +9,9 @@ alone: nothing here names a node.
 
 Registered builders (``MODEL.BACKBONE.NAME``):
 
-- ``build_resnet_grid_fpn_backbone``: detectron2's ResNet + ``GridFPN``;
+- ``build_resnet_grid_fpn_backbone``: detectron2's ResNet (or a narrower one,
+  ``MODEL.RESNETS.STAGE_WIDTHS``: :mod:`.resnet`, which also registers the plain FPN on it,
+  ``build_resnet_plain_fpn_backbone``) + ``GridFPN``;
 - ``build_vgg16_grid_fpn_backbone``: ``sharp_fpn.d2.vgg.VGG`` + ``GridFPN``;
 - ``build_vgg16_fpn_backbone``: the VGG bottom-up + detectron2's own ``FPN``, unchanged (the
   plain-FPN VGG16 rows; the R101 rows use detectron2's ``build_resnet_fpn_backbone``).
@@ -23,7 +25,6 @@ import fvcore.nn.weight_init as weight_init
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
-from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import Tensor, nn
 
 from .config import check_value
@@ -31,6 +32,7 @@ from ..grid import SCHEMES
 from ..models.blocks import BLOCKS, UPSAMPLE_MODES
 from ..models.blocks import get_norm as grid_get_norm
 from ..models.grid_decoder import FULL_SCALE_OPS, GridDecoder
+from .resnet import build_resnet_bottom_up
 from .vgg import build_vgg_backbone
 
 NORMS = ("", "GN", "BN", "SyncBN", "FrozenBN", "nnSyncBN", "naiveSyncBN")
@@ -226,8 +228,9 @@ def grid_fpn_from_config(cfg, bottom_up: Backbone) -> GridFPN:
 
 @BACKBONE_REGISTRY.register()
 def build_resnet_grid_fpn_backbone(cfg, input_shape: ShapeSpec) -> GridFPN:
-    """detectron2's ResNet (``MODEL.RESNETS.*``) + ``GridFPN`` (``MODEL.SHARP_FPN.*``)."""
-    return grid_fpn_from_config(cfg, build_resnet_backbone(cfg, input_shape))
+    """detectron2's ResNet (``MODEL.RESNETS.*``, any width: :mod:`.resnet`) + ``GridFPN``
+    (``MODEL.SHARP_FPN.*``)."""
+    return grid_fpn_from_config(cfg, build_resnet_bottom_up(cfg, input_shape))
 
 
 @BACKBONE_REGISTRY.register()

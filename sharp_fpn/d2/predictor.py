@@ -43,13 +43,17 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch import GeneralizedRCNN
+from detectron2.structures import Instances
 from skimage.measure import label as connected_components
 from tqdm import tqdm
 
 from .checkpoint import fit_problem
 from .engine import ConfigError, get_config
+from .mapper import normalization
 from .semantic import is_semantic  # also registers the necks and meta-architectures
 from .semantic_data import build_semantic_augmentation
+from ..predict.image_io import percentile_normalise
 from ..predict.tiling import (
     InstanceSet,
     Tile,
@@ -253,6 +257,7 @@ class NucleiPredictor:
         else:
             self._load_weights(weights)
         self.augmentations = T.AugmentationList(inference_augmentations(cfg))
+        self.normalize = normalization(cfg)
 
     def input_scale(self, height: int, width: int) -> float:
         """:func:`input_scale` of this model's config."""
@@ -283,11 +288,39 @@ class NucleiPredictor:
             np.ascontiguousarray(resized.image.transpose(2, 0, 1)), dtype=torch.float32
         )
 
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        """The whole image as the model's training saw images: ``INPUT.NORMALIZE`` applied
+        (once per image, before tiling, so that every tile shares one intensity scale)."""
+        if self.normalize is None:
+            return rgb
+        return percentile_normalise(rgb, self.normalize)[0]
+
     @torch.no_grad()
     def run_model(self, rgb: np.ndarray) -> Dict[str, Any]:
-        """The model's raw output for one ``(h, w, 3)`` uint8 RGB image (or tile), at its size."""
+        """The model's output for one ``(h, w, 3)`` uint8 RGB image (or tile), at its size.
+
+        A Mask R-CNN's instances keep their ``M x M`` mask probabilities (``pred_masks``
+        ``(N, 1, M, M)``, boxes in the tile's pixels): :meth:`_instance_set` pastes each into
+        its box only, never ``N`` full-tile masks (``sharp_fpn.predict.tiling.paste_in_boxes``).
+        Other models return what their ``forward`` returns.
+        """
         height, width = rgb.shape[:2]
-        return self.model([{"image": self.model_input(rgb), "height": height, "width": width}])[0]
+        inputs = [{"image": self.model_input(rgb), "height": height, "width": width}]
+        if not isinstance(self.model, GeneralizedRCNN):
+            return self.model(inputs)[0]
+        found = self.model.inference(inputs, do_postprocess=False)[0]
+        in_height, in_width = found.image_size
+        boxes = found.pred_boxes.clone()
+        boxes.scale(width / in_width, height / in_height)  # as detector_postprocess does
+        boxes.clip((height, width))
+        keep = boxes.nonempty()
+        out = Instances((height, width))
+        out.pred_boxes = boxes[keep]
+        out.scores = found.scores[keep]
+        out.pred_classes = found.pred_classes[keep]
+        if found.has("pred_masks"):
+            out.pred_masks = found.pred_masks[keep]
+        return {"instances": out}
 
     def predict(
         self, rgb: np.ndarray, tile: int = 512, overlap: int = 64, progress: bool = False
@@ -304,6 +337,7 @@ class NucleiPredictor:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
         shape = rgb.shape[:2]
+        rgb = self.prepare(rgb)
         tiles = tile_grid(shape[0], shape[1], tile, overlap)
         # each tile's output is reduced at once (cropped masks, one map): full-tile masks of
         # hundreds of instances in every tile would not fit in memory together
@@ -341,10 +375,14 @@ class NucleiPredictor:
                 f"{self.cfg.MODEL.META_ARCHITECTURE} predicts no masks (MODEL.MASK_ON is off)"
             )
         masks = instances.pred_masks.numpy()
-        if masks.shape[1:] != tile.shape:
-            raise ValueError(f"pred_masks are {masks.shape[1:]} for a tile of {tile.shape}")
         scores = instances.scores.numpy()
         keep = scores >= self.score_threshold
+        if masks.ndim == 4:  # (N, 1, M, M) probabilities over the boxes (run_model)
+            boxes = instances.pred_boxes.tensor.numpy()
+            return InstanceSet.from_box_masks(boxes[keep], masks[keep, 0], scores[keep],
+                                              tile.shape)
+        if masks.shape[1:] != tile.shape:
+            raise ValueError(f"pred_masks are {masks.shape[1:]} for a tile of {tile.shape}")
         return InstanceSet.from_masks(masks[keep], scores[keep])
 
     def _probabilities(self, output: Dict[str, Any], tile: Tile) -> np.ndarray:

@@ -69,6 +69,8 @@ __all__ = [
     "load_image",
     "noise_sigma",
     "normalise",
+    "percentile_normalise",
+    "percentile_range",
     "read_image",
     "read_pixels",
     "stretch_range",
@@ -372,10 +374,20 @@ def stretch_range(colour: np.ndarray, stretch: bool = True) -> Stretch:
         return Stretch("none")
     if not stretch:
         return Stretch("off", *_dtype_range(colour.dtype))
-    low, high = (float(v) for v in np.percentile(colour, STRETCH_PERCENTILES))
+    return percentile_range(colour, STRETCH_PERCENTILES)
+
+
+def percentile_range(colour: np.ndarray, percentiles: Sequence[float]) -> Stretch:
+    """The ``(low, high)`` percentiles of ``(H, W[, C])`` samples (all channels together),
+    widened to at least :data:`MIN_SPAN_NOISE` noise standard deviations (mode ``"limited"``
+    when they were, else ``"percentile"``). Images over ~4 megapixels are measured on evenly
+    spaced rows and columns."""
+    step = max(1, int(np.sqrt(colour.shape[0] * colour.shape[1] / 4e6)))
+    sample = colour[::step, ::step]
+    low, high = (float(v) for v in np.percentile(sample, list(percentiles)))
     if high <= low:
-        low, high = float(colour.min()), float(colour.max())
-    noise = noise_sigma(colour)
+        low, high = float(sample.min()), float(sample.max())
+    noise = noise_sigma(sample)
     if np.issubdtype(colour.dtype, np.integer):
         floor = 1.0  # one stored unit
     else:  # about a hundred float32 steps at the image's magnitude
@@ -423,6 +435,24 @@ def normalise_with(pixels: np.ndarray, stretch: bool = True) -> Tuple[np.ndarray
     if colour.shape[2] == 1:
         colour = np.repeat(colour, 3, axis=2)
     return np.ascontiguousarray(colour), how
+
+
+def percentile_normalise(
+    rgb: np.ndarray, percentiles: Sequence[float] = (1.0, 99.8)
+) -> Tuple[np.ndarray, Stretch]:
+    """``(H, W, 3)`` uint8 -> the same with its ``percentiles`` (all channels together) mapped
+    to 0 and 255 (:func:`percentile_range`: never a range narrower than
+    :data:`MIN_SPAN_NOISE` noise standard deviations, so an empty field stays dim).
+
+    The normalisation of ``INPUT.NORMALIZE "percentile"`` (the shipped models' recipe), done in
+    training after the augmentations and in prediction on the whole image, as StarDist and
+    Cellpose normalise: the model sees the same range whatever the camera, exposure or stain.
+    """
+    if rgb.ndim != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, C) uint8 image, got {rgb.shape} {rgb.dtype}")
+    how = percentile_range(rgb, percentiles)
+    table = _stretched(np.arange(256, dtype=np.float64), how.low, how.high)
+    return table[rgb], how
 
 
 def _stretched(values: np.ndarray, low: float, high: float) -> np.ndarray:

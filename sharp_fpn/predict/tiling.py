@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 from skimage.measure import label as connected_components
 
@@ -49,6 +50,7 @@ __all__ = [
     "TileError",
     "axis_spans",
     "keep_largest_components",
+    "paste_in_boxes",
     "stitch_cores",
     "stitch_instances",
     "tile_grid",
@@ -173,9 +175,76 @@ class InstanceSet:
         return cls(np.asarray(boxes, dtype=np.int64).reshape(-1, 4), crops,
                    np.asarray(kept, dtype=np.float64))
 
+    @classmethod
+    def from_box_masks(
+        cls,
+        boxes: np.ndarray,
+        probabilities: np.ndarray,
+        scores: np.ndarray,
+        shape: Tuple[int, int],
+        threshold: float = 0.5,
+    ) -> "InstanceSet":
+        """From Mask R-CNN's own output: ``(N, 4)`` float ``(x0, y0, x1, y1)`` boxes in the
+        tile's pixels, ``(N, M, M)`` mask probabilities over each box and ``(N,)`` scores
+        (:func:`paste_in_boxes`); instances left with an empty mask are dropped."""
+        scores = np.asarray(scores, dtype=np.float64)
+        pasted = paste_in_boxes(boxes, probabilities, shape, threshold)
+        kept = [i for i, (box, _) in enumerate(pasted) if box is not None]
+        return cls(np.asarray([pasted[i][0] for i in kept], dtype=np.int64).reshape(-1, 4),
+                   [pasted[i][1] for i in kept], scores[kept])
+
     def centres(self) -> Tuple[np.ndarray, np.ndarray]:
         """Box centres ``(y, x)``, each ``(N,)`` float64, tile coordinates."""
         return (self.boxes[:, 0] + self.boxes[:, 2]) / 2, (self.boxes[:, 1] + self.boxes[:, 3]) / 2
+
+
+def paste_in_boxes(
+    boxes: np.ndarray, probabilities: np.ndarray, shape: Tuple[int, int], threshold: float = 0.5
+) -> List[Tuple[Optional[Tuple[int, int, int, int]], Optional[np.ndarray]]]:
+    """Each low-resolution mask brought to its box: ``(tight box, bool crop)`` per instance,
+    ``(None, None)`` where nothing reaches ``threshold``.
+
+    The pixels are those detectron2's ``paste_masks_in_image`` gives (bilinear sampling of
+    the ``M x M`` probabilities at each pixel centre, ``align_corners=False``, zero outside the
+    mask, then ``>= threshold``), computed only over each box (``cv2.remap``), never as ``N``
+    full-size masks: 500 nuclei of a 1024 x 1024 tile would be 500 MB of masks and most of the
+    time of a prediction.
+
+    Args:
+        boxes: ``(N, 4)`` ``(x0, y0, x1, y1)`` in pixels of an image of ``shape`` (H, W).
+        probabilities: ``(N, M, M')`` mask probabilities, row 0 at ``y0``, column 0 at ``x0``.
+        threshold: a pixel belongs to the nucleus where its probability is at least this.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    if probabilities.ndim != 3 or len(probabilities) != len(boxes):
+        raise ValueError(f"expected (N, M, M) probabilities for {len(boxes)} boxes, got "
+                         f"{probabilities.shape}")
+    height, width = shape
+    out: List[Tuple[Optional[Tuple[int, int, int, int]], Optional[np.ndarray]]] = []
+    for (x0, y0, x1, y1), mask in zip(boxes, probabilities):
+        left, right = max(math.floor(x0) - 1, 0), min(math.ceil(x1) + 1, width)
+        top, bottom = max(math.floor(y0) - 1, 0), min(math.ceil(y1) + 1, height)
+        if right <= left or bottom <= top or x1 <= x0 or y1 <= y0:
+            out.append((None, None))
+            continue
+        m_rows, m_cols = mask.shape
+        xs = ((np.arange(left, right) + 0.5 - x0) / (x1 - x0) * m_cols - 0.5).astype(np.float32)
+        ys = ((np.arange(top, bottom) + 0.5 - y0) / (y1 - y0) * m_rows - 0.5).astype(np.float32)
+        map_x = np.broadcast_to(xs[None, :], (ys.size, xs.size))
+        map_y = np.broadcast_to(ys[:, None], (ys.size, xs.size))
+        sampled = cv2.remap(mask, np.ascontiguousarray(map_x), np.ascontiguousarray(map_y),
+                            cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        inside = sampled >= threshold
+        rows = np.flatnonzero(inside.any(axis=1))
+        if rows.size == 0:
+            out.append((None, None))
+            continue
+        cols = np.flatnonzero(inside.any(axis=0))
+        crop = inside[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        out.append(((top + int(rows[0]), left + int(cols[0]), top + int(rows[-1]) + 1,
+                     left + int(cols[-1]) + 1), crop))
+    return out
 
 
 class Stitched(NamedTuple):
