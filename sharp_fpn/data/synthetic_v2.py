@@ -55,7 +55,7 @@ MAX_NUCLEI = 400
 """Cap on the nuclei of one image (DSB2018's busiest images hold a few hundred)."""
 MIN_EQ_DIAMETER, MAX_EQ_DIAMETER = 6.0, 60.0
 """Targets (px) for the equivalent diameters of the nuclei."""
-MEDIAN_EQ_DIAMETER = 28.0
+MEDIAN_EQ_DIAMETER = 29.5
 """Median, over images, of an image's typical equivalent diameter (px)."""
 
 StyleArg = Union[None, str, Sequence[str]]
@@ -147,8 +147,8 @@ def _layout(
     mask where no nucleus centre may lie (H&E lumen).
     """
     scene = ("sparse", "clustered", "dense")[int(rng.choice(3, p=[0.3, 0.4, 0.3]))]
-    eq = float(np.exp(rng.normal(np.log(MEDIAN_EQ_DIAMETER), 0.33)))
-    eq = float(np.clip(eq, 9.0, 48.0))
+    eq = float(np.exp(rng.normal(np.log(MEDIAN_EQ_DIAMETER), 0.38)))
+    eq = float(np.clip(eq, 7.5, 50.0))
     spread = rng.uniform(0.12, 0.30)  # within-image sigma of log diameter
     coverage = {
         "sparse": lambda: np.exp(rng.uniform(np.log(0.04), np.log(0.12))),
@@ -273,9 +273,10 @@ def _render_fluorescence(
     shape = labels.shape
     count = int(labels.max())
     edge, texture, _, size = _nucleus_fields(rng, labels)
-    bright = rng.lognormal(0.0, rng.uniform(0.4, 0.7), size=count + 1).astype(np.float32)
+    bright = rng.lognormal(0.0, rng.uniform(0.5, 0.85), size=count + 1).astype(np.float32)
     out_of_focus = rng.random(count + 1) < rng.uniform(0.0, 0.25)
     bright[out_of_focus] *= rng.uniform(0.35, 0.8)
+    bright = np.maximum(bright, np.float32(0.18))  # dim, yet above the noise of a fair camera
     bright[mitotic] = rng.uniform(3.0, 6.0) * np.median(bright[1:]) if count else 0.0
     bright[0] = 0.0
     flat = np.zeros(count + 1, dtype=np.float32)
@@ -309,7 +310,7 @@ def _render_fluorescence(
     else:
         full = 255.0
         offset = rng.uniform(1.0, 14.0)
-        level = rng.uniform(0.15, 0.6) * full
+        level = rng.uniform(0.2, 0.6) * full
         electrons = float(np.exp(rng.uniform(np.log(60.0), np.log(2000.0))))
         read_noise = rng.uniform(0.5, 2.5)
         dtype, top = np.uint8, 255.0
