@@ -426,7 +426,7 @@ def _render_he(rng: np.random.Generator, labels: np.ndarray, lumen: np.ndarray) 
     interior = np.clip((edge - 0.3) / 0.7, 0.0, 1.0)
     v = vesicular[labels]
     hema = load[labels] * fg * (1.0 + 0.35 * (1.0 - edge)) * (1.0 - pale * v * interior)
-    hema *= np.clip(1.0 + texture * (1.0 + v), 0.3, None)
+    hema *= np.clip(1.0 + 1.6 * texture * (1.0 + v), 0.3, None)  # coarse chromatin
     hema += 0.8 * load[labels] * _spots(rng, labels, rng.uniform(0.3, 1.2),
                                         max(0.8, 0.07 * size)) * (0.3 + v)
     hema += rng.uniform(0.0, 0.05) * (1.0 - lumen)  # counterstain haze
