@@ -118,8 +118,7 @@ def generate(argv: list[str] | None = None) -> int:
     if args.contact_sheet is not None:
         path = contact_sheet(args.contact_sheet, seed=args.seed, per_row=args.per_row,
                              cell=args.cell, outlines=not args.no_outlines,
-                             version=args.version, sizes=None if args.sizes == "default"
-                             else sizes, styles=style)
+                             version=args.version, sizes=sizes, styles=style)
         print(f"wrote the contact sheet {path}")
         return 0
     start = time.perf_counter()
