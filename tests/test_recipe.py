@@ -192,3 +192,53 @@ def test_predictor_labels_equal_the_full_mask_path():
                             predictor.min_kept_fraction).labels
     agree = (fast.labels > 0) == (slow > 0)
     assert agree.mean() > 0.995
+
+
+# --------------------------------------------------------------------------------------------
+# prediction defaults, held-out sets and the ablation's runs
+
+
+def test_native_models_get_whole_megapixel_tiles():
+    from sharp_fpn.predict.run import DEFAULT_TILE, NATIVE_TILE, default_tile
+
+    assert default_tile(get_config(ZOO_SHARP)) == NATIVE_TILE
+    demo = get_config(ROOT / "configs" / "demo" / "mask_rcnn_fpn_R18.yaml")
+    assert default_tile(demo) == DEFAULT_TILE  # it resizes images to 288..512 px
+
+
+def test_registered_heldout_images_are_read_with_their_nuclei(tmp_path, monkeypatch):
+    from sharp_fpn.data import catalog
+    from sharp_fpn.perf.zoo import registered_images
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    small = catalog.SyntheticParams(3, catalog.SYNTH2_TEST_SEED + 1, ((64, 80),), "he", 2)
+    spec = catalog.DATASETS["nuclei_synth2_test_he"]
+    monkeypatch.setitem(catalog.DATASETS, "nuclei_synth2_test_he",
+                        type(spec)(spec.folder, spec.split, synthetic=True, generate=small))
+    pairs = registered_images(["he"])["he"]
+    assert len(pairs) == 3
+    for rgb, labels in pairs:
+        assert rgb.shape == (64, 80, 3) and labels.shape == (64, 80)
+    assert sum(int(labels.max()) for _, labels in pairs) >= 2
+    # the labels are the generator's nuclei: the stained pixels are darker inside them
+    rgb, labels = max(pairs, key=lambda p: p[1].max())
+    assert rgb[labels > 0].mean() < rgb[labels == 0].mean()
+    with pytest.raises(ValueError, match="no registered held-out set"):
+        registered_images(["phase_contrast"])
+
+
+def test_ablation_variants_train_on_the_set_without_brightfield(tmp_path):
+    from sharp_fpn.experiments.zoo_ablation import VARIANTS, variant_options
+
+    for iters in (4, 500):
+        for name in VARIANTS:
+            opts = variant_options(name, iters, tmp_path)
+            cfg = get_config(ZOO_FPN, opts)
+            steps = list(cfg.SOLVER.STEPS)
+            assert steps == sorted(set(steps)) and all(0 < s < iters for s in steps)
+            assert cfg.OUTPUT_DIR == str(tmp_path / name)
+            expected = "nuclei_synth_train" if name == "v1_data" else "nuclei_synth2_nobf_train"
+            assert tuple(cfg.DATASETS.TRAIN) == (expected,)
+    assert get_config(ZOO_FPN, variant_options("no_normalisation", 8, tmp_path)).INPUT.NORMALIZE == ""
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_options("no_such", 8, tmp_path)

@@ -235,7 +235,7 @@ def test_the_catalog_generates_a_v2_set_from_its_parameters(tmp_path, monkeypatc
         "fluorescence", "he")
     test = catalog.DATASETS["nuclei_synth2_test_he"]
     assert test.subset is None and test.folder == "nuclei_synth2_test_he"
-    assert test.synthetic_params() == catalog.SyntheticParams(40, 7001, style="he", version=2)
+    assert test.synthetic_params() == catalog.SyntheticParams(40, 7002, style="he", version=2)
 
     small = catalog.NucleiDataset(
         "tiny_v2", "stage1_train", synthetic=True,

@@ -33,7 +33,8 @@ becoming full-contrast noise; --no-stretch maps the sample type's range instead 
 value / 257). summary.csv says what was read and how it was stretched.
 
 Large images are cut into overlapping tiles (--tile, --overlap: nuclei up to the overlap in
-size are never cut nor duplicated). --tile 0 predicts images whole, except an image the model
+size are never cut nor duplicated; tiles of 1024 px for models that see images at their own
+size, as the shipped ones do, 512 px for models that resize their input). --tile 0 predicts images whole, except an image the model
 would shrink more than a 512-px tile: that one is tiled at 512 px (a note says so).
 
 Files: nothing predict did not write is replaced (a file of yours named like an output is
@@ -59,7 +60,9 @@ from sharp_fpn.utils import silence_warnings
 silence_warnings()  # the project's third-party filters, before any third-party import
 
 from sharp_fpn.cli import add_debug_argument, run  # noqa: E402
-from sharp_fpn.predict.run import DEFAULT_TILE, MAX_TILE, MIN_TILE, check_options  # noqa: E402
+from sharp_fpn.predict.run import (  # noqa: E402
+    DEFAULT_TILE, MAX_TILE, MIN_TILE, NATIVE_TILE, check_options,
+)
 
 
 def _fraction(text: str) -> float:
@@ -127,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--diameter", type=_diameter, default=None, metavar="PX",
                         help="the nuclei's diameter in pixels: images are rescaled so that "
                         "nuclei have the model's training size (default: estimated per image)")
-    parser.add_argument("--tile", type=int, default=DEFAULT_TILE,
+    parser.add_argument("--tile", type=int, default=None,
                         help=f"tile side in pixels, {MIN_TILE}..{MAX_TILE}, or 0 for whole "
-                        "images (%(default)s)")
+                        f"images (default: {NATIVE_TILE} for a model that sees images at their "
+                        f"own size, as the shipped ones, else {DEFAULT_TILE})")
     parser.add_argument("--overlap", type=int, default=64,
                         help="least overlap of neighbouring tiles in pixels, less than half the "
                         "tile; make it at least the largest nucleus diameter (%(default)s)")
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     try:
-        check_options(args.tile, args.overlap, args.score_threshold, args.min_kept_fraction)
+        check_options(DEFAULT_TILE if args.tile is None else args.tile, args.overlap, args.score_threshold, args.min_kept_fraction)
     except ValueError as e:
         parser.error(str(e))
 

@@ -33,7 +33,7 @@ name                        content
 ``nuclei_synth2_nobf_*``    ``_train`` / ``_val``: as ``nuclei_synth2`` but fluorescence
                             and H&E only (brightfield never seen: an ablation)
 ``nuclei_synth2_test_*``    ``_fluorescence``, ``_he``, ``_brightfield``: held-out v2
-                            tests, 40 images of one style each, seed 7001, DSB2018's
+                            tests, 40 images of one style each, seeds 7001-7003, DSB2018's
                             sizes, the whole split
 ==========================  ==========================================================
 
@@ -67,6 +67,8 @@ SYNTH2_NUM_IMAGES = 500
 SYNTH2_SEED = 2026
 SYNTH2_TEST_NUM_IMAGES = 40
 SYNTH2_TEST_SEED = 7001
+"""Seed of the first held-out style (``SYNTH2_TEST_STYLES[k]`` uses ``SYNTH2_TEST_SEED + k``:
+each style its own nuclei, not one layout rendered three ways)."""
 
 
 @dataclass(frozen=True)
@@ -140,10 +142,10 @@ DATASETS: dict[str, NucleiDataset] = {
         f"nuclei_synth2_test_{style}": NucleiDataset(
             f"nuclei_synth2_test_{style}", "stage1_train", synthetic=True,
             generate=SyntheticParams(
-                SYNTH2_TEST_NUM_IMAGES, SYNTH2_TEST_SEED, style=style, version=2
+                SYNTH2_TEST_NUM_IMAGES, SYNTH2_TEST_SEED + k, style=style, version=2
             ),
         )
-        for style in SYNTH2_TEST_STYLES
+        for k, style in enumerate(SYNTH2_TEST_STYLES)
     },
 }
 

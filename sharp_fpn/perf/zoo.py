@@ -52,6 +52,7 @@ __all__ = [
     "mask_ap",
     "markdown_table",
     "parse_candidate",
+    "registered_images",
     "synthetic_version",
     "throughput_image",
     "write_report",
@@ -154,6 +155,42 @@ def heldout_images(styles: Optional[Sequence[str]] = None, images_per_style: int
                       height, width, style, version)
             for i in range(images_per_style)
         ]
+    return out
+
+
+def registered_images(styles: Optional[Sequence[str]] = None,
+                      limit: Optional[int] = None) -> Dict[str, List[ImagePair]]:
+    """style -> ``(rgb, labels)`` of the registered held-out set ``nuclei_synth2_test_<style>``
+    (:mod:`sharp_fpn.data.catalog`: synthetic v2 of a seed no training set uses, DSB2018's
+    image sizes; generated on first use), read as prediction reads images; at most ``limit``
+    images per style (the first by image id)."""
+    from pycocotools import mask as mask_util
+
+    from ..data.catalog import DATASETS, SYNTH2_TEST_STYLES, datasets_root, prepare
+    from ..predict.image_io import load_image
+
+    out: Dict[str, List[ImagePair]] = {}
+    for style in styles or SYNTH2_TEST_STYLES:
+        name = f"nuclei_synth2_test_{style}"
+        if name not in DATASETS:
+            raise ValueError(f"no registered held-out set {name!r}; styles: "
+                             f"{list(SYNTH2_TEST_STYLES)}")
+        coco = json.loads(prepare(name).read_text())
+        root = DATASETS[name].root(datasets_root())
+        by_image: Dict[int, List[Dict[str, Any]]] = {}
+        for annotation in coco["annotations"]:
+            by_image.setdefault(annotation["image_id"], []).append(annotation)
+        images = sorted(coco["images"], key=lambda im: im["file_name"])[:limit]
+        pairs = []
+        for image in images:
+            labels = np.zeros((image["height"], image["width"]), dtype=np.int32)
+            for k, annotation in enumerate(by_image.get(image["id"], []), start=1):
+                rle = dict(annotation["segmentation"])
+                if isinstance(rle["counts"], str):
+                    rle["counts"] = rle["counts"].encode()
+                labels[mask_util.decode(rle).astype(bool)] = k
+            pairs.append((load_image(root / image["file_name"]).rgb, labels))
+        out[style] = pairs
     return out
 
 
@@ -295,9 +332,9 @@ def dsb_and_mask_ap(images: Sequence[Tuple[np.ndarray, np.ndarray, Optional[Mapp
 Segmenter = Callable[[np.ndarray], Tuple[np.ndarray, Optional[Mapping[int, float]]]]
 
 
-def _segmenters(candidates: Sequence[Candidate], tile: int, overlap: int,
+def _segmenters(candidates: Sequence[Candidate], tile: Optional[int], overlap: int,
                 device: Optional[str], score_threshold: float,
-                diameter: Optional[float]) -> Dict[str, Segmenter]:
+                diameter: Optional[float], rescale: bool = True) -> Dict[str, Segmenter]:
     """name -> rgb -> (labels, scores by label), candidates first, the classical pipeline last."""
     from ..classical import segment
 
@@ -309,14 +346,26 @@ def _segmenters(candidates: Sequence[Candidate], tile: int, overlap: int,
 
         if candidate.name in found or candidate.name == CLASSICAL:
             raise ValueError(f"candidate name {candidate.name!r} given twice or reserved")
+        from ..predict.run import default_tile, model_diameter
+        from ..predict.scale import predict_at_scale
+
         torch.manual_seed(0)  # a random-initialised candidate (tests) is reproducible
         predictor = NucleiPredictor(load_config(candidate.config), candidate.weights,
                                     device=device, score_threshold=score_threshold)
+        side = default_tile(predictor.cfg) if tile is None else tile
+        trained = model_diameter(predictor.cfg) if rescale else 0.0
 
-        def predict(rgb: np.ndarray, predictor=predictor):
-            prediction = predictor.predict(rgb, tile=tile, overlap=overlap)
-            scores = {k + 1: float(s) for k, s in enumerate(prediction.scores)}
-            return prediction.labels, scores
+        def predict(rgb: np.ndarray, predictor=predictor, side=side, trained=trained):
+            def once(image: np.ndarray):
+                return predictor.predict(image, tile=side, overlap=overlap)
+
+            if trained > 0:  # as tools/predict.py: nuclei brought to the training size
+                scaled = predict_at_scale(once, rgb, trained)
+                labels, found = scaled.labels, scaled.scores
+            else:
+                prediction = once(rgb)
+                labels, found = prediction.labels, prediction.scores
+            return labels, {k + 1: float(s) for k, s in enumerate(found)}
 
         found[candidate.name] = predict
     found[CLASSICAL] = lambda rgb: (segment(rgb, diameter=diameter), None)
@@ -335,8 +384,9 @@ def evaluate(
     throughput_size: int = 1024,
     throughput_nuclei: int = THROUGHPUT_NUCLEI,
     rounds: int = 3,
-    tile: int = 512,
+    tile: Optional[int] = None,
     overlap: int = 64,
+    rescale: bool = True,
     device: Optional[str] = None,
     score_threshold: float = 0.5,
     diameter: Optional[float] = None,
@@ -352,7 +402,11 @@ def evaluate(
         throughput: also time every path on :func:`throughput_image` (``throughput_size``
             square, about ``throughput_nuclei`` nuclei), ``rounds`` interleaved rounds after a
             warm-up each.
-        tile, overlap, device, score_threshold: the predictors' (as ``tools/predict.py``).
+        tile, overlap, device, score_threshold: the predictors' (as ``tools/predict.py``;
+            tile None: its default for the model, :func:`sharp_fpn.predict.run.default_tile`).
+        rescale: predict as ``tools/predict.py`` does without ``--diameter``: a model that
+            knows its training nucleus diameter gets each image rescaled to it, the diameter
+            estimated per image (:func:`sharp_fpn.predict.scale.predict_at_scale`).
         diameter: the classical pipeline's expected nucleus diameter (None: estimated per image).
         notes: lines carried into the results (e.g. why there is no zoo model).
         echo: progress lines (``print`` from the command line).
@@ -374,7 +428,8 @@ def evaluate(
             images = {s: images[s] for s in styles}
         heldout = {"source": "given by the caller",
                    "images_per_style": {s: len(v) for s, v in images.items()}}
-    segmenters = _segmenters(candidates, tile, overlap, device, score_threshold, diameter)
+    segmenters = _segmenters(candidates, tile, overlap, device, score_threshold, diameter,
+                             rescale)
     per_style: Dict[str, Dict[str, Any]] = {}
     for style, pairs in images.items():
         per_style[style] = {}
@@ -488,7 +543,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave the zoo's default model out")
     parser.add_argument("--styles", nargs="+",
                         help="synthetic styles (default: every style of the newest generator)")
-    parser.add_argument("--images-per-style", type=int, default=10, help="(%(default)s)")
+    parser.add_argument("--heldout", choices=("registered", "memory"), default="registered",
+                        help="held-out images: the registered nuclei_synth2_test_<style> sets "
+                        "(DSB2018's sizes, 40 per style) or images drawn in memory of --size "
+                        "from --seed (%(default)s)")
+    parser.add_argument("--images-per-style", type=int, default=None,
+                        help="at most this many per style (default: registered all, memory 10)")
     parser.add_argument("--seed", type=int, default=HELDOUT_SEED,
                         help="seed of the held-out images (%(default)s)")
     parser.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
@@ -500,9 +560,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-throughput", action="store_true", help="accuracy only")
     parser.add_argument("--rounds", type=int, default=3,
                         help="timed rounds, interleaved across methods (%(default)s)")
-    parser.add_argument("--tile", type=int, default=512, help="tile side (%(default)s)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="tile side (default: tools/predict.py's for each model)")
     parser.add_argument("--overlap", type=int, default=64, help="tile overlap (%(default)s)")
     parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--no-rescale", action="store_true",
+                        help="predict every image at its own size (default: as tools/predict.py "
+                        "without --diameter, the nucleus diameter estimated per image)")
     parser.add_argument("--device", help="the models' device (default: each config's)")
     parser.add_argument("--diameter", type=float,
                         help="the classical pipeline's nucleus diameter (default: estimated)")
@@ -528,8 +592,17 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             raise SystemExit(str(e)) from None
         candidates.append(Candidate(given.name, _project_path(given.config),
                                     given.weights and _project_path(given.weights)))
+    images = None
+    if args.heldout == "registered":
+        images = registered_images(args.styles, args.images_per_style)
+        from ..data.catalog import SYNTH2_TEST_SEED
+
+        notes = list(notes) + [f"held-out images: the registered nuclei_synth2_test_<style> sets "
+                               f"(synthetic v2, seeds {SYNTH2_TEST_SEED} + style index, DSB2018's "
+                               f"sizes)"]
     results = evaluate(
-        candidates, args.styles, args.images_per_style, args.seed, size=args.size,
+        candidates, args.styles, args.images_per_style or 10, args.seed, size=args.size,
+        images=images, rescale=not args.no_rescale,
         throughput=not args.no_throughput, throughput_size=args.throughput_size,
         throughput_nuclei=args.throughput_nuclei, rounds=args.rounds, tile=args.tile,
         overlap=args.overlap, device=args.device, score_threshold=args.score_threshold,
