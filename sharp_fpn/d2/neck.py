@@ -10,8 +10,9 @@ alone: nothing here names a node.
 Registered builders (``MODEL.BACKBONE.NAME``):
 
 - ``build_resnet_grid_fpn_backbone``: detectron2's ResNet (or a narrower one,
-  ``MODEL.RESNETS.STAGE_WIDTHS``: :mod:`.resnet`, which also registers the plain FPN on it,
-  ``build_resnet_plain_fpn_backbone``) + ``GridFPN``;
+  ``MODEL.RESNETS.STAGE_WIDTHS``: :mod:`.resnet`) + ``GridFPN``;
+- ``build_resnet_plain_fpn_backbone``: the same ResNet + detectron2's own ``FPN``, unchanged
+  (the shipped models' baseline);
 - ``build_vgg16_grid_fpn_backbone``: ``sharp_fpn.d2.vgg.VGG`` + ``GridFPN``;
 - ``build_vgg16_fpn_backbone``: the VGG bottom-up + detectron2's own ``FPN``, unchanged (the
   plain-FPN VGG16 rows; the R101 rows use detectron2's ``build_resnet_fpn_backbone``).
@@ -239,15 +240,27 @@ def build_vgg16_grid_fpn_backbone(cfg, input_shape: ShapeSpec) -> GridFPN:
     return grid_fpn_from_config(cfg, build_vgg_backbone(cfg, input_shape))
 
 
-@BACKBONE_REGISTRY.register()
-def build_vgg16_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    """VGG (``MODEL.VGG.*``) + detectron2's own FPN (``MODEL.FPN.*``) and p6 max-pool, as
-    detectron2's ``build_resnet_fpn_backbone`` does for ResNet."""
+def plain_fpn(cfg, bottom_up: Backbone) -> FPN:
+    """detectron2's own FPN (``MODEL.FPN.*``) and p6 max-pool on ``bottom_up``, as detectron2's
+    ``build_resnet_fpn_backbone`` builds it."""
     return FPN(
-        bottom_up=build_vgg_backbone(cfg, input_shape),
+        bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
         top_block=LastLevelMaxPool(),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+
+
+@BACKBONE_REGISTRY.register()
+def build_vgg16_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+    """VGG (``MODEL.VGG.*``) + detectron2's own FPN (:func:`plain_fpn`)."""
+    return plain_fpn(cfg, build_vgg_backbone(cfg, input_shape))
+
+
+@BACKBONE_REGISTRY.register()
+def build_resnet_plain_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+    """detectron2's FPN on :func:`~.resnet.build_resnet_bottom_up`: the same as detectron2's
+    ``build_resnet_fpn_backbone``, with ``MODEL.RESNETS.STAGE_WIDTHS`` honoured."""
+    return plain_fpn(cfg, build_resnet_bottom_up(cfg, input_shape))

@@ -8,19 +8,18 @@ gives res2..res5 their widths; the network is otherwise detectron2's own, from i
 ``BasicStem`` (of ``STAGE_WIDTHS[0]`` channels) and ``BasicBlock`` stages of
 ``[2, 2, 2, 2]`` (depth 18) or ``[3, 4, 6, 3]`` (depth 34) blocks, ``MODEL.RESNETS.NORM``,
 ``FREEZE_AT`` and ``OUT_FEATURES`` as detectron2 reads them. Empty ``STAGE_WIDTHS`` (the
-default) is detectron2's ``build_resnet_backbone``, unchanged.
+default) is detectron2's ``build_resnet_backbone``, unchanged. ``sharp_fpn.d2.neck`` puts the
+grid necks and detectron2's plain FPN (``build_resnet_plain_fpn_backbone``) on it.
 """
 from __future__ import annotations
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet, build_resnet_backbone
 
 from .config import check_value
 
-__all__ = ["BASIC_BLOCKS", "build_resnet_bottom_up", "build_resnet_plain_fpn_backbone"]
+__all__ = ["BASIC_BLOCKS", "build_resnet_bottom_up"]
 
 #: Basic blocks per stage (res2..res5) of the depths that use them.
 BASIC_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
@@ -47,17 +46,3 @@ def build_resnet_bottom_up(cfg, input_shape: ShapeSpec) -> Backbone:
         ))
         channels = width
     return ResNet(stem, stages, out_features=r.OUT_FEATURES).freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
-
-
-@BACKBONE_REGISTRY.register()
-def build_resnet_plain_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    """detectron2's FPN (``MODEL.FPN.*``, p6 max-pooled) on :func:`build_resnet_bottom_up`: the
-    same as detectron2's ``build_resnet_fpn_backbone``, with ``STAGE_WIDTHS`` honoured."""
-    return FPN(
-        bottom_up=build_resnet_bottom_up(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )

@@ -170,20 +170,8 @@ def plan_images(
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
     if style is not None and style not in STYLES:
         raise ValueError(f"style {style!r} is not one of {STYLES} (or None for the mix)")
-    if sizes is None:
-        choices = list(DSB2018_STAGE1_TRAIN_SIZES)
-        weights = np.array(list(DSB2018_STAGE1_TRAIN_SIZES.values()), dtype=np.float64)
-    else:
-        _check_sizes(sizes)
-        choices = [(int(h), int(w)) for h, w in sizes]
-        weights = np.ones(len(choices))
-    weights /= weights.sum()
-
-    n_blocks = -(-num_images // EMPTY_BLOCK)
-    empty = {
-        b * EMPTY_BLOCK + int(_rng(seed, _EMPTY_KEY, b).integers(EMPTY_BLOCK))
-        for b in range(n_blocks)
-    }
+    choices, weights = size_choices(sizes)
+    empty = empty_indices(num_images, seed, _EMPTY_KEY)
     plans = []
     for i in range(num_images):
         rng = _rng(seed, _PLAN_KEY, i)
@@ -205,6 +193,30 @@ def plan_images(
 def _check_version(version: int) -> None:
     if version not in VERSIONS:
         raise ValueError(f"version {version!r} is not one of {VERSIONS}")
+
+
+def size_choices(
+    sizes: Optional[Sequence[tuple[int, int]]],
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The (height, width) choices and their probabilities: ``sizes`` uniformly, or DSB2018's
+    stage1_train distribution for None."""
+    if sizes is None:
+        choices = list(DSB2018_STAGE1_TRAIN_SIZES)
+        weights = np.array(list(DSB2018_STAGE1_TRAIN_SIZES.values()), dtype=np.float64)
+    else:
+        _check_sizes(sizes)
+        choices = [(int(h), int(w)) for h, w in sizes]
+        weights = np.ones(len(choices))
+    return choices, weights / weights.sum()
+
+
+def empty_indices(num_images: int, seed: int, stream: int) -> set[int]:
+    """One index per block of :data:`EMPTY_BLOCK`, at a position drawn from ``stream``."""
+    n_blocks = -(-num_images // EMPTY_BLOCK)
+    return {
+        b * EMPTY_BLOCK + int(_rng(seed, stream, b).integers(EMPTY_BLOCK))
+        for b in range(n_blocks)
+    }
 
 
 def _rng(seed: int, stream: int, index: int) -> np.random.Generator:

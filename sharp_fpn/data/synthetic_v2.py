@@ -33,7 +33,6 @@ import numpy as np
 
 from .synthetic import (
     DSB2018_STAGE1_TRAIN_SIZES,
-    EMPTY_BLOCK,
     MIN_NUCLEUS_AREA,
     ImagePlan,
     _blur_small,
@@ -44,6 +43,8 @@ from .synthetic import (
     _rasterize,
     _rng,
     _smooth_noise,
+    empty_indices,
+    size_choices,
 )
 
 STYLES_V2: tuple[str, ...] = ("fluorescence", "he", "brightfield")
@@ -108,19 +109,8 @@ def plan_images(
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
     names, style_p = style_choices(style)
-    if sizes is None:
-        choices = list(DSB2018_STAGE1_TRAIN_SIZES)
-        weights = np.array(list(DSB2018_STAGE1_TRAIN_SIZES.values()), dtype=np.float64)
-    else:
-        _check_sizes(sizes)
-        choices = [(int(h), int(w)) for h, w in sizes]
-        weights = np.ones(len(choices))
-    weights /= weights.sum()
-    n_blocks = -(-num_images // EMPTY_BLOCK)
-    empty = {
-        b * EMPTY_BLOCK + int(_rng(seed, _EMPTY_KEY, b).integers(EMPTY_BLOCK))
-        for b in range(n_blocks)
-    }
+    choices, weights = size_choices(sizes)
+    empty = empty_indices(num_images, seed, _EMPTY_KEY)
     plans = []
     for i in range(num_images):
         rng = _rng(seed, _PLAN_KEY, i)
