@@ -33,6 +33,8 @@ setup(
         "scikit-image>=0.22",
         "scikit-learn>=1.3",
         "tifffile>=2023.7",
+        "roifile>=2024.9",  # predict --rois: ImageJ/Fiji ROI zips
+        "zarr>=3.0",  # OME-Zarr inputs (NGFF 0.4 on Zarr v2, 0.5 on Zarr v3)
         "Pillow>=10",
         "tqdm>=4.60",
         "matplotlib>=3.7",

@@ -20,13 +20,20 @@ says the diameter, whether it was given or estimated, and the scale.
 
 Per image: <stem>_labels.tif (uint16, 0 = background, one id per nucleus), <stem>_overlay.png
 (outlines over the image), <stem>_nuclei.csv (area, centroid, box, intensity, score per
-nucleus); and summary.csv for the run (one row per input: ok, skipped (done), failed with the
-reason, pending while the run goes on).
+nucleus; plus area_um2, centroid_y/x_um, equivalent_diameter_um when the pixel size is known:
+OME-TIFF PhysicalSizeX/Y, ImageJ resolution and unit, OME-Zarr scale, or --pixel-size);
+and summary.csv for the run (one row per input and plane: ok, skipped (done), failed with the
+reason, pending while the run goes on; it says the pixel size and where it came from).
+--rois adds <stem>_rois.zip (Fiji ROI Manager: one polygon per nucleus, named by its label),
+--geojson <stem>_nuclei.geojson (QuPath: one detection per nucleus with its measurements),
+--ome-tiff writes <stem>_labels.ome.tif (with the pixel size) instead of <stem>_labels.tif.
 
 Images: 8- or 16-bit (or float), PNG/TIFF/JPEG/BMP, one 2-D image per file: gray, or gray +
 alpha / RGB / RGBA where the file says so (PNG/JPEG colour types, TIFF photometric RGB and
-alpha extra samples). Multi-channel, multi-plane and multi-page files are refused with a
-message saying what they hold (choosing a channel or plane is not supported yet). Non-8-bit
+alpha extra samples); OME-Zarr folders (.zarr, .ome.zarr: the highest resolution level).
+Multi-channel files (OME-TIFF, ImageJ hyperstacks, OME-Zarr) need --channel INDEX or NAME;
+z-stacks, time series and multi-page files are segmented plane by plane: plane k's outputs are
+<stem>_z<k>_labels.tif ... (k zero-padded) and it has its own summary row (plane column). Non-8-bit
 images are stretched per image (0.1st..99.9th percentile to 0..255), but a range narrower
 than 40 times the image's noise is widened to that, so an empty field stays dim instead of
 becoming full-contrast noise; --no-stretch maps the sample type's range instead (uint16:
@@ -76,6 +83,13 @@ def _diameter(text: str) -> float:
     value = float(text)
     if not value > 0 or math.isinf(value):  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be a number of pixels > 0, got {text}")
+    return value
+
+
+def _pixel_size(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number of micrometres > 0, got {text}")
     return value
 
 
@@ -142,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-kept-fraction", type=_fraction, default=0.5,
                         help="drop an instance that keeps less than this fraction of its mask "
                         "after better ones took theirs: a duplicate detection (%(default)s)")
+    parser.add_argument("--channel", default=None, metavar="INDEX|NAME",
+                        help="the nuclear channel of multi-channel files (OME-TIFF, ImageJ "
+                        "hyperstacks, OME-Zarr): its name (OME Channel Name) or its index from 0 "
+                        "(digits: a channel of that name first); a file without it fails, "
+                        "listing its channels")
+    parser.add_argument("--pixel-size", type=_pixel_size, default=None, metavar="UM",
+                        help="micrometres per pixel, instead of the file's (OME, ImageJ or "
+                        "OME-Zarr metadata); with either, the CSV adds µm columns")
+    parser.add_argument("--rois", action="store_true",
+                        help="also write <stem>_rois.zip: one ImageJ/Fiji polygon ROI per "
+                        "nucleus, named by its label")
+    parser.add_argument("--geojson", action="store_true",
+                        help="also write <stem>_nuclei.geojson: QuPath detections with their "
+                        "measurements")
+    parser.add_argument("--ome-tiff", action="store_true",
+                        help="write the labels as <stem>_labels.ome.tif (OME-TIFF with the "
+                        "pixel size) instead of <stem>_labels.tif")
     parser.add_argument("--no-stretch", action="store_true",
                         help="do not stretch non-8-bit images per image: map the sample type's "
                         "whole range to 0..255 (uint16: value / 257; float: 0..1)")
@@ -184,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg, weights, args.input, args.output, tile=args.tile, overlap=args.overlap,
         score_threshold=args.score_threshold, min_kept_fraction=args.min_kept_fraction,
         device=args.device, stretch=not args.no_stretch, overwrite=args.overwrite,
-        redo=args.redo, debug=args.debug, diameter=args.diameter,
+        redo=args.redo, debug=args.debug, diameter=args.diameter, channel=args.channel,
+        pixel_size=args.pixel_size, rois=args.rois, geojson=args.geojson,
+        ome_tiff=args.ome_tiff,
     )
     nuclei = sum(r.nuclei for r in report.results)
     done = f", {len(report.skipped)} skipped (done earlier)" if report.skipped else ""

@@ -1,10 +1,11 @@
 """Nuclei segmentation for biologists: whole images of any size, depth and channel count in,
 label TIFF, outline overlay and per-nucleus table out (SPEC section 5).
 
-* :mod:`.image_io`: reading PNG/TIFF/JPEG, 8/16-bit, gray/RGB/RGBA by a stated rule (other
-  layouts refused), normalised to the model's 8-bit RGB input without inventing contrast.
+* :mod:`.image_io`: reading PNG/TIFF/JPEG/OME-Zarr, 8/16-bit, gray/RGB/RGBA, stacks plane by
+  plane and one channel of many (``--channel``) by a stated rule (other layouts refused), normalised to the model's 8-bit RGB input without inventing contrast.
 * :mod:`.tiling`: tiles with overlap and exact stitching (no torch, no detectron2).
 * :mod:`.outputs`: the label TIFF, the overlay PNG, the per-nucleus CSV.
+* :mod:`.formats`: Fiji ROI zips, QuPath GeoJSON, OME-TIFF labels, micrometre columns.
 * :mod:`.scale`: rescaling an image so its nuclei have the model's training size
   (``--diameter``, or estimated from a first pass), labels brought back to the image's size.
 * :mod:`.run`: :func:`predict_images`, the whole run (``tools/predict.py``, ``make demo``), with
@@ -18,11 +19,15 @@ from .image_io import (
     ImageReadError,
     Inputs,
     LoadedImage,
+    PixelSize,
+    Planes,
     Stretch,
     expand_inputs,
     load_image,
+    load_planes,
     normalise,
     read_image,
+    read_planes,
 )
 from .run import Failure, ImageResult, PredictionReport, predict_images
 from .tiling import (
@@ -43,6 +48,8 @@ __all__ = [
     "Inputs",
     "InstanceSet",
     "LoadedImage",
+    "PixelSize",
+    "Planes",
     "PredictionReport",
     "Stitched",
     "Stretch",
@@ -50,9 +57,11 @@ __all__ = [
     "TileError",
     "expand_inputs",
     "load_image",
+    "load_planes",
     "normalise",
     "predict_images",
     "read_image",
+    "read_planes",
     "stitch_cores",
     "stitch_instances",
     "tile_grid",

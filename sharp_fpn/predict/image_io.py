@@ -5,18 +5,30 @@ every input is brought to an ``(H, W, 3)`` uint8 RGB array (:func:`normalise`).
 
 **What is read** (:func:`read_image`). A file is read by what it holds, whatever its name
 (TIFF by its signature through tifffile; anything else through OpenCV: PNG, JPEG, BMP...), and
-it must hold *one 2-D image*, as the file itself describes it:
+it must hold *one 2-D image* (or a stack of them, below), as the file itself describes it:
 
 * gray (one sample per pixel; a TIFF marked min-is-white is inverted to min-is-black);
 * gray + alpha, RGB, RGBA only where the file says so: PNG's and JPEG's colour types, a TIFF's
   photometric interpretation ``RGB`` (3 samples, interleaved or planar) and its extra sample
   marked as alpha (gray + alpha, RGBA). Alpha is dropped; palette PNGs become RGB.
+* **Stacks and channels** (:func:`read_planes`, what predict reads): a TIFF series (a
+  multi-page TIFF of equal pages, an ImageJ or OME hyperstack) or an OME-Zarr image (a
+  ``.zarr`` / ``.ome.zarr`` folder, NGFF 0.4 or 0.5: its highest-resolution level) is read as
+  ``N`` 2-D planes: every axis but Y, X, the channel axis (``C``, or samples not marked as
+  colour) and the colour samples, flattened in stored order (z, time, pages). A file of several
+  channels needs one picked (``channel``, ``--channel``): by its name (OME ``Channel Name``,
+  OME-Zarr ``omero`` labels; exact, else the one case-insensitive match) or its index; without
+  it, or with a channel the file does not have, it is refused naming the file and listing its
+  channels. ``--channel`` on an RGB image picks red, green or blue (0, 1, 2); a gray image
+  without channel names is read as it is, whatever ``--channel`` says.
+* **Pixel size**: OME ``PhysicalSizeX/Y`` (with their units), an ImageJ TIFF's X/YResolution
+  with its ``unit`` (µm, nm, mm...), an OME-Zarr's ``scale`` transform with its axes' units;
+  none from a plain TIFF's resolution (mostly a printer's dpi).
+* :func:`read_image` (training, and any one-image reader) takes one 2-D image only and refuses
+  a stack, naming its planes.
 * Anything else is refused with a message saying what the file holds (its shape and axes as
-  tifffile reads them): a TIFF of several pages or series (z-stacks, time series, ImageJ or
-  OME hyperstacks, multi-channel images: ``CYX``, ``QYX``...), a TIFF whose samples are not
-  marked RGB (two channels, RGB plus unmarked extra samples), palette TIFFs, other colour
-  spaces, animated PNGs, GIFs. Choosing one channel or plane (``--channel``, ``--plane``) is
-  not supported yet: save the channel or plane to segment as a file of its own.
+  tifffile reads them): a TIFF of several series of different shapes, a file with two channel
+  axes, palette TIFFs, other colour spaces, animated PNGs, GIFs.
 
   Note: ``tifffile.imwrite`` stores an array of shape ``(3, H, W)`` or ``(4, H, W)`` as planar
   RGB(A) unless told ``photometric="minisblack"``; such a file says RGB and is read as RGB.
@@ -45,9 +57,11 @@ never the stretched 8-bit version), so 16-bit quantification is not lost.
 from __future__ import annotations
 
 import glob
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from xml.etree import ElementTree
 
 import cv2
 import numpy as np
@@ -66,7 +80,13 @@ __all__ = [
     "StoredImage",
     "Stretch",
     "expand_inputs",
+    "ChannelSpec",
+    "PixelSize",
+    "Planes",
+    "is_zarr",
     "load_image",
+    "load_planes",
+    "read_planes",
     "noise_sigma",
     "normalise",
     "percentile_normalise",
@@ -89,8 +109,13 @@ _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_COLOUR_TYPES = {0: "gray", 2: "RGB", 3: "RGB", 4: "gray+alpha", 6: "RGBA"}
 _NOT_YET = (
-    "one 2-D gray or RGB(A) image per file is read (choosing a channel or plane, --channel or "
-    "--plane, is not supported yet): save the channel or plane to segment as its own file"
+    "one 2-D gray or RGB(A) image, or one stack of such planes, per file is read (several "
+    "images of different shapes, or two channel axes, are not supported yet; --channel picks "
+    "a channel): save the image to segment as its own file"
+)
+_ONE_IMAGE = (
+    "one 2-D image is read here (tools/predict.py segments stacks plane by plane, and "
+    "--channel picks a channel): save the plane or channel to use as its own file"
 )
 _AXIS_WORDS = {"Z": "planes (z)", "C": "channels", "T": "time points", "Q": "pages",
                "I": "pages", "S": "samples per pixel", "R": "tiles", "E": "lambda planes",
@@ -158,6 +183,10 @@ class LoadedImage:
         stretch: ``(low, high)`` stored values mapped to 0 and 255, or None for 8-bit input.
         colour, axes: what was read (:class:`StoredImage`).
         stretching: how (:class:`Stretch`).
+        plane: the plane's index in a file of several (:func:`load_planes`), else None;
+        planes: how many the file holds; plane_axes: the axes they run along.
+        channel, channel_name: the channel picked (``--channel``), None / "" when none was.
+        pixel_size: µm per pixel (:class:`PixelSize`), None when not known.
     """
 
     path: Path
@@ -169,51 +198,17 @@ class LoadedImage:
     colour: str = ""
     axes: str = ""
     stretching: Optional[Stretch] = None
+    plane: Optional[int] = None
+    planes: int = 1
+    plane_axes: str = ""
+    channel: Optional[int] = None
+    channel_name: str = ""
+    pixel_size: Optional["PixelSize"] = None
 
     @property
     def shape(self) -> Tuple[int, int]:
         """``(H, W)`` in pixels."""
         return self.rgb.shape[:2]
-
-
-def read_image(path: Path) -> StoredImage:
-    """The one 2-D image ``path`` holds, by the rule of the module docstring.
-
-    Raises:
-        ImageReadError: the file is missing, cannot be decoded, or does not hold one 2-D gray
-            or RGB(A) image; the message names the file, what it holds and what to do.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        raise ImageReadError(f"{path}: cannot be read ({e.strerror})") from None
-    if head[:4] in _TIFF_SIGNATURES:
-        stored = _read_tiff(path)
-    elif head[:4] == b"GIF8":
-        raise ImageReadError(f"{path}: a GIF (possibly animated) is not read; save it as PNG "
-                             f"or TIFF")
-    else:
-        try:
-            stored = _read_with_opencv(path)
-        except ImageReadError:
-            if path.suffix.lower() in (".tif", ".tiff"):
-                raise ImageReadError(f"{path}: not a readable TIFF (it does not start like one, "
-                                     f"nor is it another image format)") from None
-            raise
-    pixels = stored.pixels
-    if pixels.size == 0:
-        raise ImageReadError(f"{path}: the image has no pixels (shape {pixels.shape})")
-    if pixels.dtype == np.bool_:
-        stored.pixels = pixels = pixels.astype(np.uint8) * 255
-    if not (np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)):
-        raise ImageReadError(f"{path}: unsupported sample type {pixels.dtype}")
-    if np.issubdtype(pixels.dtype, np.floating) and not np.isfinite(pixels).all():
-        raise ImageReadError(f"{path}: the image holds NaN or infinite values")
-    return stored
 
 
 def read_pixels(path: Path) -> np.ndarray:
@@ -228,7 +223,206 @@ def _describe(shape: Sequence[int], axes: str) -> str:
     return ", ".join(words)
 
 
-def _read_tiff(path: Path) -> StoredImage:
+@dataclass(frozen=True)
+class PixelSize:
+    """The size of one pixel in micrometres (``x`` across columns, ``y`` down rows), and where
+    it came from: ``"OME PhysicalSizeX/Y"``, ``"ImageJ resolution"``, ``"OME-Zarr scale"`` or
+    ``"--pixel-size"``."""
+
+    x: float
+    y: float
+    source: str
+
+
+@dataclass
+class Planes:
+    """What one file holds, as :func:`read_planes` reads it.
+
+    Attributes:
+        pixels: ``(N, H, W)`` or ``(N, H, W, C)``: the file's ``N`` 2-D planes (z planes, time
+            points, pages: every axis but the channel, colour, Y and X axes, flattened in the
+            stored order), colour last (gray(+alpha) / RGB(A) order).
+        colour: ``"gray"``, ``"gray+alpha"``, ``"RGB"`` or ``"RGBA"``.
+        axes: the file's axes as read (tifffile's letters; an OME-Zarr's axis names).
+        plane_axes: the letters of the axes flattened into ``N`` (``""`` for one plane).
+        channel: the channel picked (``--channel``), None when none was.
+        channel_names: the file's channel names (OME ``Channel Name``, OME-Zarr ``omero``
+            labels; empty when the file names none).
+        pixel_size: as the file gives it (None when it does not).
+    """
+
+    pixels: np.ndarray
+    colour: str
+    axes: str
+    plane_axes: str = ""
+    channel: Optional[int] = None
+    channel_names: Tuple[str, ...] = ()
+    pixel_size: Optional[PixelSize] = None
+
+    @property
+    def count(self) -> int:
+        return int(self.pixels.shape[0])
+
+    def plane(self, k: int) -> StoredImage:
+        return StoredImage(self.pixels[k], self.colour, self.axes)
+
+
+ChannelSpec = Union[int, str, None]
+
+#: Lengths in micrometres of the units OME, OME-Zarr and ImageJ files name.
+_UNITS_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
+             "micrometre": 1.0, "\\u00b5m": 1.0, "μm": 1.0, "nm": 1e-3, "nanometer": 1e-3,
+             "nanometre": 1e-3, "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3, "cm": 1e4,
+             "centimeter": 1e4, "m": 1e6, "meter": 1e6, "å": 1e-4, "angstrom": 1e-4}
+
+
+def _to_um(value, unit) -> Optional[float]:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    factor = _UNITS_UM.get(str(unit).strip().lower())
+    if factor is None or not value > 0 or not math.isfinite(value):
+        return None
+    return value * factor
+
+
+def _ome_metadata(xml: Optional[str]) -> Tuple[Tuple[str, ...], Optional[PixelSize]]:
+    """Channel names and pixel size of an OME-XML's first image."""
+    if not xml:
+        return (), None
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return (), None
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return (), None
+    names = tuple(c.get("Name", "") for c in pixels if c.tag.rsplit("}", 1)[-1] == "Channel")
+    x = _to_um(pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeXUnit", "µm"))
+    y = _to_um(pixels.get("PhysicalSizeY"), pixels.get("PhysicalSizeYUnit", "µm"))
+    size = None
+    if x or y:
+        size = PixelSize(x or y, y or x, "OME PhysicalSizeX/Y")
+    return names, size
+
+
+def _imagej_pixel_size(tif, page) -> Optional[PixelSize]:
+    meta = tif.imagej_metadata or {}
+    unit = meta.get("unit")
+    if not unit:
+        return None
+    sizes = []
+    for tag in ("XResolution", "YResolution"):
+        value = page.tags.get(tag)
+        if value is None:
+            return None
+        num, den = value.value
+        sizes.append(_to_um(den / num if num else 0, unit))
+    if not all(sizes):
+        return None
+    return PixelSize(sizes[0], sizes[1], "ImageJ resolution")
+
+
+def _channel_index(path: Path, spec: ChannelSpec, count: int,
+                   names: Sequence[str]) -> int:
+    """The index ``spec`` names among ``count`` channels, or ImageReadError listing them."""
+    names = list(names) if len(names) == count else []
+    if isinstance(spec, str):
+        if spec in names:
+            return names.index(spec)
+        lowered = [n.lower() for n in names]
+        if spec.lower() in lowered and lowered.count(spec.lower()) == 1:
+            return lowered.index(spec.lower())
+        if spec.strip().isdigit():
+            spec = int(spec)
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool) and 0 <= spec < count:
+        return int(spec)
+    raise ImageReadError(
+        f"{path}: has no channel {spec!r}; it has {_channel_list(count, names)}")
+
+
+def _channel_list(count: int, names: Sequence[str]) -> str:
+    names = list(names) if len(names) == count else []
+    items = [f"{i} ({names[i]})" if names and names[i] else str(i) for i in range(count)]
+    return f"{count} channel{'s' if count != 1 else ''}: " + ", ".join(items)
+
+
+def _arrange(path: Path, pixels: np.ndarray, axes: str, photometric, extra: tuple,
+             names: Sequence[str], channel: ChannelSpec) -> Planes:
+    """A stored array of ``axes`` -> :class:`Planes` (the module docstring's rule)."""
+    shape = tuple(pixels.shape)
+    held = f"shape {shape}, axes {axes}"
+    P = tifffile.PHOTOMETRIC
+    if photometric == P.PALETTE:
+        raise ImageReadError(f"{path}: a palette-colour TIFF (colour indices, {held}); save it "
+                             f"as gray or RGB")
+    if photometric not in (P.MINISBLACK, P.MINISWHITE, P.RGB):
+        raise ImageReadError(f"{path}: a TIFF in the {photometric.name} colour space ({held}); "
+                             f"save it as gray or RGB")
+    if axes.count("Y") != 1 or axes.count("X") != 1 or len(set(axes)) != len(axes):
+        raise ImageReadError(f"{path}: holds {_describe(shape, axes)} ({held}); {_NOT_YET}")
+    size = dict(zip(axes, shape))
+    samples = size.get("S", 1)
+    colour, colour_axis, channel_axis = "gray", None, None
+    if photometric == P.RGB and samples == 1:
+        raise ImageReadError(f"{path}: marked RGB but has one sample per pixel ({held})")
+    if samples > 1:
+        alpha = bool(extra) and tifffile.EXTRASAMPLE(extra[0]) in (
+            tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
+        if photometric == P.RGB and samples == 3:
+            colour, colour_axis = "RGB", "S"
+        elif photometric == P.RGB and samples == 4 and alpha:
+            colour, colour_axis = "RGBA", "S"
+        elif photometric != P.RGB and samples == 2 and alpha:
+            colour, colour_axis = "gray+alpha", "S"
+        else:
+            channel_axis = "S"
+    if "C" in size and (size["C"] > 1 or channel_axis is None):
+        if channel_axis is not None:
+            raise ImageReadError(f"{path}: holds {_describe(shape, axes)} ({held}); {_NOT_YET}")
+        channel_axis = "C"
+    count = size[channel_axis] if channel_axis else 1
+    if channel_axis and count > 1 and channel is None:
+        if channel_axis == "S":
+            marked = "marked RGB" if photometric == P.RGB else "not marked RGB"
+            extras = ", ".join(tifffile.EXTRASAMPLE(e).name.lower() for e in extra) or "none"
+            what = f"{count} channels per pixel, {marked} (extra samples: {extras}; {held})"
+        else:
+            what = f"{_describe(shape, axes)} ({held})"
+        raise ImageReadError(f"{path}: holds {what}; {_channel_list(count, names)}; pick the "
+                             f"nuclear one with --channel INDEX or NAME")
+    work = pixels
+    letters = list(axes)
+    picked: Optional[int] = None
+    if channel is not None:
+        if channel_axis:
+            picked = _channel_index(path, channel, count, names)
+            work = np.take(work, picked, axis=letters.index(channel_axis))
+            letters.remove(channel_axis)
+        elif colour in ("RGB", "RGBA"):
+            picked = _channel_index(path, channel, 3, ("red", "green", "blue"))
+            work = np.take(work, picked, axis=letters.index("S"))
+            letters.remove("S")
+            colour, colour_axis = "gray", None
+        elif len(names) == 1:  # one named channel: the name must be it
+            picked = _channel_index(path, channel, 1, names)
+        # else one gray channel, unnamed (a PNG among OME-TIFFs): the image, as it is
+    elif channel_axis:  # one channel: its axis has size 1
+        work = np.take(work, 0, axis=letters.index(channel_axis))
+        letters.remove(channel_axis)
+    planes = [a for a in letters if a not in ("Y", "X", colour_axis)]
+    order = ([letters.index(a) for a in planes] + [letters.index("Y"), letters.index("X")]
+             + ([letters.index(colour_axis)] if colour_axis else []))
+    work = np.transpose(work, order)
+    height, width = work.shape[len(planes)], work.shape[len(planes) + 1]
+    work = work.reshape((-1, height, width) + work.shape[len(planes) + 2:])
+    plane_axes = "".join(a for a in planes if size[a] > 1)
+    return Planes(work, colour, axes, plane_axes, picked,
+                  tuple(names) if len(names) == count else ())
+
+
+def _read_tiff(path: Path, channel: ChannelSpec = None) -> Planes:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series
@@ -247,66 +441,172 @@ def _read_tiff(path: Path) -> StoredImage:
             photometric = tifffile.PHOTOMETRIC(page.photometric)
             extra = tuple(page.extrasamples)
             bits = int(page.bitspersample)
-            layout = _tiff_layout(path, shape, axes, photometric, extra)
-            pixels = np.asarray(s.asarray())
+            names, pixel_size = _ome_metadata(tif.ome_metadata) if tif.is_ome else ((), None)
+            if pixel_size is None and tif.is_imagej:
+                pixel_size = _imagej_pixel_size(tif, page)
+            # refuse what cannot be read before reading all of it
+            _arrange(path, np.broadcast_to(np.uint8(0), shape), axes, photometric, extra,
+                     names, channel)
+            pixels = np.asarray(s.asarray()).reshape(shape)
     except ImageReadError:
         raise
     except Exception as e:  # tifffile raises many types for corrupt files
         raise ImageReadError(
             f"{path}: not a readable TIFF ({type(e).__name__}: {' '.join(str(e).split())})"
         ) from e
-    colour, kept_axes = layout
-    pixels = pixels.reshape([n for n, a in zip(shape, axes) if a in kept_axes])
-    if kept_axes == "SYX":
-        pixels = np.moveaxis(pixels, 0, -1)
+    planes = _arrange(path, pixels, axes, photometric, extra, names, channel)
+    planes.pixel_size = pixel_size
     if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
-        if pixels.dtype.kind != "u":
-            raise ImageReadError(f"{path}: a min-is-white TIFF of {pixels.dtype} samples; "
-                                 f"save it min-is-black")
-        white = min(2 ** bits - 1, np.iinfo(pixels.dtype).max)
-        pixels = pixels.copy()
-        gray = pixels[..., 0] if pixels.ndim == 3 else pixels  # alpha is not inverted
+        if planes.pixels.dtype.kind != "u":
+            raise ImageReadError(f"{path}: a min-is-white TIFF of {planes.pixels.dtype} "
+                                 f"samples; save it min-is-black")
+        white = min(2 ** bits - 1, np.iinfo(planes.pixels.dtype).max)
+        values = planes.pixels.copy()
+        gray = values[..., 0] if planes.colour == "gray+alpha" else values  # alpha stays
         gray[...] = white - gray
-    return StoredImage(pixels, colour, axes)
+        planes.pixels = values
+    return planes
 
 
-def _tiff_layout(
-    path: Path, shape: Tuple[int, ...], axes: str, photometric, extra: tuple
-) -> Tuple[str, str]:
-    """``(colour, kept axes)`` of a TIFF series by the module's rule, or ImageReadError."""
-    kept = "".join(a for n, a in zip(shape, axes) if a in "YX" or n > 1)
-    held = f"shape {shape}, axes {axes}"
-    others = kept.replace("Y", "").replace("X", "").replace("S", "")
-    if others or kept.count("Y") != 1 or kept.count("X") != 1:
-        raise ImageReadError(f"{path}: holds {_describe(shape, axes)} ({held}); {_NOT_YET}")
-    P = tifffile.PHOTOMETRIC
-    if photometric == P.PALETTE:
-        raise ImageReadError(f"{path}: a palette-colour TIFF (colour indices, {held}); save it "
-                             f"as gray or RGB")
-    if photometric not in (P.MINISBLACK, P.MINISWHITE, P.RGB):
-        raise ImageReadError(f"{path}: a TIFF in the {photometric.name} colour space ({held}); "
-                             f"save it as gray or RGB")
-    if "S" not in kept:
-        if photometric == P.RGB:  # RGB with one sample: malformed
-            raise ImageReadError(f"{path}: marked RGB but has one sample per pixel ({held})")
-        return "gray", kept
-    if kept not in ("YXS", "SYX"):
-        raise ImageReadError(f"{path}: samples in an unexpected order ({held})")
-    samples = shape[axes.index("S")]
-    alpha = bool(extra) and tifffile.EXTRASAMPLE(extra[0]) in (
-        tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
-    if photometric == P.RGB and samples == 3:
-        return "RGB", kept
-    if photometric == P.RGB and samples == 4 and alpha:
-        return "RGBA", kept
-    if photometric != P.RGB and samples == 2 and alpha:
-        return "gray+alpha", kept
-    marked = "marked RGB" if photometric == P.RGB else "not marked RGB"
-    extras = ", ".join(tifffile.EXTRASAMPLE(e).name.lower() for e in extra) or "none"
-    raise ImageReadError(
-        f"{path}: holds {samples} channels per pixel, {marked} (extra samples: {extras}; "
-        f"{held}); {_NOT_YET}"
-    )
+def is_zarr(path: Path) -> bool:
+    """Whether ``path`` is a Zarr folder (named ``*.zarr``, or holding Zarr metadata)."""
+    path = Path(path)
+    return path.is_dir() and (path.name.lower().endswith(".zarr") or any(
+        (path / n).is_file() for n in (".zattrs", ".zgroup", "zarr.json")))
+
+
+def _read_zarr(path: Path, channel: ChannelSpec = None) -> Planes:
+    """The highest-resolution level of an OME-Zarr image (``multiscales``, NGFF 0.4/0.5)."""
+    try:
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs)
+        meta = attrs.get("ome", attrs)
+        scales = meta.get("multiscales")
+        if not scales:
+            raise ImageReadError(f"{path}: a Zarr without OME multiscales metadata (not an "
+                                 f"OME-Zarr image); {_NOT_YET}")
+        scale = scales[0]
+        level = scale["datasets"][0]
+        array = group[level["path"]]
+        named = scale.get("axes") or list("tczyx"[-array.ndim:])
+        letters = [str(a["name"] if isinstance(a, dict) else a) for a in named]
+        units = [a.get("unit") if isinstance(a, dict) else None for a in named]
+        axes = "".join(a.upper() if len(a) == 1 else "?" for a in letters)
+        if len(axes) != array.ndim:
+            raise ImageReadError(f"{path}: its axes {letters} do not match its array's "
+                                 f"{array.ndim} dimensions")
+        factors = [1.0] * array.ndim
+        for transforms in (scale.get("coordinateTransformations") or [],
+                           level.get("coordinateTransformations") or []):
+            for t in transforms:
+                if t.get("type") == "scale" and len(t.get("scale", [])) == array.ndim:
+                    factors = [f * float(v) for f, v in zip(factors, t["scale"])]
+        pixel_size = None
+        if "Y" in axes and "X" in axes:
+            y = _to_um(factors[axes.index("Y")], units[axes.index("Y")] or "")
+            x = _to_um(factors[axes.index("X")], units[axes.index("X")] or "")
+            if x and y:
+                pixel_size = PixelSize(x, y, "OME-Zarr scale")
+        channels = (meta.get("omero") or {}).get("channels") or []
+        names = tuple(str(c.get("label", "")) for c in channels if isinstance(c, dict))
+        _arrange(path, np.broadcast_to(np.uint8(0), array.shape), axes,
+                 tifffile.PHOTOMETRIC.MINISBLACK, (), names, channel)
+        pixels = np.asarray(array[...])
+    except ImageReadError:
+        raise
+    except Exception as e:  # zarr, numcodecs and json raise many types
+        raise ImageReadError(
+            f"{path}: not a readable OME-Zarr image ({type(e).__name__}: "
+            f"{' '.join(str(e).split())})") from e
+    planes = _arrange(path, pixels, axes, tifffile.PHOTOMETRIC.MINISBLACK, (), names, channel)
+    planes.pixel_size = pixel_size
+    return planes
+
+
+def read_planes(path: Path, channel: ChannelSpec = None) -> Planes:
+    """Every 2-D plane ``path`` holds, and the channel ``channel`` picks (module docstring).
+
+    Args:
+        channel: an index (``int``, or a string of digits no channel is named) or a channel
+            name (OME ``Channel Name``; exact, else the one case-insensitive match). None: the
+            file must hold one channel (gray) or one colour image (RGB(A)).
+
+    Raises:
+        ImageReadError: the file cannot be read, holds what is not read (several images of
+            different shapes, other colour spaces...), holds several channels and none was
+            picked, or has no such channel: the message names the file, says what it holds
+            and lists its channels.
+    """
+    path = Path(path)
+    if is_zarr(path):
+        return _checked(path, _read_zarr(path, channel))
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot be read ({e.strerror})") from None
+    if head[:4] in _TIFF_SIGNATURES:
+        return _checked(path, _read_tiff(path, channel))
+    if head[:4] == b"GIF8":
+        raise ImageReadError(f"{path}: a GIF (possibly animated) is not read; save it as PNG "
+                             f"or TIFF")
+    try:
+        stored = _read_with_opencv(path)
+    except ImageReadError:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            raise ImageReadError(f"{path}: not a readable TIFF (it does not start like one, "
+                                 f"nor is it another image format)") from None
+        raise
+    planes = Planes(stored.pixels[None], stored.colour, stored.axes)
+    if channel is not None:
+        axes = "YXS" if stored.pixels.ndim == 3 else "YX"
+        photometric = (tifffile.PHOTOMETRIC.RGB if stored.colour.startswith("RGB")
+                       else tifffile.PHOTOMETRIC.MINISBLACK)
+        extra = (tifffile.EXTRASAMPLE.UNASSALPHA,) if stored.colour.endswith(
+            ("alpha", "RGBA")) else ()
+        planes = _arrange(path, stored.pixels, axes, photometric, extra, (), channel)
+        planes.axes = stored.axes
+    return _checked(path, planes)
+
+
+def _checked(path: Path, planes: Planes) -> Planes:
+    pixels = planes.pixels
+    if pixels.size == 0:
+        raise ImageReadError(f"{path}: the image has no pixels (shape {pixels.shape[1:]})")
+    if pixels.dtype == np.bool_:
+        planes.pixels = pixels = pixels.astype(np.uint8) * 255
+    if not (np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)):
+        raise ImageReadError(f"{path}: unsupported sample type {pixels.dtype}")
+    if np.issubdtype(pixels.dtype, np.floating) and not np.isfinite(pixels).all():
+        raise ImageReadError(f"{path}: the image holds NaN or infinite values")
+    return planes
+
+
+def read_image(path: Path) -> StoredImage:
+    """The one 2-D image ``path`` holds, by the rule of the module docstring.
+
+    Raises:
+        ImageReadError: the file is missing, cannot be decoded, or does not hold one 2-D gray
+            or RGB(A) image (:func:`read_planes` reads stacks and picks channels); the message
+            names the file, what it holds and what to do.
+    """
+    planes = read_planes(path)
+    if planes.count != 1:
+        stored = planes.pixels
+        raise ImageReadError(
+            f"{path}: holds {planes.count} {_plane_words(planes.plane_axes)} (shape "
+            f"{stored.shape[1:]} each, axes {planes.axes}); {_ONE_IMAGE}")
+    return planes.plane(0)
+
+
+def _plane_words(plane_axes: str) -> str:
+    if len(plane_axes) == 1:
+        return _AXIS_WORDS.get(plane_axes, "planes")
+    return f"planes ({', '.join(_AXIS_WORDS.get(a, a) for a in plane_axes)})"
 
 
 def _read_with_opencv(path: Path) -> StoredImage:
@@ -473,13 +773,7 @@ def _colour_channels(pixels: np.ndarray) -> np.ndarray:
     return pixels[:, :, :3]  # RGB, RGBA
 
 
-def load_image(path: Path, stretch: bool = True) -> LoadedImage:
-    """Read (:func:`read_image`) and normalise (:func:`normalise`) one image.
-
-    Raises:
-        ImageReadError: naming the file and the reason it cannot be used.
-    """
-    stored = read_image(path)
+def _loaded(path: Path, stored: StoredImage, stretch: bool) -> LoadedImage:
     pixels = stored.pixels
     rgb, how = normalise_with(pixels, stretch)
     colour = _colour_channels(pixels)
@@ -490,6 +784,42 @@ def load_image(path: Path, stretch: bool = True) -> LoadedImage:
     channels = 1 if pixels.ndim == 2 else pixels.shape[2]
     return LoadedImage(Path(path), pixels.dtype, channels, rgb, intensity, how.range,
                        stored.colour, stored.axes, how)
+
+
+def load_image(path: Path, stretch: bool = True) -> LoadedImage:
+    """Read (:func:`read_image`) and normalise (:func:`normalise`) one image.
+
+    Raises:
+        ImageReadError: naming the file and the reason it cannot be used.
+    """
+    return _loaded(path, read_image(path), stretch)
+
+
+def load_planes(path: Path, stretch: bool = True, channel: ChannelSpec = None,
+                pixel_size: Optional[float] = None) -> List[LoadedImage]:
+    """Read every plane of ``path`` (:func:`read_planes`), each normalised on its own
+    (:func:`normalise`: each plane its own stretch), with the plane index, the channel picked
+    and the pixel size: ``pixel_size`` (µm, ``--pixel-size``) when given, else the file's.
+
+    Raises:
+        ImageReadError: naming the file and the reason it cannot be used.
+    """
+    planes = read_planes(path, channel)
+    size = planes.pixel_size
+    if pixel_size is not None:
+        size = PixelSize(float(pixel_size), float(pixel_size), "--pixel-size")
+    loaded = []
+    for k in range(planes.count):
+        image = _loaded(path, planes.plane(k), stretch)
+        image.plane = k if planes.count > 1 else None
+        image.planes = planes.count
+        image.plane_axes = planes.plane_axes
+        image.channel = planes.channel
+        if planes.channel is not None and planes.channel_names:
+            image.channel_name = planes.channel_names[planes.channel]
+        image.pixel_size = size
+        loaded.append(image)
+    return loaded
 
 
 class Inputs(NamedTuple):
@@ -544,9 +874,14 @@ def expand_inputs(specs: Iterable[str], outputs_of: Optional[str] = "predict") -
 
     for spec in specs:
         path = Path(spec)
+        if path.is_dir() and is_zarr(path):
+            add([path])
+            continue
         if path.is_dir():
             found = sorted(
-                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                p for p in path.iterdir()
+                if (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                or (p.is_dir() and p.name.lower().endswith(".zarr"))
             )
             before = len(skipped)
             if not found:
@@ -559,7 +894,8 @@ def expand_inputs(specs: Iterable[str], outputs_of: Optional[str] = "predict") -
         elif path.is_file():
             add([path])
         elif _GLOB_CHARS & set(spec):
-            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            found = sorted(Path(p) for p in glob.glob(spec, recursive=True)
+                           if Path(p).is_file() or is_zarr(Path(p)))
             if not found:
                 problems.append((spec, "pattern matches no file"))
             add(found)

@@ -1,8 +1,12 @@
 """Predict the nuclei of many images and write a biologist's outputs (``tools/predict.py``).
 
 For each image ``<stem>`` (:mod:`.outputs`): ``<stem>_labels.tif``, ``<stem>_overlay.png``,
-``<stem>_nuclei.csv``; for the run, ``summary.csv`` (one row per input: ``ok``, ``skipped
-(done)``, ``failed`` with the reason, or ``pending`` while the run goes on).
+``<stem>_nuclei.csv`` (with µm columns when the pixel size is known); asked for
+(:mod:`.formats`): ``<stem>_rois.zip`` (Fiji), ``<stem>_nuclei.geojson`` (QuPath),
+``<stem>_labels.ome.tif`` instead of ``<stem>_labels.tif``. A file of several planes gives one
+set per plane, ``<stem>_z<k>_...``, and one summary row per plane. ``x.ome.tif`` and
+``x.ome.zarr`` have the stem ``x``. For the run, ``summary.csv`` (one row per input and plane:
+``ok``, ``skipped (done)``, ``failed`` with the reason, or ``pending`` while the run goes on).
 
 The rules a run keeps:
 
@@ -14,14 +18,15 @@ The rules a run keeps:
   is never replaced unless ``overwrite`` (``--overwrite``), an input never; the folder is
   locked while the run writes. The output folder may be the input folder: files an earlier
   predict run wrote are left out of the inputs (:func:`~.image_io.expand_inputs`).
-* **Incremental**: each image's three files are written (each whole or not at all) as soon as
+* **Incremental**: each image's files are written (each whole or not at all) as soon as
   the image is done, and ``summary.csv`` is rewritten (atomically) after every image, so a
   run killed at any moment leaves a summary of what is done (the rest ``pending``).
 * **Resumable**: a rerun skips an image, reporting it ``skipped (done)`` with its numbers, when
   the summary of the earlier run says ``ok`` (or ``skipped (done)``) with the same
   ``fingerprint`` (the same image file, by path, size and modification time, and the same
-  config, weights file, tile, overlap, thresholds, stretch and diameter) and the same output
-  stem, and its three outputs are there, written by predict. Any other image is segmented again.
+  config, weights file, tile, overlap, thresholds, stretch and diameter, and the channel,
+  pixel size and output formats asked for) and the same output stem, and all its outputs
+  asked for (of every plane) are there, written by predict. Any other image is segmented again.
   ``redo=True`` (``--redo``) segments every image again.
 * **One image's failure is its own**: an image that cannot be read, a tile on which the
   model fails (out of memory, say), too many nuclei: a ``failed`` row with the reason, and the
@@ -56,7 +61,15 @@ from tqdm import tqdm
 
 from ..outdir import OutputConflict, OutputDir
 from ..utils import write_csv_atomic
-from .image_io import ImageError, LoadedImage, expand_inputs, load_image
+from .formats import (
+    PHYSICAL_COLUMNS,
+    nucleus_outlines,
+    physical_columns,
+    write_geojson,
+    write_ome_labels,
+    write_roi_zip,
+)
+from .image_io import ChannelSpec, ImageError, LoadedImage, expand_inputs, load_planes
 from .outputs import (
     MAX_LABELS,
     TABLE_COLUMNS,
@@ -87,6 +100,7 @@ __all__ = [
     "check_options",
     "model_diameter",
     "output_names",
+    "plane_stem",
     "predict_images",
 ]
 
@@ -95,6 +109,12 @@ TOOL = "predict"
 SUMMARY_NAME = "summary.csv"
 #: What each image gives, ``<stem>`` + suffix.
 OUTPUT_SUFFIXES = ("_labels.tif", "_overlay.png", "_nuclei.csv")
+#: The label image as OME-TIFF (``ome_tiff=True``, ``--ome-tiff``), instead of ``_labels.tif``.
+OME_LABELS_SUFFIX = "_labels.ome.tif"
+#: The ImageJ/Fiji ROI zip (``rois=True``, ``--rois``).
+ROIS_SUFFIX = "_rois.zip"
+#: The QuPath GeoJSON (``geojson=True``, ``--geojson``).
+GEOJSON_SUFFIX = "_nuclei.geojson"
 #: Tile side of ``--tile``'s default for models that resize their input at test time, and of
 #: the tiles ``--tile 0`` falls back to.
 DEFAULT_TILE = 512
@@ -111,7 +131,11 @@ _FINGERPRINT_VERSION = 2  # 2: the --diameter option
 #: (segmented by an earlier run with the same fingerprint; its numbers are kept), ``failed``
 #: (``error`` says why), ``pending`` (not reached yet: a run still going, or killed). What was
 #: read: ``dtype``, ``channels`` (stored), ``colour`` (gray, gray+alpha, RGB, RGBA), ``axes``
-#: (the file's, tifffile's letters for TIFFs), ``stretch`` (none: 8-bit as stored;
+#: (the file's, tifffile's letters for TIFFs), ``plane`` (the plane's index in a file of
+#: several, one row and one set of outputs per plane; empty for a single image), ``planes``
+#: (how many the file holds), ``channel`` (the one picked, ``index (name)``), ``pixel_size_x_um``
+#: / ``_y_um`` and ``pixel_size_source`` (the file's OME or ImageJ metadata, an OME-Zarr's
+#: scale, or ``--pixel-size``; empty when none is known), ``stretch`` (none: 8-bit as stored;
 #: percentile; limited: a low-contrast image not stretched beyond 40 noise standard
 #: deviations; off: ``--no-stretch``), ``stretch_low/high`` (stored values mapped to 0 and
 #: 255), ``noise`` (estimated noise standard deviation, stored units). ``tile``: the tile side
@@ -134,6 +158,12 @@ SUMMARY_COLUMNS = (
     "channels",
     "colour",
     "axes",
+    "plane",
+    "planes",
+    "channel",
+    "pixel_size_x_um",
+    "pixel_size_y_um",
+    "pixel_size_source",
     "stretch",
     "stretch_low",
     "stretch_high",
@@ -165,11 +195,14 @@ class ImageResult:
     """The outputs of one image."""
 
     image: Path
-    labels: Path  # <stem>_labels.tif
+    labels: Path  # <stem>_labels.tif (or _labels.ome.tif)
     overlay: Path  # <stem>_overlay.png
     table: Path  # <stem>_nuclei.csv
     nuclei: int
     summary: Dict[str, Any]
+    plane: Optional[int] = None  # the plane of a file of several (<stem> is <file stem>_z<k>)
+    rois: Optional[Path] = None  # <stem>_rois.zip
+    geojson: Optional[Path] = None  # <stem>_nuclei.geojson
 
 
 @dataclass
@@ -205,9 +238,29 @@ class PredictionReport:
         return not self.failures
 
 
-def output_names(stem: str) -> List[str]:
-    """The files image ``stem`` gives: ``<stem>_labels.tif``, ``_overlay.png``, ``_nuclei.csv``."""
-    return [stem + suffix for suffix in OUTPUT_SUFFIXES]
+def output_names(stem: str, rois: bool = False, geojson: bool = False,
+                 ome_tiff: bool = False) -> List[str]:
+    """The files image ``stem`` gives: ``<stem>_labels.tif`` (``_labels.ome.tif`` with
+    ``ome_tiff``), ``_overlay.png``, ``_nuclei.csv``, then ``_rois.zip`` with ``rois`` and
+    ``_nuclei.geojson`` with ``geojson``."""
+    suffixes = list(OUTPUT_SUFFIXES)
+    if ome_tiff:
+        suffixes[0] = OME_LABELS_SUFFIX
+    names = [stem + suffix for suffix in suffixes]
+    if rois:
+        names.append(stem + ROIS_SUFFIX)
+    if geojson:
+        names.append(stem + GEOJSON_SUFFIX)
+    return names
+
+
+def plane_stem(stem: str, plane: Optional[int], planes: int) -> str:
+    """The output stem of plane ``plane`` of a file of ``planes``: ``<stem>_z<k>``, ``k``
+    zero-padded to the digits of the last plane (``_z07`` of 12), whatever the axis the planes
+    run along (z, time, pages); ``stem`` itself for a file of one image."""
+    if plane is None or planes <= 1:
+        return stem
+    return f"{stem}_z{plane:0{len(str(planes - 1))}d}"
 
 
 def check_options(tile: int, overlap: int, score_threshold: float,
@@ -234,10 +287,13 @@ def _output_stems(paths: Sequence[Path]) -> List[str]:
     stems: List[str] = []
     taken = set()
     for path in paths:
-        stem, n = path.stem, 1
+        base = path.stem
+        if base.lower().endswith(".ome"):  # x.ome.tif, x.ome.zarr -> x
+            base = base[:-4]
+        stem, n = base, 1
         while stem in taken:
             n += 1
-            stem = f"{path.stem}_{n}"
+            stem = f"{base}_{n}"
         taken.add(stem)
         stems.append(stem)
     return stems
@@ -256,13 +312,20 @@ def _area_stats(labels: np.ndarray, count: int) -> Dict[str, Any]:
 
 
 def _file_key(path: Union[str, os.PathLike]) -> List[Any]:
+    if os.path.isdir(path):  # a Zarr folder: its files' total size and latest change
+        size, latest = 0, os.stat(path).st_mtime_ns
+        for folder, _, names in os.walk(path):
+            for name in names:
+                stat = os.stat(os.path.join(folder, name))
+                size, latest = size + stat.st_size, max(latest, stat.st_mtime_ns)
+        return [os.path.realpath(path), size, latest]
     stat = os.stat(path)
     return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
 
 
 def _settings(cfg: CfgNode, weights, tile: int, overlap: int, score_threshold: float,
               min_kept_fraction: float, stretch: bool,
-              diameter: Optional[float] = None) -> str:
+              diameter: Optional[float] = None, formats: Optional[Dict[str, Any]] = None) -> str:
     """What, besides the image, decides an image's outputs (the device aside)."""
     config = cfg.clone()
     config.defrost()
@@ -278,6 +341,9 @@ def _settings(cfg: CfgNode, weights, tile: int, overlap: int, score_threshold: f
         "overlap": overlap, "score_threshold": float(score_threshold),
         "min_kept_fraction": float(min_kept_fraction), "stretch": bool(stretch),
         "diameter": None if diameter is None else float(diameter),
+        # the input and output options, only where not the default: runs of earlier versions
+        # with the defaults stay resumable
+        **{k: v for k, v in (formats or {}).items() if v not in (None, False)},
     }, sort_keys=True)
 
 
@@ -289,8 +355,9 @@ def _fingerprint(settings: str, path: Path) -> str:
     return hashlib.sha256((settings + image).encode("utf-8")).hexdigest()[:16]
 
 
-def _earlier_rows(out: OutputDir) -> Dict[str, Dict[str, str]]:
-    """The done rows of the summary an earlier predict run wrote there, by fingerprint."""
+def _earlier_rows(out: OutputDir) -> Dict[str, List[Dict[str, str]]]:
+    """The rows of the images an earlier predict run wrote there and finished (every plane
+    done), by fingerprint."""
     path = out.folder / SUMMARY_NAME
     if not out.owns(SUMMARY_NAME) or not path.is_file():
         return {}
@@ -299,14 +366,41 @@ def _earlier_rows(out: OutputDir) -> Dict[str, Dict[str, str]]:
             rows = list(csv.DictReader(f))
     except (OSError, csv.Error, UnicodeDecodeError):
         return {}
-    return {r["fingerprint"]: r for r in rows
-            if r.get("fingerprint") and r.get("status") in _DONE}
+    groups: Dict[str, List[Dict[str, str]]] = {}
+    for r in rows:
+        if r.get("fingerprint"):
+            groups.setdefault(r["fingerprint"], []).append(r)
+    return {key: group for key, group in groups.items()
+            if all(r.get("status") in _DONE for r in group)}
 
 
-def _check_outputs(out: OutputDir, stems: Sequence[str]) -> None:
+def _still_done(before: List[Dict[str, str]], stem: str, out: OutputDir,
+                names: Dict[str, bool]) -> bool:
+    """Whether an earlier run's rows of an image cover all its planes under ``stem`` and every
+    output asked for is there, written by predict."""
+    try:
+        planes = int(before[0].get("planes") or 1)
+        indices = sorted(int(r["plane"]) for r in before) if planes > 1 else [None]
+    except (KeyError, TypeError, ValueError):
+        return False
+    if len(before) != planes or (planes > 1 and indices != list(range(planes))):
+        return False
+    for row in before:
+        plane = int(row["plane"]) if planes > 1 else None
+        expected = plane_stem(stem, plane, planes)
+        if row.get("output_stem") != expected or not all(
+            out.owns(name) and (out.folder / name).is_file()
+            for name in output_names(expected, **names)
+        ):
+            return False
+    return True
+
+
+def _check_outputs(out: OutputDir, stems: Sequence[str],
+                   names: Optional[Dict[str, bool]] = None) -> None:
     """Every output name of the run, checked before any work (OutputConflict otherwise)."""
     conflicts = []
-    for name in [SUMMARY_NAME] + [n for stem in stems for n in output_names(stem)]:
+    for name in [SUMMARY_NAME] + [n for stem in stems for n in output_names(stem, **(names or {}))]:
         try:
             out.check(name)
         except OutputConflict as e:
@@ -392,6 +486,13 @@ def _image_row(path: Path, stem: str, image: LoadedImage, prediction, tile: int,
         "channels": image.channels,
         "colour": image.colour,
         "axes": image.axes,
+        "plane": "" if image.plane is None else image.plane,
+        "planes": image.planes,
+        "channel": "" if image.channel is None else (
+            f"{image.channel} ({image.channel_name})" if image.channel_name else image.channel),
+        "pixel_size_x_um": "" if image.pixel_size is None else image.pixel_size.x,
+        "pixel_size_y_um": "" if image.pixel_size is None else image.pixel_size.y,
+        "pixel_size_source": "" if image.pixel_size is None else image.pixel_size.source,
         "stretch": how.mode if how else "",
         "stretch_low": low,
         "stretch_high": high,
@@ -429,6 +530,11 @@ def predict_images(
     predictor: Optional[NucleiPredictor] = None,
     debug: bool = False,
     diameter: Optional[float] = None,
+    channel: ChannelSpec = None,
+    pixel_size: Optional[float] = None,
+    rois: bool = False,
+    geojson: bool = False,
+    ome_tiff: bool = False,
 ) -> PredictionReport:
     """Label the nuclei of every input image and write the outputs to ``out_dir``, by the
     rules of the module docstring.
@@ -455,6 +561,20 @@ def predict_images(
         diameter: the nuclei's diameter in px (``--diameter``): each image is rescaled by the
             model's ``INPUT.NUCLEUS_DIAMETER / diameter``; None estimates it per image where
             the model knows its diameter (:mod:`.scale`).
+        channel: the channel to segment in files of several (``--channel``): an index, or a
+            name (OME ``Channel Name``; :func:`~.image_io.read_planes`). A file without it
+            fails, naming the channels it has.
+        pixel_size: µm per pixel (``--pixel-size``), instead of the file's; with either, the
+            per-nucleus table adds :data:`~.formats.PHYSICAL_COLUMNS`.
+        rois: also write ``<stem>_rois.zip`` (ImageJ/Fiji ROIs, :mod:`.formats`).
+        geojson: also write ``<stem>_nuclei.geojson`` (QuPath detections).
+        ome_tiff: write the labels as ``<stem>_labels.ome.tif`` (OME-TIFF with the pixel
+            size) instead of ``<stem>_labels.tif``.
+
+    Files of several planes (z-stacks, time series, multi-page TIFFs) are segmented plane by
+    plane: plane ``k``'s outputs are named :func:`plane_stem` (``<stem>_z<k>_labels.tif``...)
+    and it has its own ``summary.csv`` row (``plane`` column). Their names are checked when
+    the file is read: one in the way fails that file.
 
     Returns:
         The report; ``summary.csv`` in ``out_dir`` lists every input, failed ones included.
@@ -471,6 +591,13 @@ def predict_images(
         min_kept_fraction = predictor.min_kept_fraction
     check_options(DEFAULT_TILE if tile is None else tile, overlap, score_threshold,
                   min_kept_fraction)
+    if pixel_size is not None and not (0 < float(pixel_size) < float("inf")):
+        raise ValueError(f"--pixel-size must be a number of micrometres > 0, got {pixel_size}")
+    if isinstance(channel, int) and not isinstance(channel, bool) and channel < 0:
+        raise ValueError(f"--channel must be an index >= 0 or a name, got {channel}")
+    outputs_asked = {"rois": bool(rois), "geojson": bool(geojson), "ome_tiff": bool(ome_tiff)}
+    formats = {**outputs_asked, "channel": channel,
+               "pixel_size": None if pixel_size is None else float(pixel_size)}
     found = expand_inputs([os.fspath(p) for p in inputs], outputs_of=TOOL)
     files = found.files
     stems = _output_stems(files)
@@ -478,7 +605,7 @@ def predict_images(
     report = PredictionReport(out.folder, out.folder / SUMMARY_NAME,
                               skipped_outputs=list(found.skipped_outputs))
     with out.lock():
-        _check_outputs(out, stems)
+        _check_outputs(out, stems, outputs_asked)
         if predictor is None:
             from ..d2.predictor import check_weights_file, load_config
 
@@ -498,26 +625,25 @@ def predict_images(
             _note(report, f"{len(found.skipped_outputs)} file(s) left out of the inputs: "
                           f"outputs of an earlier predict run ({names}{more})")
         settings = _settings(model_cfg, weights, tile, overlap, score_threshold,
-                             min_kept_fraction, stretch, diameter)
+                             min_kept_fraction, stretch, diameter, formats)
         earlier = {} if redo else _earlier_rows(out)
 
         failed_inputs = [Failure(spec, f"{spec}: {reason}") for spec, reason in found.problems]
         report.failures.extend(failed_inputs)
         head = [{"image": f.image, "status": "failed", "error": f.reason} for f in failed_inputs]
-        rows: List[Dict[str, Any]] = []
+        rows: List[List[Dict[str, Any]]] = []  # per image, one row per plane
         fingerprints: List[str] = []
         todo: List[int] = []
         for i, (path, stem) in enumerate(zip(files, stems)):
             fingerprints.append(_fingerprint(settings, path))
             before = earlier.get(fingerprints[i])
-            if before and before.get("output_stem") == stem and all(
-                out.owns(name) and (out.folder / name).is_file() for name in output_names(stem)
-            ):
-                rows.append({**{k: before.get(k, "") for k in SUMMARY_COLUMNS},
-                             "image": str(path), "status": "skipped (done)", "error": ""})
+            if before and _still_done(before, stem, out, outputs_asked):
+                rows.append([{**{k: row.get(k, "") for k in SUMMARY_COLUMNS},
+                              "image": str(path), "status": "skipped (done)", "error": ""}
+                             for row in before])
                 report.skipped.append(path)
             else:
-                rows.append({"image": str(path), "status": "pending", "output_stem": stem})
+                rows.append([{"image": str(path), "status": "pending", "output_stem": stem}])
                 todo.append(i)
 
         if todo and predictor is None:
@@ -535,68 +661,115 @@ def predict_images(
         summary = out.claim(SUMMARY_NAME)
 
         def write_summary() -> None:
-            write_csv_atomic(summary, head + rows, SUMMARY_COLUMNS)
+            write_csv_atomic(summary, head + [r for image in rows for r in image],
+                             SUMMARY_COLUMNS)
 
         write_summary()
         for i in tqdm(todo, desc="nuclei", unit="image", disable=not progress):
             path, stem = files[i], stems[i]
             start = time.perf_counter()
             try:
-                image = load_image(path, stretch=stretch)
-                used: Dict[str, Any] = {}
-
-                def run_model(rgb: np.ndarray):
-                    used["tile"], used["note"] = _tile_for(model_cfg, rgb.shape[:2], tile)
-                    return predictor.predict(rgb, tile=used["tile"], overlap=overlap,
-                                             progress=progress)
-
-                scaled = predict_at_scale(run_model, image.rgb, trained_diameter, diameter)
-                prediction = dataclasses.replace(scaled.prediction, labels=scaled.labels,
-                                                 scores=scaled.scores)
-                used_tile, note = used["tile"], used["note"]
-                if prediction.count > MAX_LABELS:
-                    raise TooManyNuclei(
-                        f"{path}: {prediction.count} nuclei do not fit a uint16 label image "
-                        f"(at most {MAX_LABELS})"
-                    )
-                overlay = overlay_outlines(image.rgb, prediction.labels)
-                table = nuclei_table(prediction.labels, prediction.scores, image.intensity)
+                planes = load_planes(path, stretch=stretch, channel=channel,
+                                     pixel_size=pixel_size)
+                if len(planes) > 1:  # the planes' names, unknown before the file was read
+                    _check_outputs(out, [plane_stem(stem, image.plane, len(planes))
+                                         for image in planes], outputs_asked)
             except Exception as e:  # noqa: BLE001  one image's failure never ends the batch
                 reason = _reason(path, e)
                 if debug:
                     traceback.print_exc()
                 report.failures.append(Failure(str(path), reason))
-                rows[i] = {"image": str(path), "status": "failed", "error": reason,
-                           "output_stem": stem}
+                rows[i] = [{"image": str(path), "status": "failed", "error": reason,
+                            "output_stem": stem}]
                 tqdm.write(f"failed: {reason}", file=sys.stderr)
                 write_summary()
                 continue
-            if note:
-                _note(report, f"{path}: {note}")
-            try:
-                labels_file, overlay_file, table_file = out.claim_all(output_names(stem))
-                write_label_tiff(labels_file, prediction.labels)
-                write_png(overlay_file, overlay)
-                write_csv_atomic(table_file, table, TABLE_COLUMNS)
-            except BaseException as e:  # the outputs themselves: the run cannot go on
-                if isinstance(e, Exception):
-                    rows[i] = {"image": str(path), "status": "failed", "output_stem": stem,
-                               "error": f"outputs not written: {_reason(path, e)}"}
+            rows[i] = [{"image": str(path), "status": "pending", "output_stem": stem,
+                        "plane": "" if image.plane is None else image.plane,
+                        "planes": len(planes)} for image in planes]
+            for k, image in enumerate(planes):
+                if k:
+                    start = time.perf_counter()
+                out_stem = plane_stem(stem, image.plane, len(planes))
+                where = path if image.plane is None else f"{path} (plane {image.plane})"
                 try:
+                    used: Dict[str, Any] = {}
+
+                    def run_model(rgb: np.ndarray):
+                        used["tile"], used["note"] = _tile_for(model_cfg, rgb.shape[:2], tile)
+                        return predictor.predict(rgb, tile=used["tile"], overlap=overlap,
+                                                 progress=progress)
+
+                    scaled = predict_at_scale(run_model, image.rgb, trained_diameter, diameter)
+                    prediction = dataclasses.replace(scaled.prediction, labels=scaled.labels,
+                                                     scores=scaled.scores)
+                    used_tile, note = used["tile"], used["note"]
+                    if prediction.count > MAX_LABELS:
+                        raise TooManyNuclei(
+                            f"{where}: {prediction.count} nuclei do not fit a uint16 label "
+                            f"image (at most {MAX_LABELS})"
+                        )
+                    overlay = overlay_outlines(image.rgb, prediction.labels)
+                    table = nuclei_table(prediction.labels, prediction.scores, image.intensity)
+                    columns = TABLE_COLUMNS
+                    if image.pixel_size is not None:
+                        table = [{**r, **physical_columns(r, image.pixel_size)} for r in table]
+                        columns = TABLE_COLUMNS + PHYSICAL_COLUMNS
+                    outlines = (nucleus_outlines(prediction.labels) if rois or geojson
+                                else None)
+                except Exception as e:  # noqa: BLE001  one image's failure never ends the batch
+                    reason = _reason(path, e)
+                    if image.plane is not None:
+                        reason = f"(plane {image.plane}) {reason}"
+                    if debug:
+                        traceback.print_exc()
+                    report.failures.append(Failure(str(path), reason))
+                    rows[i][k] = {"image": str(path), "status": "failed", "error": reason,
+                                  "output_stem": out_stem, "plane": rows[i][k]["plane"],
+                                  "planes": len(planes), "fingerprint": fingerprints[i]}
+                    tqdm.write(f"failed: {reason}", file=sys.stderr)
                     write_summary()
-                except Exception:  # noqa: BLE001  the disk may be full: the first error counts
-                    pass
-                if isinstance(e, OSError):
-                    where = e.filename or out.folder
-                    raise OSError(f"{where}: the outputs of {path} cannot be written "
-                                  f"({e.strerror or e}); the run stops here, {summary} lists "
-                                  f"what is done") from e
-                raise
-            rows[i] = _image_row(path, stem, image, prediction, used_tile,
-                                 time.perf_counter() - start, fingerprints[i], scaled.choice)
-            report.results.append(ImageResult(
-                image=path, labels=labels_file, overlay=overlay_file, table=table_file,
-                nuclei=prediction.count, summary=rows[i],
-            ))
-            write_summary()
+                    continue
+                if note:
+                    _note(report, f"{where}: {note}")
+                try:
+                    claimed = out.claim_all(output_names(out_stem, **outputs_asked))
+                    labels_file, overlay_file, table_file = claimed[:3]
+                    if ome_tiff:
+                        write_ome_labels(labels_file, prediction.labels, image.pixel_size)
+                    else:
+                        write_label_tiff(labels_file, prediction.labels)
+                    write_png(overlay_file, overlay)
+                    write_csv_atomic(table_file, table, columns)
+                    extra = list(claimed[3:])
+                    rois_file = extra.pop(0) if rois else None
+                    geojson_file = extra.pop(0) if geojson else None
+                    if rois_file is not None:
+                        write_roi_zip(rois_file, outlines)
+                    if geojson_file is not None:
+                        write_geojson(geojson_file, outlines, table, out_stem)
+                except BaseException as e:  # the outputs themselves: the run cannot go on
+                    if isinstance(e, Exception):
+                        rows[i][k] = {"image": str(path), "status": "failed",
+                                      "output_stem": out_stem, "plane": rows[i][k]["plane"],
+                                      "error": f"outputs not written: {_reason(path, e)}"}
+                    try:
+                        write_summary()
+                    except Exception:  # noqa: BLE001  the disk may be full: the first error counts
+                        pass
+                    if isinstance(e, OSError):
+                        at = e.filename or out.folder
+                        raise OSError(f"{at}: the outputs of {where} cannot be written "
+                                      f"({e.strerror or e}); the run stops here, {summary} "
+                                      f"lists what is done") from e
+                    raise
+                rows[i][k] = _image_row(path, out_stem, image, prediction, used_tile,
+                                        time.perf_counter() - start, fingerprints[i],
+                                        scaled.choice)
+                report.results.append(ImageResult(
+                    image=path, labels=labels_file, overlay=overlay_file, table=table_file,
+                    nuclei=prediction.count, summary=rows[i][k], plane=image.plane,
+                    rois=rois_file, geojson=geojson_file,
+                ))
+                write_summary()
     return report
