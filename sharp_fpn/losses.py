@@ -2,8 +2,10 @@
 
 Conventions shared by the segmentation losses:
 
-- ``logits``: ``(N, C, H, W)`` raw scores; probabilities are ``sigmoid(logits)`` (every channel
-  is a binary foreground/background map, ``C = 1`` for nuclei).
+- ``logits``: ``(N, C, H, W)`` raw scores (or ``(N, C, D, H, W)`` volumes: every loss here
+  works on any number of spatial dimensions, ``H * W`` below reading ``D * H * W``);
+  probabilities are ``sigmoid(logits)`` (every channel is a binary foreground/background map,
+  ``C = 1`` for nuclei).
 - ``target``: same shape, values in ``{0, 1}`` (focal and Dice also accept soft targets in
   ``[0, 1]``); bool or integer tensors are converted.
 - "per image": a loss computed over all ``C * H * W`` values of each image, then averaged over
@@ -175,7 +177,8 @@ def deep_supervision_loss(
     max-pooling: a coarse pixel is foreground if any pixel under it is; exact ``2**k``
     max-pooling for sizes that divide); ``mode="upsample"`` (the official code's) upsamples the
     branch's logits to the target's size, bilinearly with ``align_corners=True``, as the
-    network upsamples. Full-size branches are used as they are.
+    network upsamples. Full-size branches are used as they are. Volumes (``(N, C, D, H, W)``,
+    the V-Net family) work the same way, pooling and interpolating in 3-D (trilinearly).
 
     Args:
         branch_logits: ``(N, C, h_b, w_b)`` logits per branch (a ``GridUNet``'s list, or one
@@ -192,16 +195,25 @@ def deep_supervision_loss(
         branch_logits = [branch_logits]
     if len(branch_logits) == 0:
         raise ValueError("deep_supervision_loss: no branch logits")
-    size = tuple(target.shape[-2:])
+    size = tuple(target.shape[2:])
+    pool = {2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}.get(len(size))
+    if pool is None:
+        raise ValueError(
+            f"deep_supervision_loss: target {tuple(target.shape)} must be (N, C, H, W) or "
+            "(N, C, D, H, W)"
+        )
+    interpolation = "bilinear" if len(size) == 2 else "trilinear"
     losses = []
     for logits in branch_logits:
-        branch_size = tuple(logits.shape[-2:])
+        branch_size = tuple(logits.shape[2:])
         branch_target = target
         if branch_size != size:
             if mode == "pool":
-                branch_target = F.adaptive_max_pool2d(target.to(logits.dtype), branch_size)
+                branch_target = pool(target.to(logits.dtype), branch_size)
             else:
-                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+                logits = F.interpolate(
+                    logits, size=size, mode=interpolation, align_corners=True
+                )
         losses.append(loss(logits, branch_target))
     return torch.stack(losses).mean()
 

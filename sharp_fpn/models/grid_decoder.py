@@ -8,7 +8,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..grid import FULL_SCALE, Input, Node, Position, build_grid, node_key, node_name
-from .blocks import UPSAMPLE_MODES, ConvNormReLU, Norm, get_norm, he_init_, node_block, resample
+from .blocks import (
+    UPSAMPLE_MODES,
+    ConvNormReLU,
+    Norm,
+    check_dims,
+    conv_nd,
+    get_norm,
+    he_init_,
+    interpolation_mode,
+    node_block,
+    resample,
+)
 
 FULL_SCALE_OPS = ("upsample", "conv")
 Features = Union[Sequence[Tensor], Mapping[int, Tensor]]
@@ -62,6 +73,11 @@ class GridDecoder(nn.Module):
             ``align_corners=True``) or ``"nearest"`` (detectron2's FPN).
         reduce_upsampled: reduce wide upsampled inputs at their source's resolution (see
             above). Off by default: the paper's networks.
+        kernel_size: kernel side of every node conv (the node ops, UNet3+'s projections and
+            the ``"conv"`` full-scale op): 3, the paper's 2-D nodes; 5 for the V-Net family.
+        dims: spatial dimensions, 2 (``(N, C, H, W)`` maps) or 3 (``(N, C, D, H, W)``
+            volumes: Conv3d, BatchNorm3d, 3-D pooling, ``"bilinear"`` interpolating
+            trilinearly). Every "conv3x3" above is then ``kernel_size**dims``.
 
     Attributes:
         grid: the ``sharp_fpn.grid.Grid`` listing this decoder computes.
@@ -82,9 +98,13 @@ class GridDecoder(nn.Module):
         project_channels: int = 32,
         upsample_mode: str = "bilinear",
         reduce_upsampled: bool = False,
+        kernel_size: int = 3,
+        dims: int = 2,
     ):
         super().__init__()
         self.grid = build_grid(scheme, depth)
+        self.dims = check_dims(dims)
+        self.kernel_size = kernel_size
         if len(in_channels) != depth + 1:
             raise ValueError(
                 f"in_channels needs one entry per level 0..{depth} ({depth + 1}), "
@@ -101,6 +121,7 @@ class GridDecoder(nn.Module):
             raise ValueError(
                 f"upsample_mode must be one of {UPSAMPLE_MODES}, got {upsample_mode!r}"
             )
+        interpolation_mode(upsample_mode, dims)  # a clear error for modes without a 3-D form
         self.widths = widths
         self.full_scale = full_scale
         self.full_scale_channels = full_scale_channels
@@ -118,11 +139,14 @@ class GridDecoder(nn.Module):
         if full_scale == "conv":
             sources = [x.source for n in self.grid for x in n.inputs if x.role == FULL_SCALE]
             for source in dict.fromkeys(sources):
-                self.full_scale_convs[node_key(source)] = nn.Conv2d(
-                    self.node_channels[source], full_scale_channels, 3, padding=1
+                self.full_scale_convs[node_key(source)] = conv_nd(dims)(
+                    self.node_channels[source],
+                    full_scale_channels,
+                    kernel_size,
+                    padding=kernel_size // 2,
                 )
             if sources:
-                self.full_scale_norm = get_norm(norm, full_scale_channels)
+                self.full_scale_norm = get_norm(norm, full_scale_channels, dims)
 
         # reduce_upsampled: one 1x1 conv per reduced input edge, applied before upsampling
         self.reductions = nn.ModuleDict()
@@ -130,7 +154,7 @@ class GridDecoder(nn.Module):
             for x in node.inputs:
                 width = self._reduced_width(node, x)
                 if width is not None:
-                    self.reductions[_edge_key(node.position, x.source)] = nn.Conv2d(
+                    self.reductions[_edge_key(node.position, x.source)] = conv_nd(dims)(
                         self.node_channels[x.source], width, 1, bias=False
                     )
 
@@ -141,14 +165,16 @@ class GridDecoder(nn.Module):
                 continue
             if node.project_inputs:
                 self.projections[node_key(node.position)] = nn.ModuleList(
-                    ConvNormReLU(self._input_width(node, x), project_channels, norm)
+                    ConvNormReLU(
+                        self._input_width(node, x), project_channels, norm, kernel_size, dims
+                    )
                     for x in node.inputs
                 )
                 concat_width = project_channels * len(node.inputs)
             else:
                 concat_width = sum(self._input_width(node, x) for x in node.inputs)
             self.blocks[node_key(node.position)] = node_block(
-                block, concat_width, widths[node.level], norm
+                block, concat_width, widths[node.level], norm, kernel_size, dims
             )
         he_init_(self)
 
@@ -157,7 +183,8 @@ class GridDecoder(nn.Module):
 
         Args:
             features: the column-0 maps ``X[i][0]``, ``(N, in_channels[i], H_i, W_i)`` with
-                ``H_i ~ H_0 / 2**i``, as a list indexed by level or a ``{level: tensor}`` dict.
+                ``H_i ~ H_0 / 2**i`` (3-D: ``(N, in_channels[i], D_i, H_i, W_i)``), as a list
+                indexed by level or a ``{level: tensor}`` dict.
             level: compute only the sub-network pruned to this level (nodes needed by
                 ``X[0][level]``; ``i + j <= level`` for the nested schemes); then only the
                 features of levels ``0..level`` are read.
@@ -179,7 +206,7 @@ class GridDecoder(nn.Module):
                     )
                 nodes[(i, 0)] = x
                 continue
-            size = nodes[(i, 0)].shape[-2:]
+            size = nodes[(i, 0)].shape[2:]
             parts = [self._prepare(node, k, x, nodes, size) for k, x in enumerate(node.inputs)]
             nodes[(i, j)] = self.blocks[node_key((i, j))](torch.cat(parts, dim=1))
         return nodes

@@ -1,7 +1,7 @@
 """Heads on the grid's nodes: segmentation heads and UNet#'s classification-guided modules.
 
-All feature maps are ``(N, C, H, W)``. These modules know nothing about the grid; ``GridUNet``
-decides which node gets which head (SPEC section 2).
+All feature maps are ``(N, C, H, W)`` (``(N, C, D, H, W)`` in 3-D, ``dims=3``). These modules
+know nothing about the grid; ``GridUNet`` decides which node gets which head (SPEC section 2).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import ConvNormReLU, Norm, he_init_
+from .blocks import ConvNormReLU, Norm, check_dims, conv_nd, he_init_, interpolation_mode
 
 
 class SegmentationHead(nn.Module):
@@ -21,12 +21,20 @@ class SegmentationHead(nn.Module):
     decoder branches); its official code does not. A ReLU on logits clamps them to ``>= 0``,
     i.e. sigmoid probabilities ``>= 0.5`` everywhere, so ``relu=False`` is the default.
 
-    ``(N, in_channels, H, W) -> (N, classes, H, W)``.
+    ``(N, in_channels, H, W) -> (N, classes, H, W)``; with ``dims=3`` a ``kernel_size**3`` conv on
+    ``(N, in_channels, D, H, W)``.
     """
 
-    def __init__(self, in_channels: int, classes: int, kernel_size: int = 1, relu: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        classes: int,
+        kernel_size: int = 1,
+        relu: bool = False,
+        dims: int = 2,
+    ):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, classes, kernel_size, padding=kernel_size // 2)
+        self.conv = conv_nd(dims)(in_channels, classes, kernel_size, padding=kernel_size // 2)
         self.relu = relu
         he_init_(self)
 
@@ -46,7 +54,8 @@ class UpsamplingHead(nn.Module):
     UNet ends its decoder the same way, without skips, at widths 32 and 16). The top-row heads
     of a network whose level 0 is not at full resolution (a detectron2 bottom-up's stride 4).
 
-    ``(N, in_channels, h, w) -> (N, classes, h * 2**len(widths), w * 2**len(widths))``.
+    ``(N, in_channels, h, w) -> (N, classes, h * 2**len(widths), w * 2**len(widths))``; with
+    ``dims=3`` the same on volumes (trilinear upsampling, 3x3x3 convs).
     """
 
     def __init__(
@@ -56,27 +65,35 @@ class UpsamplingHead(nn.Module):
         classes: int = 1,
         norm: Norm = "BN",
         relu: bool = False,
+        dims: int = 2,
     ):
         super().__init__()
         widths_in = [in_channels] + list(widths[:-1])
-        self.blocks = nn.ModuleList(ConvNormReLU(a, b, norm) for a, b in zip(widths_in, widths))
-        self.head = SegmentationHead(widths[-1] if widths else in_channels, classes, 1, relu)
+        self.mode = interpolation_mode("bilinear", dims)
+        self.blocks = nn.ModuleList(
+            ConvNormReLU(a, b, norm, dims=dims) for a, b in zip(widths_in, widths)
+        )
+        self.head = SegmentationHead(
+            widths[-1] if widths else in_channels, classes, 1, relu, dims
+        )
         he_init_(self)
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:
-            x = block(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
+            x = block(F.interpolate(x, scale_factor=2, mode=self.mode, align_corners=True))
         return self.head(x)
 
 
 class GlobalAvgMaxPool(nn.Module):
     """``cat[AdaptiveAvgPool2d(1), AdaptiveMaxPool2d(1)]``, flattened.
 
-    ``(N, C, H, W) -> (N, 2C)``: the ``C`` channel means, then the ``C`` channel maxima.
+    ``(N, C, *spatial) -> (N, 2C)``: the ``C`` channel means, then the ``C`` channel maxima,
+    over every spatial dimension (2-D maps and 3-D volumes alike).
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([x.mean(dim=(-2, -1)), x.amax(dim=(-2, -1))], dim=1)
+        x = x.flatten(2)
+        return torch.cat([x.mean(dim=2), x.amax(dim=2)], dim=1)
 
 
 class ClassificationGuidedModule(nn.Sequential):
@@ -134,23 +151,27 @@ class ClassificationGuidedModule(nn.Sequential):
         return self[-1]
 
     @staticmethod
-    def gate(class_logits: Tensor) -> Tensor:
-        """``(N, 2)`` class logits -> ``(N, 1, 1, 1)`` 0/1 factors (argmax; 1 = has object).
+    def gate(class_logits: Tensor, dims: int = 2) -> Tensor:
+        """``(N, 2)`` class logits -> ``(N, 1, 1, 1)`` 0/1 factors (argmax; 1 = has object);
+        ``(N, 1, 1, 1, 1)`` with ``dims=3``.
 
-        Multiply a branch's ``(N, classes, H, W)`` probabilities with it.
+        Multiply a branch's ``(N, classes, H, W)`` (``(N, classes, D, H, W)``) probabilities
+        with it.
         """
-        return class_logits.argmax(dim=1).to(class_logits.dtype).view(-1, 1, 1, 1)
+        gate = class_logits.argmax(dim=1).to(class_logits.dtype)
+        return gate.view(-1, *([1] * (1 + check_dims(dims))))
 
 
 def branch_probabilities(logits: Tensor, class_logits: Optional[Tensor] = None) -> Tensor:
     """A branch's inference output: ``sigmoid(logits)``, times its CGM's 0/1 decision if any.
 
     ``(N, classes, H, W)`` logits and ``(N, 2)`` CGM class logits (or None) -> ``(N, classes,
-    H, W)`` probabilities; an image whose classifier says "no object" gets all background.
+    H, W)`` probabilities (3-D: ``(N, classes, D, H, W)``); an image whose classifier says "no
+    object" gets all background.
     The one place that writes the paper's inference (``GridUNet.predict_probabilities``,
     ``SegmentationOutput.probabilities``).
     """
     probabilities = torch.sigmoid(logits)
     if class_logits is None:
         return probabilities
-    return probabilities * ClassificationGuidedModule.gate(class_logits)
+    return probabilities * ClassificationGuidedModule.gate(class_logits, logits.dim() - 2)

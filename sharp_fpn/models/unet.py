@@ -59,6 +59,46 @@ UNet3+: the paper reports 9.79M, which is not reproducible. The official UNet3+ 
 32; fusion conv3x3-BN-ReLU at UpChannels = 5 * 32 = 160; 3x3 output conv) at widths
 [32, 64, 128, 256, 512] has 6,748,993 parameters, and the paper gives no widths or blocks
 that would add the missing ~3M. This project implements the official design.
+
+The V-Net family (Table 1's 3-D column, LUNA16) is this grid with ``dims=3``: the same classes,
+every block its 3-D counterpart (Conv3d, BatchNorm3d, MaxPool3d, trilinear upsampling), one
+input channel, nodes of two 5x5x5 conv-BN-ReLU (V-Net's kernel; UNet3+'s projections and
+fusion and UNet#'s ``"conv"`` full-scale op too), feature lists ``VNET_CHANNELS`` =
+[16, 32, 64, 128, 256] and, for WV-Net, ``WIDE_VNET_CHANNELS`` = [18, 36, 72, 144, 288]; heads,
+deep supervision, CGMs, pruning and the losses as in 2-D (``VNET_PARAMETER_TABLE``):
+
+===============  ==========  ==========  ======================================
+arch             paper       here        deep supervision (the arch's default)
+===============  ==========  ==========  ======================================
+``vnet``         26.39M      27,238,433  27,251,397
+``wvnet``        33.40M      34,472,737  34,487,321
+``vnet2plus``    27.37M      31,783,489  31,783,540
+``vnet3plus``    27.84M      23,401,057  23,414,453
+``vnet_sharp``   28.37M      37,287,489  37,300,504 (``full_scale="conv"``: 35,623,745)
+===============  ==========  ==========  ======================================
+
+The paper's five counts are not reproducible by any one node definition; it gives none (the
+official code has no 3-D code). What its counts say:
+
+- V-Net and WV-Net are 3.2 % below the 5x5x5 nodes here, the same ratio at both widths (the
+  gap is quadratic in the widths, like every conv): a 5x5x5 UNet is the closest uniform
+  network: no uniform node of one to three k x k x k conv-BN-ReLU (k = 1..7) gives 26.39M
+  (the nearest: 27.24M, two 5x5x5; 23.51M, one 6x6x6). Dozens of ad-hoc mixtures of kernels
+  and conv counts per stage do, so the count alone identifies no design.
+- V-Net2+ - V-Net = 0.98M is what UNet++'s extra nodes cost with two 3x3x3 convs (982,560
+  here, 3/4 of the 2-D UNet++ - UNet gap of 1,310,784 up to the biases: 27/9 for the kernel,
+  1/4 for the halved widths); with 5x5x5 nodes they cost 4,545,056. So the paper's 3-D decoder nodes
+  were 3x3x3, which leaves 24.0M for a V-Net encoder that no uniform 5x5x5 or 3x3x3 encoder
+  has (16.35M and 3.53M).
+- V-Net3+ - V-Net = 1.45M is again 3/4 of the paper's own 2-D UNet3+ - UNet gap
+  (9.79M - 7.85M), which is itself not reproducible (above); UNet3+'s official design has no
+  such gap (3x3x3: -0.83M, 5x5x5: -3.84M).
+- V-Net# - V-Net2+ = 1.00M matches neither full-scale op: upsampling adds 1,188,864 with 3x3x3
+  nodes (5,504,000 with 5x5x5), the paper's ``"conv"`` op 829,696 (to 32 channels, as in 2-D;
+  414,848 to 16).
+
+This project builds the issue's definition (5x5x5 nodes everywhere, the one closest to the
+paper's V-Net and WV-Net counts) and records the paper's numbers beside its own.
 """
 from __future__ import annotations
 
@@ -79,7 +119,7 @@ from ..grid import (
     node_key,
     node_name,
 )
-from .blocks import Norm
+from .blocks import Norm, check_dims, interpolation_mode
 from .encoders import GridEncoder, VGGEncoder
 from .grid_decoder import GridDecoder
 from .heads import (
@@ -94,6 +134,10 @@ __all__ = [
     "DEEP_SUPERVISION_MODES",
     "DEFAULT_DEEP_SUPERVISION",
     "PAPER_CHANNELS",
+    "VNET_ARCHS",
+    "VNET_CHANNELS",
+    "VNET_PARAMETER_TABLE",
+    "WIDE_VNET_CHANNELS",
     "WIDE_CHANNELS",
     "Arch",
     "GridUNet",
@@ -107,14 +151,24 @@ __all__ = [
 
 PAPER_CHANNELS = (32, 64, 128, 256, 512)
 WIDE_CHANNELS = (35, 70, 140, 280, 560)
+VNET_CHANNELS = (16, 32, 64, 128, 256)
+"""The paper's V-Net feature list (section 4, Table 1's 3-D column)."""
+WIDE_VNET_CHANNELS = (18, 36, 72, 144, 288)
+"""WV-Net's feature list (the paper's "slightly expanded" V-Net)."""
+VNET_KERNEL_SIZE = 5
+"""Kernel side of the V-Net family's node convs (5x5x5, as Milletari et al.'s V-Net)."""
 
 
 @dataclass(frozen=True)
 class Arch:
-    """An entry of ``ARCHS``: a grid scheme and the encoder widths of levels 0..4."""
+    """An entry of ``ARCHS``: a grid scheme, the encoder widths of levels 0..4, the spatial
+    dimensions, the node convs' kernel side and the default image channels."""
 
     scheme: str
     channels: Tuple[int, ...]
+    dims: int = 2
+    kernel_size: int = 3
+    in_channels: int = 3
 
 
 ARCHS: Dict[str, Arch] = {
@@ -123,7 +177,26 @@ ARCHS: Dict[str, Arch] = {
     "unet2plus": Arch("2plus", PAPER_CHANNELS),
     "unet3plus": Arch("3plus", PAPER_CHANNELS),
     "unet_sharp": Arch("sharp", PAPER_CHANNELS),
+    # the 3-D column of Table 1: the same grid with dims=3, one-channel CT volumes
+    "vnet": Arch("unet", VNET_CHANNELS, 3, VNET_KERNEL_SIZE, 1),
+    "wvnet": Arch("unet", WIDE_VNET_CHANNELS, 3, VNET_KERNEL_SIZE, 1),
+    "vnet2plus": Arch("2plus", VNET_CHANNELS, 3, VNET_KERNEL_SIZE, 1),
+    "vnet3plus": Arch("3plus", VNET_CHANNELS, 3, VNET_KERNEL_SIZE, 1),
+    "vnet_sharp": Arch("sharp", VNET_CHANNELS, 3, VNET_KERNEL_SIZE, 1),
 }
+VNET_ARCHS: Tuple[str, ...] = tuple(a for a, spec in ARCHS.items() if spec.dims == 3)
+"""The 3-D archs, in Table 1's order."""
+
+VNET_PARAMETER_TABLE: Dict[str, Tuple[float, int]] = {
+    "vnet": (26.39, 27_238_433),
+    "wvnet": (33.40, 34_472_737),
+    "vnet2plus": (27.37, 31_783_489),
+    "vnet3plus": (27.84, 23_401_057),
+    "vnet_sharp": (28.37, 37_287_489),
+}
+"""Table 1's 3-D column: arch -> (the paper's count in millions, ``create_model(arch)``'s
+count, no deep supervision, one input channel, one class). The gaps are explained in the
+module docstring: no node definition reproduces all five."""
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -158,8 +231,12 @@ class SegmentationOutput:
     branches: Tuple[Position, ...]
 
     def gates(self) -> List[Tensor]:
-        """Per branch, the CGM's decision as ``(N, 1, 1, 1)`` 0/1 factors (argmax)."""
-        return [ClassificationGuidedModule.gate(c) for c in self.has_object]
+        """Per branch, the CGM's decision as ``(N, 1, 1, 1)`` 0/1 factors (argmax;
+        ``(N, 1, 1, 1, 1)`` for 3-D logits)."""
+        return [
+            ClassificationGuidedModule.gate(c, x.dim() - 2)
+            for x, c in zip(self.logits, self.has_object)
+        ]
 
     def probabilities(self, gated: bool = True) -> List[Tensor]:
         """Per branch, sigmoid probabilities ``(N, classes, h, w)``; with ``gated`` (the
@@ -213,9 +290,15 @@ class GridUNet(nn.Module):
             decoder branches ``X[L][0]``, ``X[L-1][1]``, light elsewhere); ``forward`` then
             returns a ``SegmentationOutput``.
         cgm_dropout: dropout probability inside the CGMs.
+        kernel_size: kernel side of the default encoder's and the decoder's node convs (3,
+            the paper's 2-D nodes; 5, the V-Net family's). Heads keep their own kernels.
+        dims: spatial dimensions of the default encoder (2: images ``(N, C, H, W)``; 3:
+            volumes ``(N, C, D, H, W)``, every block its 3-D counterpart); with ``encoder``,
+            the encoder's ``dims`` (giving another one is an error).
 
     Attributes:
         branches: the supervised nodes, in output order (``Grid.branches``).
+        dims: spatial dimensions (2 or 3).
     """
 
     def __init__(
@@ -238,6 +321,8 @@ class GridUNet(nn.Module):
         head_relu: bool = False,
         cgm: bool = False,
         cgm_dropout: float = 0.5,
+        kernel_size: int = 3,
+        dims: Optional[int] = None,
     ):
         super().__init__()
         if scheme not in SCHEMES:
@@ -247,11 +332,16 @@ class GridUNet(nn.Module):
                 3 if in_channels is None else in_channels,
                 PAPER_CHANNELS if channels is None else channels,
                 norm,
+                kernel_size=kernel_size,
+                dims=check_dims(2 if dims is None else dims),
             )
         elif in_channels is not None or channels is not None:
             raise ValueError(
                 "give either an encoder or in_channels/channels (the default VGGEncoder's)"
             )
+        elif dims is not None and dims != encoder.dims:
+            raise ValueError(f"dims={dims} but the encoder is {encoder.dims}-D")
+        dims = encoder.dims
         if 2 ** len(upsample_widths) != encoder.stride:
             raise ValueError(
                 f"upsample_widths needs one width per doubling from the encoder's stride "
@@ -271,6 +361,7 @@ class GridUNet(nn.Module):
         self.head_relu = head_relu
         self.cgm = cgm
         self.cgm_dropout = cgm_dropout
+        self.dims = dims
 
         self.encoder = encoder
         self.decoder = GridDecoder(
@@ -285,6 +376,8 @@ class GridUNet(nn.Module):
             project_channels=project,
             upsample_mode=upsample_mode,
             reduce_upsampled=reduce_upsampled,
+            kernel_size=kernel_size,
+            dims=dims,
         )
 
         grid = self.decoder.grid
@@ -296,11 +389,13 @@ class GridUNet(nn.Module):
         for position in self.branches:
             width = self.decoder.node_channels[position]
             if position in grid.decoder_branches:
-                head: nn.Module = SegmentationHead(width, classes, 3, head_relu)
+                head: nn.Module = SegmentationHead(width, classes, 3, head_relu, dims)
             elif self.upsample_widths and position == grid.final:
-                head = UpsamplingHead(width, self.upsample_widths, classes, norm, head_relu)
+                head = UpsamplingHead(
+                    width, self.upsample_widths, classes, norm, head_relu, dims
+                )
             else:
-                head = SegmentationHead(width, classes, facts.top_head_kernel, head_relu)
+                head = SegmentationHead(width, classes, facts.top_head_kernel, head_relu, dims)
             self.heads[node_key(position)] = head
             if cgm:
                 self.cgms[node_key(position)] = ClassificationGuidedModule(
@@ -386,7 +481,12 @@ class GridUNet(nn.Module):
         output = self.forward_branches(x, level)
         logits = output.logits[-1]
         if self.encoder.stride > 1:  # the head's output is ``stride * (H // stride)`` wide
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+            logits = F.interpolate(
+                logits,
+                size=x.shape[2:],
+                mode=interpolation_mode("bilinear", self.dims),
+                align_corners=True,
+            )
         return branch_probabilities(logits, output.has_object[-1] if self.cgm else None)
 
     def _final_branch(self, level: int) -> Position:
@@ -440,6 +540,7 @@ class GridUNet(nn.Module):
             head_relu=self.head_relu,
             cgm=self.cgm,
             cgm_dropout=self.cgm_dropout,
+            kernel_size=decoder.kernel_size,
         )
         # X[0][level]'s trained head, whatever kind the new network's final head would be
         key = node_key((0, level))
@@ -457,7 +558,7 @@ class GridUNet(nn.Module):
 
 def create_model(
     arch: str,
-    in_channels: int = 3,
+    in_channels: Optional[int] = None,
     classes: int = 1,
     deep_supervision: Union[bool, str] = False,
     level: int = 4,
@@ -471,8 +572,11 @@ def create_model(
 
     Args:
         arch: one of ``ARCHS``: ``"unet"``, ``"wunet"``, ``"unet2plus"``, ``"unet3plus"``,
-            ``"unet_sharp"``.
-        in_channels: image channels.
+            ``"unet_sharp"`` (2-D), or the 3-D V-Net family ``"vnet"``, ``"wvnet"``,
+            ``"vnet2plus"``, ``"vnet3plus"``, ``"vnet_sharp"`` (``VNET_ARCHS``: the same grid,
+            ``dims=3``, 5x5x5 node convs; module docstring).
+        in_channels: image channels; default the arch's (3 for the 2-D archs, 1 for the
+            V-Net family's CT volumes).
         classes: output logit channels.
         deep_supervision: ``False``; ``True`` for the arch's own (UNet, UNet3+: ``"decoder"``,
             UNet++: ``"top"``, UNet#: ``"all"``, 8 branches); or ``"top"``, ``"decoder"``,
@@ -487,7 +591,8 @@ def create_model(
 
     Returns:
         A ``GridUNet`` on a ``VGGEncoder``; ``model(x)`` maps ``(N, in_channels, H, W)`` to
-        ``(N, classes, H, W)`` logits, a list of branch logits with deep supervision, or a
+        ``(N, classes, H, W)`` logits (V-Net family: ``(N, in_channels, D, H, W)`` to
+        ``(N, classes, D, H, W)``), a list of branch logits with deep supervision, or a
         ``SegmentationOutput`` with ``cgm``; ``model.predict_probabilities(x)`` to the final
         branch's probabilities.
     """
@@ -500,7 +605,7 @@ def create_model(
         raise ValueError(f"full_scale={full_scale!r} only applies to 'unet_sharp', not {arch!r}")
     return GridUNet(
         spec.scheme,
-        in_channels,
+        spec.in_channels if in_channels is None else in_channels,
         classes,
         spec.channels[: level + 1],
         deep_supervision=deep_supervision,
@@ -508,4 +613,6 @@ def create_model(
         head_relu=head_relu,
         cgm=cgm,
         cgm_dropout=cgm_dropout,
+        kernel_size=spec.kernel_size,
+        dims=spec.dims,
     )
