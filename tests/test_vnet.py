@@ -14,6 +14,7 @@ from sharp_fpn.models import GridUNet, count_parameters, create_model
 from sharp_fpn.models.blocks import resample
 from sharp_fpn.models.heads import ClassificationGuidedModule, GlobalAvgMaxPool
 from sharp_fpn.models.unet import (
+    ALL_ARCHS,
     ARCHS,
     VNET_ARCHS,
     VNET_CHANNELS,
@@ -30,14 +31,19 @@ def _meta_count(arch: str, **kwargs) -> int:
 
 
 def test_vnet_archs_are_the_3d_rows_of_table1():
-    assert VNET_ARCHS == ("vnet", "wvnet", "vnet2plus", "vnet3plus", "vnet_sharp")
-    assert tuple(VNET_PARAMETER_TABLE) == VNET_ARCHS
-    assert [ARCHS[a].scheme for a in VNET_ARCHS] == ["unet", "unet", "2plus", "3plus", "sharp"]
-    assert ARCHS["wvnet"].channels == WIDE_VNET_CHANNELS == (18, 36, 72, 144, 288)
-    for arch in VNET_ARCHS:
-        assert (ARCHS[arch].dims, ARCHS[arch].kernel_size, ARCHS[arch].in_channels) == (3, 5, 1)
+    assert tuple(VNET_ARCHS) == ("vnet", "wvnet", "vnet2plus", "vnet3plus", "vnet_sharp")
+    assert tuple(VNET_PARAMETER_TABLE) == tuple(VNET_ARCHS)
+    assert [VNET_ARCHS[a].scheme for a in VNET_ARCHS] == [
+        "unet", "unet", "2plus", "3plus", "sharp"
+    ]
+    assert VNET_ARCHS["wvnet"].channels == WIDE_VNET_CHANNELS == (18, 36, 72, 144, 288)
+    for arch, spec in VNET_ARCHS.items():
+        assert (spec.dims, spec.kernel_size, spec.in_channels) == (3, 5, 1)
         if arch != "wvnet":
-            assert ARCHS[arch].channels == VNET_CHANNELS == (16, 32, 64, 128, 256)
+            assert spec.channels == VNET_CHANNELS == (16, 32, 64, 128, 256)
+    # 2-D callers list ARCHS only; create_model builds both
+    assert all(spec.dims == 2 for spec in ARCHS.values()) and not set(ARCHS) & set(VNET_ARCHS)
+    assert ALL_ARCHS == {**ARCHS, **VNET_ARCHS}
 
 
 @pytest.mark.parametrize("arch", VNET_ARCHS)

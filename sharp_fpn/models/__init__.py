@@ -10,7 +10,9 @@ from .heads import (
     branch_probabilities,
 )
 from .unet import (
+    ALL_ARCHS,
     ARCHS,
+    VNET_ARCHS,
     GridUNet,
     SegmentationOutput,
     count_parameters,
@@ -19,6 +21,7 @@ from .unet import (
 )
 
 __all__ = [
+    "ALL_ARCHS",
     "ARCHS",
     "ClassificationGuidedModule",
     "ConvNormReLU",
@@ -28,6 +31,7 @@ __all__ = [
     "SegmentationHead",
     "SegmentationOutput",
     "UpsamplingHead",
+    "VNET_ARCHS",
     "VGGBlock",
     "VGGEncoder",
     "branch_probabilities",

@@ -130,6 +130,7 @@ from .heads import (
 )
 
 __all__ = [
+    "ALL_ARCHS",
     "ARCHS",
     "DEEP_SUPERVISION_MODES",
     "DEFAULT_DEEP_SUPERVISION",
@@ -177,6 +178,10 @@ ARCHS: Dict[str, Arch] = {
     "unet2plus": Arch("2plus", PAPER_CHANNELS),
     "unet3plus": Arch("3plus", PAPER_CHANNELS),
     "unet_sharp": Arch("sharp", PAPER_CHANNELS),
+}
+"""The 2-D archs (Table 1's 2-D columns): what 2-D callers (detectron2 configs, export) list."""
+
+VNET_ARCHS: Dict[str, Arch] = {
     # the 3-D column of Table 1: the same grid with dims=3, one-channel CT volumes
     "vnet": Arch("unet", VNET_CHANNELS, 3, VNET_KERNEL_SIZE, 1),
     "wvnet": Arch("unet", WIDE_VNET_CHANNELS, 3, VNET_KERNEL_SIZE, 1),
@@ -184,8 +189,10 @@ ARCHS: Dict[str, Arch] = {
     "vnet3plus": Arch("3plus", VNET_CHANNELS, 3, VNET_KERNEL_SIZE, 1),
     "vnet_sharp": Arch("sharp", VNET_CHANNELS, 3, VNET_KERNEL_SIZE, 1),
 }
-VNET_ARCHS: Tuple[str, ...] = tuple(a for a, spec in ARCHS.items() if spec.dims == 3)
-"""The 3-D archs, in Table 1's order."""
+"""The 3-D archs (the V-Net family), in Table 1's order; kept apart from ``ARCHS`` so that 2-D
+callers never list them."""
+ALL_ARCHS: Dict[str, Arch] = {**ARCHS, **VNET_ARCHS}
+"""Every arch ``create_model`` builds."""
 
 VNET_PARAMETER_TABLE: Dict[str, Tuple[float, int]] = {
     "vnet": (26.39, 27_238_433),
@@ -571,7 +578,7 @@ def create_model(
     """Build a UNet-family network of the paper, randomly (He) initialized.
 
     Args:
-        arch: one of ``ARCHS``: ``"unet"``, ``"wunet"``, ``"unet2plus"``, ``"unet3plus"``,
+        arch: one of ``ALL_ARCHS``: ``"unet"``, ``"wunet"``, ``"unet2plus"``, ``"unet3plus"``,
             ``"unet_sharp"`` (2-D), or the 3-D V-Net family ``"vnet"``, ``"wvnet"``,
             ``"vnet2plus"``, ``"vnet3plus"``, ``"vnet_sharp"`` (``VNET_ARCHS``: the same grid,
             ``dims=3``, 5x5x5 node convs; module docstring).
@@ -596,9 +603,9 @@ def create_model(
         ``SegmentationOutput`` with ``cgm``; ``model.predict_probabilities(x)`` to the final
         branch's probabilities.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
-    spec = ARCHS[arch]
+    if arch not in ALL_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ALL_ARCHS)}")
+    spec = ALL_ARCHS[arch]
     if not 1 <= level <= len(spec.channels) - 1:
         raise ValueError(f"level must be in 1..{len(spec.channels) - 1}, got {level}")
     if full_scale != "upsample" and not SCHEME_FACTS[spec.scheme].full_scale_skips:
