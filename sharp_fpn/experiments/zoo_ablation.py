@@ -90,6 +90,7 @@ def run_ablation(out: Path, iters: int = 500, variants: Optional[Sequence[str]] 
     candidates = [Candidate(n, str(out / n / "config.yaml"), str(weights[n])) for n in names]
     results = evaluate(candidates, images=registered_images(limit=images_per_style),
                        throughput=False, echo=echo,
+                       heldout_source="the registered nuclei_synth2_test_<style> sets",
                        notes=[f"each variant trained {iters} iterations on {TRAIN_SET} (no "
                               f"brightfield: the brightfield rows are a style it never saw)"])
     write_report(results, out / "ablation.json")

@@ -392,6 +392,7 @@ def evaluate(
     diameter: Optional[float] = None,
     notes: Sequence[str] = (),
     echo: Callable[[str], None] = lambda line: None,
+    heldout_source: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Accuracy per style and throughput of each candidate and of the classical pipeline.
 
@@ -409,6 +410,7 @@ def evaluate(
             estimated per image (:func:`sharp_fpn.predict.scale.predict_at_scale`).
         diameter: the classical pipeline's expected nucleus diameter (None: estimated per image).
         notes: lines carried into the results (e.g. why there is no zoo model).
+        heldout_source: what the given ``images`` are, for the report.
         echo: progress lines (``print`` from the command line).
 
     Returns:
@@ -426,7 +428,7 @@ def evaluate(
         version = None
         if styles:
             images = {s: images[s] for s in styles}
-        heldout = {"source": "given by the caller",
+        heldout = {"source": heldout_source or "given by the caller",
                    "images_per_style": {s: len(v) for s, v in images.items()}}
     segmenters = _segmenters(candidates, tile, overlap, device, score_threshold, diameter,
                              rescale)
@@ -457,7 +459,9 @@ def evaluate(
 
         timings = time_interleaved({n: timed(n, r) for n, r in segmenters.items()},
                                    rounds=rounds, warmup=1)
-        speed = {"image": info, "megapixels": megapixels, "tile": tile, "overlap": overlap,
+        speed = {"image": info, "megapixels": megapixels,
+                 "tile": tile if tile is not None else "each model's tools/predict.py default",
+                 "overlap": overlap,
                  "policy": f"fastest of {rounds} interleaved rounds after 1 warm-up",
                  "methods": {}}
         for name, timing in timings.items():
@@ -597,12 +601,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         images = registered_images(args.styles, args.images_per_style)
         from ..data.catalog import SYNTH2_TEST_SEED
 
-        notes = list(notes) + [f"held-out images: the registered nuclei_synth2_test_<style> sets "
-                               f"(synthetic v2, seeds {SYNTH2_TEST_SEED} + style index, DSB2018's "
-                               f"sizes)"]
+        source = (f"the registered nuclei_synth2_test_<style> sets (synthetic v2, seeds "
+                  f"{SYNTH2_TEST_SEED} + style index, DSB2018's sizes)")
+    else:
+        source = None
     results = evaluate(
         candidates, args.styles, args.images_per_style or 10, args.seed, size=args.size,
-        images=images, rescale=not args.no_rescale,
+        images=images, rescale=not args.no_rescale, heldout_source=source,
         throughput=not args.no_throughput, throughput_size=args.throughput_size,
         throughput_nuclei=args.throughput_nuclei, rounds=args.rounds, tile=args.tile,
         overlap=args.overlap, device=args.device, score_threshold=args.score_threshold,
