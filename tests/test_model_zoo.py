@@ -102,9 +102,10 @@ def use_zoo(zoo, monkeypatch):
     return zoo
 
 
-def test_the_shipped_registry_is_empty_and_packaged():
+def test_the_shipped_registry_is_packaged():
     here = Path(model_zoo.__file__).parent
-    assert json.loads((here / "index.json").read_text()) == {"models": {}, "default": None}
+    index = json.loads((here / "index.json").read_text())  # its models: test_shipped_model.py
+    assert set(index) == {"models", "default"}
     setup = (ROOT / "setup.py").read_text()
     for pattern in ("index.json", "*/config.yaml", "*/model.pth", "*/MODEL_CARD.md"):
         assert f'"{pattern}"' in setup
