@@ -257,6 +257,20 @@ def _rasterize(outline: np.ndarray, cy: float, cx: float) -> tuple[np.ndarray, i
     return patch.astype(bool), top, left
 
 
+def _place(
+    outline: np.ndarray, cy: float, cx: float, labels: np.ndarray
+) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``outline`` filled at (cy, cx) and clipped to ``labels``: (the view of ``labels`` under
+    it, the bool patch over that view), or None when it lies wholly outside."""
+    patch, top, left = _rasterize(outline, cy, cx)
+    height, width = labels.shape
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + patch.shape[0], height), min(left + patch.shape[1], width)
+    if y0 >= y1 or x0 >= x1:
+        return None
+    return labels[y0:y1, x0:x1], patch[y0 - top : y1 - top, x0 - left : x1 - left]
+
+
 def _layout(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """Label image (H, W) int32: 0 background, 1..K nuclei, each one 4-connected region.
 
@@ -291,13 +305,10 @@ def _layout(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
             cy, cx = centres[k] + rng.normal(0.0, spreads[k], size=2)
         else:
             cy, cx = rng.uniform(0.0, height), rng.uniform(0.0, width)
-        patch, top, left = _rasterize(outline, cy, cx)
-        y0, x0 = max(top, 0), max(left, 0)
-        y1, x1 = min(top + patch.shape[0], height), min(left + patch.shape[1], width)
-        if y0 >= y1 or x0 >= x1:
+        placed_here = _place(outline, cy, cx, labels)
+        if placed_here is None:
             continue
-        window = labels[y0:y1, x0:x1]
-        whole = patch[y0 - top : y1 - top, x0 - left : x1 - left]
+        window, whole = placed_here
         free = whole & (window == 0)
         area = int(free.sum())
         if area < MIN_NUCLEUS_AREA or area < 0.8 * whole.sum():

@@ -40,7 +40,7 @@ from .synthetic import (
     _illumination,
     _nucleus_fields,
     _nucleus_outline,
-    _rasterize,
+    _place,
     _rng,
     _smooth_noise,
     empty_indices,
@@ -197,13 +197,10 @@ def _layout(
             continue
         if avoid is not None and avoid[iy, ix]:
             continue
-        patch, top, left = _rasterize(outline, cy, cx)
-        y0, x0 = max(top, 0), max(left, 0)
-        y1, x1 = min(top + patch.shape[0], height), min(left + patch.shape[1], width)
-        if y0 >= y1 or x0 >= x1:
+        placed_here = _place(outline, cy, cx, labels)
+        if placed_here is None:
             continue
-        window = labels[y0:y1, x0:x1]
-        whole = patch[y0 - top : y1 - top, x0 - left : x1 - left]
+        window, whole = placed_here
         if touch:
             free = whole & (window == 0)
             area_k = int(free.sum())
