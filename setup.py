@@ -22,7 +22,9 @@ setup(
     packages=find_packages(include=("sharp_fpn", "sharp_fpn.*")),
     # the shipped nuclei models (sharp_fpn/model_zoo): the index and each model's folder
     package_data={"sharp_fpn.model_zoo": ["index.json", "*/config.yaml", "*/model.pth",
-                                          "*/MODEL_CARD.md"]},
+                                          "*/MODEL_CARD.md"],
+                  "sharp_fpn.napari_plugin": ["napari.yaml"]},
+    entry_points={"napari.manifest": ["sharp-fpn = sharp_fpn.napari_plugin:napari.yaml"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.0",
@@ -39,9 +41,19 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "fvcore>=0.1.5,<0.1.6",
+        # the paper's medical data sets in their own formats (sharp_fpn/data/medical) and the
+        # 3-D data path (TorchIO, as the official code)
+        "nibabel>=5.0",  # NIfTI: BraTS19, LiTS17
+        "pydicom>=3.0",  # DICOM: LIDC-IDRI
+        "SimpleITK>=2.3",  # MetaImage .mhd/.raw: LUNA16
+        "torchio>=0.20",
+        # many images, or the tiles of one huge image, on a cluster (predict --dask)
+        "dask[distributed]>=2024.1",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.80"],
+        "test": ["pytest>=7", "hypothesis>=6.80", "pytest-qt>=4.4"],
+        # the napari plugin (sharp_fpn/napari_plugin, manifest napari.yaml)
+        "napari": ["napari[pyqt5]>=0.5", "npe2>=0.7"],
         # ONNX export (torch.onnx.export(..., dynamo=True)) and its check with ONNX Runtime
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
     },

@@ -92,7 +92,7 @@ def main() -> int:
         write_stamp(done)
 
     if done.get("project") != keys["project"]:
-        run(py, "-m", "pip", "install", "--no-build-isolation", "-e", f"{ROOT}[test,onnx]")
+        run(py, "-m", "pip", "install", "--no-build-isolation", "-e", f"{ROOT}[test,onnx,napari]")
         done = dict(keys)
         write_stamp(done)
 
