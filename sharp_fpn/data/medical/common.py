@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -43,7 +44,12 @@ __all__ = [
     "Volume3D",
     "case_split",
     "missing_dataset_message",
+    "axial_slices",
+    "load_nifti",
     "percentile_to_uint8",
+    "same_grid",
+    "standins_folder",
+    "to_canonical",
     "window_to_uint8",
     "write_slice_dataset",
     "write_volume_dataset",
@@ -129,6 +135,102 @@ def window_to_uint8(values: np.ndarray, level: float, width: float) -> np.ndarra
         raise ValueError(f"window width must be positive, got {width}")
     scaled = (np.asarray(values, dtype=np.float64) - (level - width / 2.0)) / width
     return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# NIfTI (BraTS19, LiTS17)
+
+#: Interpolations of the optional resampling, by name (scipy spline orders).
+INTERPOLATIONS = {"nearest": 0, "linear": 1, "cubic": 3}
+
+
+def load_nifti(path: PathLike) -> Any:
+    """The 3-D NIfTI image at ``path`` (nibabel, header read, data not yet). Raises
+    MedicalDataError naming the file when it is unreadable or not 3-D."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        shape = image.shape
+    except Exception as err:  # nibabel raises ImageFileError, OSError, EOFError...
+        raise MedicalDataError(f"{path}: not a readable NIfTI file ({err})") from None
+    if len(shape) != 3:
+        raise MedicalDataError(f"{path}: a 3-D volume was expected, the image is {shape}")
+    return image
+
+
+def same_grid(path: PathLike, image: Any, ref_path: PathLike, reference: Any) -> None:
+    """Raise MedicalDataError naming ``path`` unless ``image`` has ``reference``'s shape and
+    affine (1e-3 mm): a segmentation must lie voxel for voxel on its image."""
+    if tuple(image.shape) != tuple(reference.shape):
+        raise MedicalDataError(
+            f"{path}: shape {tuple(image.shape)} differs from {Path(ref_path).name}'s "
+            f"{tuple(reference.shape)}")
+    if not np.allclose(image.affine, reference.affine, atol=1e-3):
+        raise MedicalDataError(
+            f"{path}: its affine (orientation, spacing, origin) differs from "
+            f"{Path(ref_path).name}'s:\n{np.round(image.affine, 4)}\nvs\n"
+            f"{np.round(reference.affine, 4)}")
+
+
+def to_canonical(image: Any, spacing: Optional[Sequence[float]] = None,
+                 interpolation: str = "linear") -> Any:
+    """``image`` in RAS+ orientation (``nibabel.as_closest_canonical``: axes permuted and
+    flipped, no resampling) or, when ``spacing`` (x, y, z mm) is given, resampled to it with
+    ``nibabel.processing.resample_to_output`` and ``interpolation`` (one of
+    :data:`INTERPOLATIONS`; use ``"nearest"`` for label maps)."""
+    import nibabel as nib
+
+    if spacing is None:
+        return nib.as_closest_canonical(image)
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, "
+                         f"got {interpolation!r}")
+    spacing = tuple(float(v) for v in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive mm (x, y, z), got {spacing}")
+    from nibabel.processing import resample_to_output
+
+    return resample_to_output(nib.as_closest_canonical(image), spacing,
+                              order=INTERPOLATIONS[interpolation], mode="constant", cval=0.0)
+
+
+def axial_slices(data: np.ndarray) -> np.ndarray:
+    """A RAS+ ``(X, Y, Z)`` array as ``(Z, rows, cols)`` axial slices in the radiological
+    view: slice 0 the most inferior, row 0 anterior, column 0 the patient's right (as viewers
+    show CT and MR). A slice's pixel spacing is (y, x) mm."""
+    return np.ascontiguousarray(np.transpose(data[::-1, ::-1, :], (2, 1, 0)))
+
+
+@contextmanager
+def standins_folder(root: PathLike, folder: str, params: Mapping[str, Any]) -> Iterator[Optional[Path]]:
+    """Where ``write_standins`` writes ``root/folder`` whole or not at all.
+
+    Yields a temporary folder beside it, renamed to ``root/folder`` when the block ends without
+    error (removed on an error); yields None when ``root/folder`` already holds stand-ins of
+    the same ``params`` (they are deterministic: nothing to do). Raises FileExistsError if
+    ``root/folder`` exists otherwise. The parameters are kept in
+    ``root/folder/.sharp-fpn-standins.json``.
+    """
+    target = Path(root) / folder
+    record = json.dumps(dict(params), sort_keys=True)
+    marker = target / ".sharp-fpn-standins.json"
+    if target.exists():
+        if marker.is_file() and marker.read_text(encoding="utf-8") == record:
+            yield None
+            return
+        raise FileExistsError(f"{target}: exists and does not hold stand-ins of {record}; "
+                              "remove it or choose another root")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        (tmp / marker.name).write_text(record, encoding="utf-8")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------
