@@ -28,9 +28,17 @@ The rules a run keeps:
   pixel size and output formats asked for) and the same output stem, and all its outputs
   asked for (of every plane) are there, written by predict. Any other image is segmented again.
   ``redo=True`` (``--redo``) segments every image again.
-* **One image's failure is its own**: an image that cannot be read, a tile on which the
-  model fails (out of memory, say), too many nuclei: a ``failed`` row with the reason, and the
-  batch goes on. Only a failure to write the outputs (a full disk, an output refused) ends it.
+* **One image's failure is its own**: an image that cannot be read, a Zarr whose stored
+  chunks do not cover its array (:mod:`.zarr_check`: zarr itself would fill the holes
+  silently), a tile on which the model fails (out of memory, say), too many nuclei, a Dask
+  worker lost on it more often than the cluster allows: a ``failed`` row with the reason, and
+  the batch goes on. Only a failure to write the outputs (a full disk, an output refused) ends
+  it, with one line naming the file, the summary saying what is done.
+* **One body, anywhere**: each image is segmented by :func:`segment_image` (read, predict,
+  measure; nothing written) and its outputs written by :class:`RunWriter`, in the process that
+  holds the folder's lock. The serial run does both here, image after image; ``dask``
+  (:mod:`.cluster`) runs :func:`segment_image` in the workers of a dask.distributed cluster
+  and writes what they return here, as each image is done: the same files, the same summary.
 * **Tiles**: ``tile=0`` predicts each image whole, unless the model's test-time resize would
   shrink it more than it shrinks a 512-px tile (or, for a model that does not shrink 512-px
   tiles, at all): such an image is tiled at :data:`DEFAULT_TILE` px instead, with a note, and
@@ -54,13 +62,15 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union,
+)
 
 import numpy as np
 from tqdm import tqdm
 
 from ..outdir import OutputConflict, OutputDir
-from ..utils import write_csv_atomic
+from ..utils import worker_count, write_csv_atomic
 from .formats import (
     PHYSICAL_COLUMNS,
     nucleus_outlines,
@@ -69,7 +79,9 @@ from .formats import (
     write_ome_labels,
     write_roi_zip,
 )
-from .image_io import ChannelSpec, ImageError, LoadedImage, expand_inputs, load_planes
+from .image_io import (
+    ChannelSpec, ImageError, LoadedImage, expand_inputs, is_zarr, load_planes,
+)
 from .outputs import (
     MAX_LABELS,
     TABLE_COLUMNS,
@@ -80,6 +92,7 @@ from .outputs import (
 )
 from .scale import check_diameter, predict_at_scale
 from .tiling import TileError
+from .zarr_check import check_zarr_chunks
 
 if TYPE_CHECKING:  # the predictor is detectron2 glue (sharp_fpn.d2), imported when a run needs one
     from ..d2.predictor import CfgNode, NucleiPredictor
@@ -95,13 +108,20 @@ __all__ = [
     "SUMMARY_NAME",
     "TOOL",
     "Failure",
+    "ImageEvent",
+    "ImageOpened",
     "ImageResult",
+    "ImageSettings",
+    "ImageTask",
+    "PlaneOutcome",
     "PredictionReport",
+    "RunWriter",
     "check_options",
     "model_diameter",
     "output_names",
     "plane_stem",
     "predict_images",
+    "segment_image",
 ]
 
 #: The kind of writer predict is in an output folder's record (:mod:`sharp_fpn.outdir`).
@@ -397,10 +417,23 @@ def _still_done(before: List[Dict[str, str]], stem: str, out: OutputDir,
 
 
 def _check_outputs(out: OutputDir, stems: Sequence[str],
-                   names: Optional[Dict[str, bool]] = None) -> None:
-    """Every output name of the run, checked before any work (OutputConflict otherwise)."""
+                   names: Optional[Dict[str, bool]] = None, *,
+                   planned: Optional[Dict[str, int]] = None, me: int = -1,
+                   by: Optional[Dict[int, str]] = None) -> None:
+    """Every output name of ``stems``, checked (OutputConflict otherwise): before any work
+    (the run's stems), and when a file of several planes is read (its planes' stems, with
+    ``planned``: each input's own output names by input index, ``me`` the file's index, ``by``
+    the inputs' names, so that a plane's name that is another input's output is refused too:
+    ``cells.tif``'s plane 0 and ``cells_z0.png`` both give ``cells_z0_labels.tif``)."""
     conflicts = []
-    for name in [SUMMARY_NAME] + [n for stem in stems for n in output_names(stem, **(names or {}))]:
+    wanted = [n for stem in stems for n in output_names(stem, **(names or {}))]
+    for name in wanted if planned is not None else [SUMMARY_NAME] + wanted:
+        other = (planned or {}).get(name, me)
+        if other != me:
+            owner = (by or {}).get(other, f"input {other + 1}")
+            conflicts.append(f"{out.folder / name}: would be the output of two inputs (this "
+                             f"file's plane, and {owner}); rename one of them")
+            continue
         try:
             out.check(name)
         except OutputConflict as e:
@@ -512,6 +545,313 @@ def _image_row(path: Path, stem: str, image: LoadedImage, prediction, tile: int,
     }
 
 
+# --------------------------------------------------------------------------------------------
+# one image: segmented anywhere (this process, a Dask worker), written by the run
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """One input of a run, as any process needs it (picklable, no model, no arrays).
+
+    Attributes:
+        index: its place among the run's inputs (its rows' place in ``summary.csv``).
+        path: the image file or Zarr folder.
+        stem: its output stem (:func:`plane_stem` adds ``_z<k>`` per plane).
+        fingerprint: what a rerun compares to skip it (module docstring).
+    """
+
+    index: int
+    path: Path
+    stem: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """What segmenting one image needs besides the image and the model: the same for every
+    image of a run, sent to every worker (picklable). The fields are :func:`predict_images`'s
+    arguments of the same names; ``tile`` is resolved (never None); ``trained_diameter`` is the
+    model's :func:`model_diameter`; ``progress`` shows the tiles' bar."""
+
+    tile: int
+    overlap: int
+    stretch: bool = True
+    channel: ChannelSpec = None
+    pixel_size: Optional[float] = None
+    diameter: Optional[float] = None
+    trained_diameter: float = 0.0
+    rois: bool = False
+    geojson: bool = False
+    ome_tiff: bool = False
+    allow_missing_chunks: bool = False
+    progress: bool = False
+    debug: bool = False
+
+    @property
+    def outputs_asked(self) -> Dict[str, bool]:
+        """The :func:`output_names` switches."""
+        return {"rois": self.rois, "geojson": self.geojson, "ome_tiff": self.ome_tiff}
+
+
+@dataclass
+class ImageOpened:
+    """An input was read (``error`` None: ``planes`` is how many planes it holds) or could not
+    be (``error``: the reason, naming the file)."""
+
+    task: ImageTask
+    planes: int = 0
+    plane_indices: Tuple[Optional[int], ...] = ()
+    error: Optional[str] = None
+
+
+@dataclass
+class PlaneOutcome:
+    """One plane segmented (``error`` None) or failed (``error``: the reason), with all that
+    its outputs are written from. The arrays are of the image at its own size:
+    ``labels`` ``(H, W)`` (0 background, 1..N by score), ``overlay`` ``(H, W, 3)`` uint8.
+
+    ``row`` is the plane's summary row, ``seconds`` the time segmenting took (the writer adds
+    the time writing takes)."""
+
+    task: ImageTask
+    k: int  # its position among the file's planes
+    plane: Optional[int]
+    planes: int
+    stem: str
+    where: str  # the file, with "(plane k)" for a file of several
+    row: Dict[str, Any]
+    error: Optional[str] = None
+    labels: Optional[np.ndarray] = None
+    overlay: Optional[np.ndarray] = None
+    table: Optional[List[Dict[str, Any]]] = None
+    columns: Sequence[str] = TABLE_COLUMNS
+    outlines: Any = None
+    pixel_size: Any = None
+    nuclei: int = 0
+    note: Optional[str] = None
+    seconds: float = 0.0
+
+
+ImageEvent = Union[ImageOpened, PlaneOutcome]
+
+
+def segment_image(task: ImageTask, settings: ImageSettings,
+                  predictor: NucleiPredictor) -> Iterator[ImageEvent]:
+    """Segment one input, plane by plane, writing nothing: first an :class:`ImageOpened`, then
+    one :class:`PlaneOutcome` per plane (none when the file cannot be read).
+
+    The one body of every run: :func:`predict_images` consumes it in this process (writing each
+    plane's outputs as it comes, and closing the generator when the run refuses the file's
+    plane names), :mod:`.cluster` in a Dask worker (returning the list to the client, which
+    writes). A failure of the image (unreadable, a Zarr with missing chunks, a tile the model
+    fails on, too many nuclei) is an event with ``error``, never an exception: the batch goes
+    on.
+
+    Args:
+        task: the input.
+        settings: the run's :class:`ImageSettings`.
+        predictor: the model (``predict(rgb, tile=, overlap=, progress=)`` and ``cfg``).
+    """
+    path, stem = task.path, task.stem
+    start = time.perf_counter()
+    try:
+        if not settings.allow_missing_chunks and is_zarr(path):
+            check_zarr_chunks(path)
+        planes = load_planes(path, stretch=settings.stretch, channel=settings.channel,
+                             pixel_size=settings.pixel_size)
+    except Exception as e:  # noqa: BLE001  one image's failure never ends the batch
+        if settings.debug:
+            traceback.print_exc()
+        yield ImageOpened(task, error=_reason(path, e))
+        return
+    count = len(planes)
+    yield ImageOpened(task, count, tuple(image.plane for image in planes))
+    for k in range(count):
+        image = planes[k]
+        planes[k] = None  # each plane's pixels freed once it is done
+        if k:
+            start = time.perf_counter()
+        out_stem = plane_stem(stem, image.plane, count)
+        where = path if image.plane is None else f"{path} (plane {image.plane})"
+        outcome = PlaneOutcome(task, k, image.plane, count, out_stem, str(where), row={})
+        try:
+            used: Dict[str, Any] = {}
+
+            def run_model(rgb: np.ndarray):
+                used["tile"], used["note"] = _tile_for(predictor.cfg, rgb.shape[:2],
+                                                       settings.tile)
+                return predictor.predict(rgb, tile=used["tile"], overlap=settings.overlap,
+                                         progress=settings.progress)
+
+            scaled = predict_at_scale(run_model, image.rgb, settings.trained_diameter,
+                                      settings.diameter)
+            prediction = dataclasses.replace(scaled.prediction, labels=scaled.labels,
+                                             scores=scaled.scores)
+            if prediction.count > MAX_LABELS:
+                raise TooManyNuclei(
+                    f"{where}: {prediction.count} nuclei do not fit a uint16 label "
+                    f"image (at most {MAX_LABELS})"
+                )
+            outcome.overlay = overlay_outlines(image.rgb, prediction.labels)
+            table = nuclei_table(prediction.labels, prediction.scores, image.intensity)
+            if image.pixel_size is not None:
+                table = [{**r, **physical_columns(r, image.pixel_size)} for r in table]
+                outcome.columns = TABLE_COLUMNS + PHYSICAL_COLUMNS
+            outcome.table = table
+            if settings.rois or settings.geojson:
+                outcome.outlines = nucleus_outlines(prediction.labels)
+        except Exception as e:  # noqa: BLE001  one image's failure never ends the batch
+            reason = _reason(path, e)
+            if image.plane is not None:
+                reason = f"(plane {image.plane}) {reason}"
+            if settings.debug:
+                traceback.print_exc()
+            outcome.error = reason
+            outcome.overlay = outcome.table = outcome.outlines = None
+            outcome.row = {"image": str(path), "status": "failed", "error": reason,
+                           "output_stem": out_stem,
+                           "plane": "" if image.plane is None else image.plane,
+                           "planes": count, "fingerprint": task.fingerprint}
+            yield outcome
+            continue
+        outcome.labels, outcome.nuclei = prediction.labels, prediction.count
+        outcome.pixel_size, outcome.note = image.pixel_size, used["note"]
+        outcome.seconds = time.perf_counter() - start
+        outcome.row = _image_row(path, out_stem, image, prediction, used["tile"],
+                                 outcome.seconds, task.fingerprint, scaled.choice)
+        del image, scaled, prediction
+        yield outcome
+
+
+class RunWriter:
+    """The writing half of a run, in the process that holds the output folder's lock: takes
+    each :class:`ImageOpened` / :class:`PlaneOutcome` (from this process or a worker), writes
+    the plane's outputs through :class:`~sharp_fpn.outdir.OutputDir` and rewrites
+    ``summary.csv`` after each, by the rules of the module docstring.
+
+    Args:
+        out: the run's output folder (locked by the caller).
+        report: the run's report, filled in as events come.
+        settings: the run's :class:`ImageSettings`.
+        head: summary rows of the inputs that gave no file (first in the summary).
+        rows: per input, its rows (pending or skipped (done) at the start).
+        stems: every input's output stem (a file's plane names must not be another's).
+    """
+
+    def __init__(self, out: OutputDir, report: PredictionReport, settings: ImageSettings,
+                 head: List[Dict[str, Any]], rows: List[List[Dict[str, Any]]],
+                 stems: Sequence[str]) -> None:
+        self.out, self.report, self.settings = out, report, settings
+        self.head, self.rows = head, rows
+        self.summary = out.claim(SUMMARY_NAME)
+        self._planned = {name: i for i, stem in enumerate(stems)
+                         for name in output_names(stem, **settings.outputs_asked)}
+        self._order: Dict[int, Tuple[int, int]] = {}
+
+    def write_summary(self) -> None:
+        """``summary.csv`` of what is known now (atomically)."""
+        write_csv_atomic(self.summary, self.head + [r for image in self.rows for r in image],
+                         SUMMARY_COLUMNS)
+
+    def fail(self, task: ImageTask, reason: str) -> None:
+        """``task`` gave nothing (a read failure, a worker lost on it): a failed row."""
+        self.report.failures.append(Failure(str(task.path), reason))
+        self.rows[task.index] = [{"image": str(task.path), "status": "failed", "error": reason,
+                                  "output_stem": task.stem}]
+        tqdm.write(f"failed: {reason}", file=sys.stderr)
+        self.write_summary()
+
+    def accept(self, event: ImageEvent) -> bool:
+        """Record one event (and write its outputs); False when the rest of that image is not
+        wanted (it could not be read, or its plane names are refused)."""
+        if isinstance(event, ImageOpened):
+            return self._opened(event)
+        return self._plane(event)
+
+    def _opened(self, event: ImageOpened) -> bool:
+        task = event.task
+        if event.error is not None:
+            self.fail(task, event.error)
+            return False
+        if event.planes > 1:  # the planes' names, unknown before the file was read
+            try:
+                _check_outputs(self.out, [plane_stem(task.stem, p, event.planes)
+                                          for p in event.plane_indices],
+                               self.settings.outputs_asked, planned=self._planned,
+                               me=task.index, by=self._input_names())
+            except OutputConflict as e:
+                self.fail(task, _reason(task.path, e))
+                return False
+        self.rows[task.index] = [
+            {"image": str(task.path), "status": "pending", "output_stem": task.stem,
+             "plane": "" if p is None else p, "planes": event.planes}
+            for p in event.plane_indices]
+        return True
+
+    def _input_names(self) -> Dict[int, str]:
+        return {i: image[0].get("image", "") for i, image in enumerate(self.rows) if image}
+
+    def _plane(self, outcome: PlaneOutcome) -> bool:
+        task, k, report = outcome.task, outcome.k, self.report
+        i = task.index
+        if outcome.error is not None:
+            report.failures.append(Failure(str(task.path), outcome.error))
+            self.rows[i][k] = outcome.row
+            tqdm.write(f"failed: {outcome.error}", file=sys.stderr)
+            self.write_summary()
+            return True
+        if outcome.note:
+            _note(report, f"{outcome.where}: {outcome.note}")
+        settings, out = self.settings, self.out
+        start = time.perf_counter()
+        try:
+            claimed = out.claim_all(output_names(outcome.stem, **settings.outputs_asked))
+            labels_file, overlay_file, table_file = claimed[:3]
+            if settings.ome_tiff:
+                write_ome_labels(labels_file, outcome.labels, outcome.pixel_size)
+            else:
+                write_label_tiff(labels_file, outcome.labels)
+            write_png(overlay_file, outcome.overlay)
+            write_csv_atomic(table_file, outcome.table, outcome.columns)
+            extra = list(claimed[3:])
+            rois_file = extra.pop(0) if settings.rois else None
+            geojson_file = extra.pop(0) if settings.geojson else None
+            if rois_file is not None:
+                write_roi_zip(rois_file, outcome.outlines)
+            if geojson_file is not None:
+                write_geojson(geojson_file, outcome.outlines, outcome.table, outcome.stem)
+        except BaseException as e:  # the outputs themselves: the run cannot go on
+            if isinstance(e, Exception):
+                self.rows[i][k] = {"image": str(task.path), "status": "failed",
+                                   "output_stem": outcome.stem, "plane": outcome.row["plane"],
+                                   "error": f"outputs not written: {_reason(task.path, e)}"}
+            try:
+                self.write_summary()
+            except Exception:  # noqa: BLE001  the disk may be full: the first error counts
+                pass
+            if isinstance(e, OSError):
+                at = e.filename or out.folder
+                raise OSError(f"{at}: the outputs of {outcome.where} cannot be written "
+                              f"({e.strerror or e}); the run stops here, {self.summary} "
+                              f"lists what is done") from e
+            raise
+        row = dict(outcome.row)
+        row["seconds"] = round(outcome.seconds + time.perf_counter() - start, 2)
+        self.rows[i][k] = row
+        report.results.append(ImageResult(
+            image=task.path, labels=labels_file, overlay=overlay_file, table=table_file,
+            nuclei=outcome.nuclei, summary=row, plane=outcome.plane, rois=rois_file,
+            geojson=geojson_file,
+        ))
+        self._order[id(report.results[-1])] = (i, k)
+        self.write_summary()
+        return True
+
+    def sort_results(self) -> None:
+        """The report's results in input order (a cluster's come as they are done)."""
+        self.report.results.sort(key=lambda r: self._order.get(id(r), (1 << 62, 0)))
+
+
 def predict_images(
     cfg: Union[CfgNode, str, os.PathLike, None],
     weights: Optional[Union[str, os.PathLike]],
@@ -535,6 +875,10 @@ def predict_images(
     rois: bool = False,
     geojson: bool = False,
     ome_tiff: bool = False,
+    allow_missing_chunks: bool = False,
+    dask: Any = None,
+    dask_workers: Optional[int] = None,
+    predictor_factory: Optional[Callable[[], Any]] = None,
 ) -> PredictionReport:
     """Label the nuclei of every input image and write the outputs to ``out_dir``, by the
     rules of the module docstring.
@@ -556,7 +900,7 @@ def predict_images(
         redo: segment again the images an earlier run finished.
         progress: show tqdm progress bars (images, and tiles of large images).
         predictor: a model already built (then ``cfg``, ``weights``, ``device`` and
-            ``score_threshold``, ``min_kept_fraction`` are not used).
+            ``score_threshold``, ``min_kept_fraction`` are not used); not with ``dask``.
         debug: print the traceback of each image's failure (the batch still goes on).
         diameter: the nuclei's diameter in px (``--diameter``): each image is rescaled by the
             model's ``INPUT.NUCLEUS_DIAMETER / diameter``; None estimates it per image where
@@ -570,31 +914,57 @@ def predict_images(
         geojson: also write ``<stem>_nuclei.geojson`` (QuPath detections).
         ome_tiff: write the labels as ``<stem>_labels.ome.tif`` (OME-TIFF with the pixel
             size) instead of ``<stem>_labels.tif``.
+        allow_missing_chunks: read a Zarr whose stored chunks do not cover its array (the
+            missing ones as its fill value, as zarr does) instead of failing it
+            (:func:`~.zarr_check.check_zarr_chunks`; ``--allow-missing-chunks``).
+        dask: None: this process segments the images, one after the other. Otherwise the
+            images are segmented on a dask.distributed cluster (:mod:`.cluster`): ``""`` (or
+            True) a ``LocalCluster`` of ``dask_workers`` processes, started and closed by the
+            run; a scheduler address (``tcp://host:8786``); or a ``distributed.Client``
+            (left open). The outputs are the same as this process would write.
+        dask_workers: the LocalCluster's worker processes (default
+            :func:`~sharp_fpn.utils.available_cpus`, at most the images to do).
+        predictor_factory: with ``dask``, a picklable callable that builds the model in a
+            worker (default: a :class:`~.cluster.PredictorSpec` of ``cfg``, ``weights``,
+            ``device`` and the thresholds).
 
     Files of several planes (z-stacks, time series, multi-page TIFFs) are segmented plane by
     plane: plane ``k``'s outputs are named :func:`plane_stem` (``<stem>_z<k>_labels.tif``...)
     and it has its own ``summary.csv`` row (``plane`` column). Their names are checked when
-    the file is read: one in the way fails that file.
+    the file is read: one in the way (a file predict did not write, or another input's output)
+    fails that file, before any of its outputs is written.
 
     Returns:
         The report; ``summary.csv`` in ``out_dir`` lists every input, failed ones included.
 
     Raises:
         ValueError: an option out of range (:func:`check_options`), a config, weights file or
-            device that cannot be used (one line naming it).
+            device that cannot be used (one line naming it), ``predictor`` with ``dask``, or
+            ``dask`` without a weights file or ``predictor_factory``.
         OutputConflict: the output folder cannot be used, an output would replace a file
             predict did not write or an input, another run holds the folder.
-        OSError: an output could not be written (the summary says what was done).
+        OSError: an output could not be written (the summary says what was done); with
+            ``dask``, a scheduler that cannot be reached.
     """
     if predictor is not None:
+        if dask is not None and dask is not False:
+            raise ValueError("a model already built is not sent to Dask workers: give cfg and "
+                             "weights (or predictor_factory) with dask")
         score_threshold = predictor.score_threshold
         min_kept_fraction = predictor.min_kept_fraction
+    if dask is False:
+        dask = None
     check_options(DEFAULT_TILE if tile is None else tile, overlap, score_threshold,
                   min_kept_fraction)
     if pixel_size is not None and not (0 < float(pixel_size) < float("inf")):
         raise ValueError(f"--pixel-size must be a number of micrometres > 0, got {pixel_size}")
     if isinstance(channel, int) and not isinstance(channel, bool) and channel < 0:
         raise ValueError(f"--channel must be an index >= 0 or a name, got {channel}")
+    if dask is not None and weights is None and predictor_factory is None:
+        raise ValueError("dask: the workers need a weights file (random weights would differ "
+                         "from worker to worker)")
+    if dask_workers is not None:
+        worker_count(dask_workers)
     outputs_asked = {"rois": bool(rois), "geojson": bool(geojson), "ome_tiff": bool(ome_tiff)}
     formats = {**outputs_asked, "channel": channel,
                "pixel_size": None if pixel_size is None else float(pixel_size)}
@@ -624,19 +994,25 @@ def predict_images(
             more = ", ..." if len(found.skipped_outputs) > 3 else ""
             _note(report, f"{len(found.skipped_outputs)} file(s) left out of the inputs: "
                           f"outputs of an earlier predict run ({names}{more})")
-        settings = _settings(model_cfg, weights, tile, overlap, score_threshold,
-                             min_kept_fraction, stretch, diameter, formats)
+        fingerprint_of = _settings(model_cfg, weights, tile, overlap, score_threshold,
+                                   min_kept_fraction, stretch, diameter, formats)
         earlier = {} if redo else _earlier_rows(out)
+        settings = ImageSettings(
+            tile=tile, overlap=overlap, stretch=stretch, channel=channel,
+            pixel_size=None if pixel_size is None else float(pixel_size), diameter=diameter,
+            trained_diameter=trained_diameter, rois=bool(rois), geojson=bool(geojson),
+            ome_tiff=bool(ome_tiff), allow_missing_chunks=bool(allow_missing_chunks),
+            progress=progress and dask is None, debug=debug,
+        )
 
         failed_inputs = [Failure(spec, f"{spec}: {reason}") for spec, reason in found.problems]
         report.failures.extend(failed_inputs)
         head = [{"image": f.image, "status": "failed", "error": f.reason} for f in failed_inputs]
         rows: List[List[Dict[str, Any]]] = []  # per image, one row per plane
-        fingerprints: List[str] = []
-        todo: List[int] = []
+        tasks: List[ImageTask] = []
         for i, (path, stem) in enumerate(zip(files, stems)):
-            fingerprints.append(_fingerprint(settings, path))
-            before = earlier.get(fingerprints[i])
+            task = ImageTask(i, path, stem, _fingerprint(fingerprint_of, path))
+            before = earlier.get(task.fingerprint)
             if before and _still_done(before, stem, out, outputs_asked):
                 rows.append([{**{k: row.get(k, "") for k in SUMMARY_COLUMNS},
                               "image": str(path), "status": "skipped (done)", "error": ""}
@@ -644,132 +1020,34 @@ def predict_images(
                 report.skipped.append(path)
             else:
                 rows.append([{"image": str(path), "status": "pending", "output_stem": stem}])
-                todo.append(i)
+                tasks.append(task)
 
-        if todo and predictor is None:
+        if tasks and predictor is None and dask is None:
             from ..d2.predictor import NucleiPredictor
 
             predictor = NucleiPredictor(
                 model_cfg, weights, device=device, score_threshold=score_threshold,
                 min_kept_fraction=min_kept_fraction,
             )
-        if todo and tile:
+        if tasks and tile:
             note = _large_tile_note(model_cfg, tile)
             if note:
                 _note(report, note)
 
-        summary = out.claim(SUMMARY_NAME)
+        writer = RunWriter(out, report, settings, head, rows, stems)
+        writer.write_summary()
+        if dask is None:
+            for task in tqdm(tasks, desc="nuclei", unit="image", disable=not progress):
+                for event in segment_image(task, settings, predictor):
+                    if not writer.accept(event):
+                        break
+        elif tasks:
+            from .cluster import PredictorSpec, predict_on_cluster
 
-        def write_summary() -> None:
-            write_csv_atomic(summary, head + [r for image in rows for r in image],
-                             SUMMARY_COLUMNS)
-
-        write_summary()
-        for i in tqdm(todo, desc="nuclei", unit="image", disable=not progress):
-            path, stem = files[i], stems[i]
-            start = time.perf_counter()
-            try:
-                planes = load_planes(path, stretch=stretch, channel=channel,
-                                     pixel_size=pixel_size)
-                if len(planes) > 1:  # the planes' names, unknown before the file was read
-                    _check_outputs(out, [plane_stem(stem, image.plane, len(planes))
-                                         for image in planes], outputs_asked)
-            except Exception as e:  # noqa: BLE001  one image's failure never ends the batch
-                reason = _reason(path, e)
-                if debug:
-                    traceback.print_exc()
-                report.failures.append(Failure(str(path), reason))
-                rows[i] = [{"image": str(path), "status": "failed", "error": reason,
-                            "output_stem": stem}]
-                tqdm.write(f"failed: {reason}", file=sys.stderr)
-                write_summary()
-                continue
-            rows[i] = [{"image": str(path), "status": "pending", "output_stem": stem,
-                        "plane": "" if image.plane is None else image.plane,
-                        "planes": len(planes)} for image in planes]
-            for k, image in enumerate(planes):
-                if k:
-                    start = time.perf_counter()
-                out_stem = plane_stem(stem, image.plane, len(planes))
-                where = path if image.plane is None else f"{path} (plane {image.plane})"
-                try:
-                    used: Dict[str, Any] = {}
-
-                    def run_model(rgb: np.ndarray):
-                        used["tile"], used["note"] = _tile_for(model_cfg, rgb.shape[:2], tile)
-                        return predictor.predict(rgb, tile=used["tile"], overlap=overlap,
-                                                 progress=progress)
-
-                    scaled = predict_at_scale(run_model, image.rgb, trained_diameter, diameter)
-                    prediction = dataclasses.replace(scaled.prediction, labels=scaled.labels,
-                                                     scores=scaled.scores)
-                    used_tile, note = used["tile"], used["note"]
-                    if prediction.count > MAX_LABELS:
-                        raise TooManyNuclei(
-                            f"{where}: {prediction.count} nuclei do not fit a uint16 label "
-                            f"image (at most {MAX_LABELS})"
-                        )
-                    overlay = overlay_outlines(image.rgb, prediction.labels)
-                    table = nuclei_table(prediction.labels, prediction.scores, image.intensity)
-                    columns = TABLE_COLUMNS
-                    if image.pixel_size is not None:
-                        table = [{**r, **physical_columns(r, image.pixel_size)} for r in table]
-                        columns = TABLE_COLUMNS + PHYSICAL_COLUMNS
-                    outlines = (nucleus_outlines(prediction.labels) if rois or geojson
-                                else None)
-                except Exception as e:  # noqa: BLE001  one image's failure never ends the batch
-                    reason = _reason(path, e)
-                    if image.plane is not None:
-                        reason = f"(plane {image.plane}) {reason}"
-                    if debug:
-                        traceback.print_exc()
-                    report.failures.append(Failure(str(path), reason))
-                    rows[i][k] = {"image": str(path), "status": "failed", "error": reason,
-                                  "output_stem": out_stem, "plane": rows[i][k]["plane"],
-                                  "planes": len(planes), "fingerprint": fingerprints[i]}
-                    tqdm.write(f"failed: {reason}", file=sys.stderr)
-                    write_summary()
-                    continue
-                if note:
-                    _note(report, f"{where}: {note}")
-                try:
-                    claimed = out.claim_all(output_names(out_stem, **outputs_asked))
-                    labels_file, overlay_file, table_file = claimed[:3]
-                    if ome_tiff:
-                        write_ome_labels(labels_file, prediction.labels, image.pixel_size)
-                    else:
-                        write_label_tiff(labels_file, prediction.labels)
-                    write_png(overlay_file, overlay)
-                    write_csv_atomic(table_file, table, columns)
-                    extra = list(claimed[3:])
-                    rois_file = extra.pop(0) if rois else None
-                    geojson_file = extra.pop(0) if geojson else None
-                    if rois_file is not None:
-                        write_roi_zip(rois_file, outlines)
-                    if geojson_file is not None:
-                        write_geojson(geojson_file, outlines, table, out_stem)
-                except BaseException as e:  # the outputs themselves: the run cannot go on
-                    if isinstance(e, Exception):
-                        rows[i][k] = {"image": str(path), "status": "failed",
-                                      "output_stem": out_stem, "plane": rows[i][k]["plane"],
-                                      "error": f"outputs not written: {_reason(path, e)}"}
-                    try:
-                        write_summary()
-                    except Exception:  # noqa: BLE001  the disk may be full: the first error counts
-                        pass
-                    if isinstance(e, OSError):
-                        at = e.filename or out.folder
-                        raise OSError(f"{at}: the outputs of {where} cannot be written "
-                                      f"({e.strerror or e}); the run stops here, {summary} "
-                                      f"lists what is done") from e
-                    raise
-                rows[i][k] = _image_row(path, out_stem, image, prediction, used_tile,
-                                        time.perf_counter() - start, fingerprints[i],
-                                        scaled.choice)
-                report.results.append(ImageResult(
-                    image=path, labels=labels_file, overlay=overlay_file, table=table_file,
-                    nuclei=prediction.count, summary=rows[i][k], plane=image.plane,
-                    rois=rois_file, geojson=geojson_file,
-                ))
-                write_summary()
+            factory = predictor_factory or PredictorSpec(
+                model_cfg, None if weights is None else str(weights), device,
+                float(score_threshold), float(min_kept_fraction))
+            predict_on_cluster(tasks, settings, factory, writer, dask=dask,
+                               workers=dask_workers, progress=progress)
+            writer.sort_results()
     return report

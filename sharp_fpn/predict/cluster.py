@@ -1,0 +1,215 @@
+"""predict on a dask.distributed cluster (``tools/predict.py --dask [ADDRESS]``).
+
+The images of a run are segmented by the cluster's workers, one task per image, and written by
+the run itself, in the process that holds the output folder's lock:
+
+* **What runs where**: a worker runs :func:`~.run.segment_image` (read, rescale, predict,
+  measure; it writes nothing) and returns its events: per plane the label image, the overlay,
+  the per-nucleus table and outlines. The client hands each to the run's
+  :class:`~.run.RunWriter` as the task completes, which writes the files through
+  :class:`~sharp_fpn.outdir.OutputDir` and rewrites ``summary.csv`` exactly as the serial run
+  does. So the lock, the claims and the atomic writes stay in one process, the workers need no
+  access to the output folder (a remote cluster may not even see it), and a worker that dies
+  leaves nothing half-written. Their cost: each image's outputs cross the network once (about
+  7 bytes per pixel per plane); images larger than memory go tile by tile instead (the
+  large-image path), not through this.
+* **The model**: never pickled. Each task carries a small picklable factory
+  (:class:`PredictorSpec`: config, weights path, device, thresholds) and the run's key; a
+  worker builds the model on its first task of a run and keeps it for the next ones
+  (:func:`worker_predictor`). The weights must be a file every worker can read (a shared path
+  on a remote cluster; the same file for a LocalCluster).
+* **The same results**: the same body, the same settings and the same weights give the same
+  files as the serial run, in any order of completion (the summary keeps the inputs' order;
+  the report's results are put back in it). The ``seconds`` column is each image's own time.
+* **A worker lost**: a worker process that dies (killed, out of memory) has its tasks
+  rescheduled on the others by the scheduler (its nanny restarts it); a task that keeps killing
+  workers is given up after ``distributed.scheduler.allowed-failures`` (dask's setting, 3 by
+  default) and that image fails (``KilledWorker``), naming it; the batch goes on. An exception
+  escaping a task (not an image's failure, which is an event) is retried ``retries`` times.
+* **Interrupted**: the summary is rewritten after each image, so a run stopped at any moment
+  (the client killed, the cluster gone) is resumed by running it again (``skipped (done)``).
+  A write failure (a full disk) cancels the tasks not yet done and ends the run as the serial
+  one does.
+* **The cluster**: a scheduler address (``tcp://host:8786``) connects to a running cluster;
+  no address starts a ``LocalCluster`` of worker processes (one thread each, torch given the
+  cores shared among them), closed when the run ends, whatever happens.
+
+dask.distributed is imported only when a run asks for it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, Optional, Sequence
+
+from tqdm import tqdm
+
+from ..utils import available_cpus, silence_warnings, worker_count
+
+__all__ = [
+    "DEFAULT_RETRIES",
+    "PredictorSpec",
+    "open_client",
+    "predict_on_cluster",
+    "segment_on_worker",
+    "worker_predictor",
+]
+
+#: Retries of a task whose function raised (not an image's failure, which is a failed row).
+DEFAULT_RETRIES = 2
+
+_CACHE_LOCK = threading.Lock()
+_CACHED: dict = {}  # the worker's model: {"key": run key, "predictor": model}
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """What a worker builds its :class:`~sharp_fpn.d2.predictor.NucleiPredictor` from
+    (picklable: the config and the weights' path, never the model).
+
+    Attributes:
+        cfg: the model's config (a ``CfgNode``, or a yaml path).
+        weights: the checkpoint file, readable by every worker.
+        device: torch device; None: the config's ``MODEL.DEVICE``.
+        score_threshold, min_kept_fraction: the predictor's thresholds.
+        torch_threads: torch's intra-op threads in the worker; None leaves torch's default.
+    """
+
+    cfg: Any
+    weights: Optional[str]
+    device: Optional[str] = None
+    score_threshold: float = 0.5
+    min_kept_fraction: float = 0.5
+    torch_threads: Optional[int] = None
+
+    def __call__(self):
+        silence_warnings()  # a worker process starts with fresh warning filters
+        from ..d2.predictor import NucleiPredictor
+
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+        return NucleiPredictor(self.cfg, self.weights, device=self.device,
+                               score_threshold=self.score_threshold,
+                               min_kept_fraction=self.min_kept_fraction)
+
+
+def worker_predictor(factory: Callable[[], Any], key: str):
+    """This process's model for the run ``key``: built by ``factory`` on its first task, kept
+    for the next ones (a new run's key replaces it)."""
+    with _CACHE_LOCK:
+        if _CACHED.get("key") != key:
+            _CACHED.clear()
+            _CACHED.update(key=key, predictor=factory())
+        return _CACHED["predictor"]
+
+
+def segment_on_worker(task, settings, factory: Callable[[], Any], key: str) -> list:
+    """A task: :func:`~.run.segment_image` of one input with this worker's model, all its
+    events (nothing written)."""
+    from .run import segment_image
+
+    return list(segment_image(task, settings, worker_predictor(factory, key)))
+
+
+@contextlib.contextmanager
+def open_client(dask: Any = None, workers: Optional[int] = None,
+                todo: Optional[int] = None) -> Iterator[tuple]:
+    """A ``distributed.Client`` for ``dask`` and the torch threads each worker should use.
+
+    Args:
+        dask: a ``Client`` (used, left open), a scheduler address, or ``""``/None/True for a
+            ``LocalCluster`` of ``workers`` processes with one thread each (closed on exit).
+        workers: the LocalCluster's processes (default :func:`~sharp_fpn.utils.available_cpus`,
+            and no more than ``todo``, the images to segment).
+
+    Yields:
+        ``(client, torch_threads)``: for a LocalCluster, the available cores shared among
+        its workers; None for a cluster run elsewhere (torch's default there).
+
+    Raises:
+        OSError: the scheduler at the address cannot be reached (one line naming it).
+    """
+    from distributed import Client, LocalCluster
+
+    if isinstance(dask, Client):
+        yield dask, None
+        return
+    if isinstance(dask, str) and dask:
+        try:
+            client = Client(dask, timeout="20s")
+        except (OSError, TimeoutError) as e:
+            raise OSError(f"--dask {dask}: no Dask scheduler reached there ({e})") from None
+        try:
+            yield client, None
+        finally:
+            client.close()
+        return
+    n = worker_count(workers)
+    if workers is None and todo:
+        n = min(n, todo)
+    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
+        yield client, max(1, available_cpus() // n)
+
+
+def predict_on_cluster(tasks: Sequence, settings, factory: Callable[[], Any], writer, *,
+                       dask: Any = None, workers: Optional[int] = None,
+                       progress: bool = True, retries: int = DEFAULT_RETRIES) -> None:
+    """Segment ``tasks`` (:class:`~.run.ImageTask`) on a cluster and hand each image's events to
+    ``writer`` (:class:`~.run.RunWriter`) as it completes (module docstring).
+
+    Args:
+        tasks: the images to segment (those not skipped as done).
+        settings: the run's :class:`~.run.ImageSettings`.
+        factory: builds the model in a worker (:class:`PredictorSpec`, or any picklable
+            callable); a :class:`PredictorSpec` without ``torch_threads`` gets the
+            LocalCluster's share of the cores.
+        writer: writes each image's outputs and the summary, in this process.
+        dask, workers: the cluster (:func:`open_client`).
+        progress: a tqdm bar over the images.
+        retries: of a task whose function raised.
+
+    Raises:
+        OSError: an output could not be written (the tasks left are cancelled), or the
+            scheduler cannot be reached.
+    """
+    from distributed import as_completed
+
+    key = uuid.uuid4().hex
+    with open_client(dask, workers, len(tasks)) as (client, threads):
+        if isinstance(factory, PredictorSpec) and factory.torch_threads is None and threads:
+            factory = PredictorSpec(factory.cfg, factory.weights, factory.device,
+                                    factory.score_threshold, factory.min_kept_fraction, threads)
+        futures = {  # the factory travels with each task (a few kB): a worker that
+            # restarts needs nothing that died with another
+            client.submit(segment_on_worker, task, settings, factory, key,
+                          key=f"sharp-fpn-predict-{key}-{task.index}", retries=retries,
+                          pure=False): task
+            for task in tasks
+        }
+        bar = tqdm(total=len(futures), desc="nuclei", unit="image", disable=not progress)
+        try:
+            for future in as_completed(list(futures)):
+                task = futures.pop(future)
+                try:
+                    events: List = future.result()
+                except Exception as e:  # noqa: BLE001  KilledWorker, a task that kept raising
+                    writer.fail(task, f"{task.path}: not segmented on the cluster "
+                                      f"({type(e).__name__}: {' '.join(str(e).split())})")
+                else:
+                    for event in events:
+                        if not writer.accept(event):
+                            break
+                finally:
+                    future.release()
+                    bar.update()
+        finally:
+            bar.close()
+            if futures:  # a write failure (or an interrupt) ends the run: drop what is left
+                client.cancel(list(futures))
