@@ -787,8 +787,8 @@ def write_standins(root: PathLike, *, seed: int = 0, cases: int = 4, size: int =
     position order is decreasing z), stored as uint16 with intercept -1024 (odd patients int16,
     slope 2). File names and InstanceNumbers are shuffled, so neither gives the slice order.
     The body is soft tissue around a lung field (-850 HU) holding one or two spherical nodules
-    (+40 HU); an XML has 2-4 readers whose outlines differ in centre and radius by up to a
-    pixel (readers 3 and 4 miss a nodule now and then); the first patient's first reader also
+    (+40 HU); an XML has 2-4 readers whose outlines differ in centre and radius by up to
+    half a pixel (readers 3 and 4 miss a nodule now and then); the first patient's first reader also
     marks a nodule < 3 mm and a non-nodule (both skipped by :func:`convert`). Deterministic for
     a ``seed``. Written into a temporary folder renamed to ``root`` (which must not exist, or be
     empty). Returns ``root``.
@@ -854,18 +854,18 @@ def write_standins(root: PathLike, *, seed: int = 0, cases: int = 4, size: int =
                 for r in range(n_readers):
                     if r >= 2 and rng.random() < 0.3:
                         continue
-                    dx, dy = rng.uniform(-0.7, 0.7, 2)
-                    dr = rng.uniform(-0.8, 0.8)
+                    dx, dy = rng.uniform(-0.5, 0.5, 2)
+                    dr = rng.uniform(-0.5, 0.5)
                     rois = []
                     for k in range(n):
                         dz = zs[k] - cz
                         if abs(dz) >= radius:
                             continue
                         r_px = math.sqrt(radius ** 2 - dz ** 2) / ps
-                        if r_px < 1.5:
+                        if r_px < 2.0:
                             continue
                         rois.append((float(zs[k]), sops[k],
-                                     ring(cx + dx, cy + dy, r_px + 1.0 + dr)))
+                                     ring(cx + dx, cy + dy, r_px + 0.5 + dr)))
                     if rois:
                         readers[r].append({"nodule": f"Nodule {j + 1:03d}", "rois": rois})
             if c == 0:
