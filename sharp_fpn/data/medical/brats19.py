@@ -118,7 +118,8 @@ def read_case(
     seg_image = to_canonical(images["seg"], spacing, "nearest")
     seg = np.asarray(seg_image.dataobj, dtype=np.float64)
     values = np.unique(seg)
-    bad = [v for v in values.tolist() if v not in LABELS]
+    bad = [int(v) if float(v).is_integer() else v for v in values.tolist()
+           if v not in LABELS]
     if bad:
         raise MedicalDataError(
             f"{paths['seg']}: holds label values {bad[:5]} (BraTS labels are 0, 1, 2, 4)")

@@ -103,7 +103,8 @@ def read_case(
     ct = np.asarray(to_canonical(image, spacing, interpolation).get_fdata(dtype=np.float32))
     seg_image = to_canonical(seg_image, spacing, "nearest")
     seg = np.asarray(seg_image.dataobj, dtype=np.float64)
-    bad = [v for v in np.unique(seg).tolist() if v not in LABELS]
+    bad = [int(v) if float(v).is_integer() else v
+           for v in np.unique(seg).tolist() if v not in LABELS]
     if bad:
         raise MedicalDataError(
             f"{segmentation}: holds label values {bad[:5]} (LiTS labels are 0, 1, 2)")

@@ -46,8 +46,8 @@ DOWNLOADS: Dict[str, Tuple[str, str]] = {
         "MICCAI_BraTS_2019_Data_Training/{HGG,LGG}/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
     ),
     "lits17": (
-        "the LiTS 2017 challenge (https://competitions.codalab.org/competitions/17094, or its "
-        "mirror in the Medical Segmentation Decathlon's Task03_Liver): Training Batch 1 and 2",
+        "the LiTS 2017 challenge (https://competitions.codalab.org/competitions/17094; "
+        "registration needed): Training Batch 1 and Training Batch 2",
         "volume-<n>.nii and segmentation-<n>.nii (.nii.gz too; in any sub-folder, e.g. "
         "'Training Batch 1/')",
     ),
