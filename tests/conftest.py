@@ -23,6 +23,10 @@ os.environ["DETECTRON2_DATASETS"] = tempfile.mkdtemp(prefix="sharp-fpn-datasets-
 atexit.register(shutil.rmtree, os.environ["DETECTRON2_DATASETS"], ignore_errors=True)
 torch.set_num_threads(1)
 silence_warnings()
+# Qt without a window system (the napari plugin's tests): the offscreen platform needs no X
+# client libraries; napari's canvas gets its OpenGL through the X server pytest-xvfb starts
+# (Mesa's llvmpipe), which Qt's offscreen platform uses when DISPLAY is set.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -172,8 +172,8 @@ def image_plane(data: Any, rgb: bool, position: Optional[Sequence[float]] = None
     shape = tuple(getattr(data, "shape", ()))
     image_dims = 3 if rgb else 2
     if len(shape) < image_dims:
-        raise ValueError(f"an image layer of shape {shape} is not a{' colour' if rgb else ''} "
-                         f"image (expected {'(..., H, W, 3 or 4)' if rgb else '(..., H, W)'})")
+        raise ValueError(f"an image layer of shape {shape} is not "
+                         f"{'a colour image' if rgb else 'an image'} (expected {'(..., H, W, 3 or 4)' if rgb else '(..., H, W)'})")
     dtype = np.dtype(getattr(data, "dtype", np.float64))
     if dtype.kind not in "buif":
         raise ValueError(f"an image layer of {dtype} values cannot be segmented (expected "
