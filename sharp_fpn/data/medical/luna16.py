@@ -36,6 +36,7 @@ problem; nothing is written then. Uses SimpleITK and numpy; no torch, no detectr
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 import shutil
@@ -407,13 +408,16 @@ def write_standins(root: PathLike, *, seed: int = 0, cases: int = 4, size: int =
     ``root`` (which must not exist, or be empty). Returns ``root``.
     """
     import SimpleITK as sitk
-    from pydicom.uid import generate_uid
 
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(f"{root}: exists and is not an empty folder")
     if size < 16:
         raise ValueError(f"size must be at least 16 voxels, got {size}")
+
+    def generate_uid(*what: Any) -> str:  # LUNA16's root, digits from a hash of seed and case
+        digest = hashlib.sha256(repr((seed, "luna16") + what).encode()).digest()
+        return "1.3.6.1.4.1.14519.5.2.1.6279.6001." + str(int.from_bytes(digest[:12], "big"))
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
     spacing = (0.7, 0.7, 1.25)
@@ -422,8 +426,7 @@ def write_standins(root: PathLike, *, seed: int = 0, cases: int = 4, size: int =
         (tmp / "subset0").mkdir()
         for c in range(cases):
             rng = np.random.default_rng([seed, c, 0x1A16])
-            uid = generate_uid(prefix="1.3.6.1.4.1.14519.5.2.1.6279.6001.",
-                               entropy_srcs=[str(seed), "luna16", str(c)])
+            uid = generate_uid(c)
             flipped = c % 2 == 1
             direction = (1, 0, 0, 0, -1, 0, 0, 0, 1) if flipped else (1, 0, 0, 0, 1, 0, 0, 0, 1)
             origin = (-180.5 + 7 * c, (120.25 if flipped else -110.25) - 3 * c, -300.0 + 11 * c)
@@ -459,8 +462,7 @@ def write_standins(root: PathLike, *, seed: int = 0, cases: int = 4, size: int =
             volume = sitk.GetImageFromArray(hu.astype(np.int16))
             volume.CopyInformation(image)
             sitk.WriteImage(volume, str(tmp / "subset0" / f"{uid}.mhd"), useCompression=False)
-        missing_uid = generate_uid(prefix="1.3.6.1.4.1.14519.5.2.1.6279.6001.",
-                                   entropy_srcs=[str(seed), "luna16", "not downloaded"])
+        missing_uid = generate_uid("not downloaded")
         rows.append([missing_uid, "10.0", "20.0", "-30.0", "5.5"])
         write_csv_atomic(tmp / "annotations.csv", rows, COLUMNS)
         if root.exists():
