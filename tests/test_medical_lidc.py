@@ -217,3 +217,15 @@ def test_rerun_identical_and_split_by_patient(standins, tmp_path):
 def test_missing_data_set_says_where_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="cancerimagingarchive"):
         lidc.convert(tmp_path, tmp_path / "out")
+
+
+def test_outline_on_no_slice_refused_naming_the_xml(tmp_path):
+    ring = lidc.ring(10.0, 10.0, 3.0)
+    folder, sops, zs = _write_case(tmp_path / "root", [[("Nodule 007", [(2, ring)])]])
+    xml = folder / "158.xml"
+    text = xml.read_text().replace(sops[2], "1.2.999").replace(f"{zs[2]:.6f}", "-12.345000")
+    xml.write_text(text)
+    with pytest.raises(MedicalDataError, match="Nodule 007.*on no slice") as err:
+        lidc.convert(tmp_path / "root", tmp_path / "out")
+    assert str(err.value).startswith(f"{xml}: reader 1")
+    assert not (tmp_path / "out").exists()

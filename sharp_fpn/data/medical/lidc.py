@@ -80,12 +80,15 @@ __all__ = [
     "Nodule",
     "read_series",
     "read_readings",
+    "reader_mask",
     "group_nodules",
+    "nodules_of",
     "nodule_slices",
     "find_series_folders",
     "convert",
     "write_ct_series",
     "write_readings_xml",
+    "ring",
     "write_standins",
 ]
 
@@ -351,7 +354,8 @@ def _read_one_xml(path: Path) -> Optional[Tuple[str, List[List[ReaderNodule]], i
     return series_uid, sessions, small, non_nodules
 
 
-def read_readings(folder: PathLike, series_uid: str, only_series: bool = False) -> Optional[Reading]:
+def read_readings(folder: PathLike, series_uid: str,
+                  only_series: bool = False) -> Optional[Reading]:
     """The readers' nodules of series ``series_uid`` from the ``*.xml`` files of ``folder``.
 
     An XML names its series in ``ResponseHeader/SeriesInstanceUid``; one that names none is
@@ -388,7 +392,7 @@ def read_readings(folder: PathLike, series_uid: str, only_series: bool = False) 
 # masks, grouping, consensus
 
 
-def _where(nodule: ReaderNodule, contour: Contour) -> str:
+def _where(nodule: ReaderNodule) -> str:
     return f"{nodule.xml}: reader {nodule.reader + 1}, nodule {nodule.nodule_id}"
 
 
@@ -407,12 +411,12 @@ def reader_mask(nodule: ReaderNodule, series: CTSeries) -> Dict[int, np.ndarray]
         k = series.slice_index(contour.sop_uid, contour.z)
         if k is None:
             raise MedicalDataError(
-                f"{_where(nodule, contour)}: an outline at imageZposition {contour.z} "
+                f"{_where(nodule)}: an outline at imageZposition {contour.z} "
                 f"(imageSOP_UID {contour.sop_uid or '-'}) is on no slice of {series.folder}")
         cols, rows = contour.points[:, 0], contour.points[:, 1]
         if contour.points.size and (rows.min() < 0 or cols.min() < 0 or rows.max() >= shape[0]
                                     or cols.max() >= shape[1]):
-            raise MedicalDataError(f"{_where(nodule, contour)}: an outline point lies outside "
+            raise MedicalDataError(f"{_where(nodule)}: an outline point lies outside "
                                    f"the {shape[0]}x{shape[1]} image")
         located.append((k, contour))
     for inclusion in (True, False):
