@@ -92,7 +92,9 @@ def add_unet_config(cfg: CN) -> CN:
     # named by MODEL.BACKBONE.NAME (build_resnet_backbone, build_vgg_backbone) with a grid
     # decoder on its IN_FEATURES (DECODER, WIDTHS, UPSAMPLE_WIDTHS): Table 2's upper half.
     _C.MODEL.UNET.USE_BACKBONE = False
-    # Table 1 network: "unet", "wunet", "unet2plus", "unet3plus" or "unet_sharp".
+    # Table 1 network: "unet", "wunet", "unet2plus", "unet3plus" or "unet_sharp" (2-D,
+    # SemanticNucleiSegmentor); "vnet", "wvnet", "vnet2plus", "vnet3plus" or "vnet_sharp" (the
+    # 3-D V-Net family, VolumeSegmentor; 5x5x5 nodes, one input channel).
     _C.MODEL.UNET.ARCH = "unet_sharp"
     # Table 1 networks: multiplies the arch's widths (UNet [32..512], WUNet [35..560]), rounded;
     # 1.0 gives the paper's networks, exactly create_model(ARCH); smaller for smoke runs.
@@ -183,6 +185,43 @@ def add_unet_config(cfg: CN) -> CN:
     # augmentations' mean scale; tools/predict.py --diameter rescales an image so that its
     # nuclei have this size. 0: not known (--diameter is then refused).
     _C.INPUT.NUCLEUS_DIAMETER = 0.0
+
+    # Pre-processing of the 3-D models (VolumeSegmentor, the V-Net family on LUNA16), built
+    # on TorchIO by sharp_fpn.d2.volume_data: patches drawn by a tio.Queue, tio.RandomFlip and
+    # tio.RandomAffine for augmentation, TorchIO's intensity transforms for normalisation.
+    _C.INPUT.VOLUME = CN()
+    # Training patches, [side0, side1, side2] voxels in the arrays' order (NIfTI's (X, Y, Z));
+    # each side a multiple of the network's coarsest stride (16 for the 5-level V-Nets).
+    _C.INPUT.VOLUME.PATCH_SIZE = [64, 64, 64]
+    # Patch sampler: "label" (tio.LabelSampler: a patch centred on foreground with probability
+    # FOREGROUND_PROBABILITY, else on background) or "uniform" (tio.UniformSampler).
+    _C.INPUT.VOLUME.SAMPLER = "label"
+    _C.INPUT.VOLUME.FOREGROUND_PROBABILITY = 0.5
+    # tio.Queue: patches drawn from each loaded volume, and the most patches it holds.
+    _C.INPUT.VOLUME.SAMPLES_PER_VOLUME = 4
+    _C.INPUT.VOLUME.QUEUE_LENGTH = 64
+    # Intensity normalisation of every volume, training and test alike: "window" (tio.Clamp
+    # to WINDOW, then tio.RescaleIntensity of WINDOW to [0, 1]: a CT window in HU), "znorm"
+    # (tio.ZNormalization: zero mean, unit std per volume) or "" (values as stored).
+    _C.INPUT.VOLUME.NORMALIZE = "window"
+    # The intensity window of NORMALIZE "window" (LUNA16: lung window -1000..400 HU).
+    _C.INPUT.VOLUME.WINDOW = [-1000.0, 400.0]
+    # Training: tio.RandomFlip along every axis, each with probability 1/2.
+    _C.INPUT.VOLUME.FLIP = True
+    # Training: tio.RandomAffine rotations, uniform in +-ROTATION degrees about each axis (0:
+    # none), and scaling by a factor in [1 - SCALE, 1 + SCALE] (0: none); linear
+    # interpolation of the image, nearest of the mask (TorchIO's rule for a LabelMap).
+    _C.INPUT.VOLUME.ROTATION = 10.0
+    _C.INPUT.VOLUME.SCALE = 0.0
+    # Probability of applying the affine (1: every patch's volume).
+    _C.INPUT.VOLUME.AFFINE_PROBABILITY = 0.5
+
+    _C.TEST.VOLUME = CN()
+    # Inference on whole volumes ([]) or, for volumes larger than memory allows, patches of
+    # this size (tio.GridSampler) with TEST.VOLUME.PATCH_OVERLAP voxels of overlap, averaged
+    # back together (tio.GridAggregator, "average").
+    _C.TEST.VOLUME.PATCH_SIZE = []
+    _C.TEST.VOLUME.PATCH_OVERLAP = [16, 16, 16]
 
     _C.TEST.SEMANTIC = CN()
     # SemanticIoUEvaluator: a pixel is foreground where its probability exceeds this.

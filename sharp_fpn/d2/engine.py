@@ -9,6 +9,8 @@ What differs from detectron2's ``DefaultTrainer``:
   foreground IoU/Dice (:class:`~sharp_fpn.d2.evaluators.DSBEvaluator`); semantic
   models (``SemanticNucleiSegmentor``) get foreground IoU/Dice
   (:class:`~sharp_fpn.d2.semantic_evaluator.SemanticIoUEvaluator`) and their own data mapper;
+  the 3-D ``VolumeSegmentor`` (the V-Net family) gets TorchIO's patch queue for training,
+  whole volumes for testing and per-volume IoU/Dice (:mod:`.volume_data`);
 * ``SOLVER.OPTIMIZER`` picks SGD (detectron2's), Adam or AdamW;
 * images are read as prediction reads them (:mod:`.mapper`: a 16-bit image is stretched to 8
   bits as ``tools/predict.py`` does, where detectron2's reader clipped it to white), by
@@ -65,6 +67,8 @@ from .run_folder import EVAL_CONFIG
 from .semantic_evaluator import SemanticIoUEvaluator
 from .semantic import is_semantic
 from .semantic_data import SemanticNucleiMapper
+from .volume import is_volume
+from .volume_data import VolumeIoUEvaluator, build_volume_test_loader, build_volume_train_loader
 from ..utils import write_text_atomic
 
 
@@ -104,8 +108,12 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
         """detectron2's loader, mapping through ``SemanticNucleiMapper`` (semantic models) or
-        :class:`~.mapper.NucleiDatasetMapper` (Mask R-CNN): images read as predict reads them."""
+        :class:`~.mapper.NucleiDatasetMapper` (Mask R-CNN): images read as predict reads them;
+        for the 3-D ``VolumeSegmentor``, TorchIO's patch queue
+        (:func:`~.volume_data.build_volume_train_loader`)."""
         check_datasets(cfg, train=True, test=False)
+        if is_volume(cfg):
+            return build_volume_train_loader(cfg)
         if is_semantic(cfg):
             return build_detection_train_loader(cfg, mapper=SemanticNucleiMapper(cfg, True))
         return build_detection_train_loader(cfg, mapper=NucleiDatasetMapper(cfg, True))
@@ -113,6 +121,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
         _check_dataset("DATASETS.TEST", dataset_name)
+        if is_volume(cfg):
+            return build_volume_test_loader(cfg, dataset_name)
         mapper_class = SemanticNucleiMapper if is_semantic(cfg) else NucleiDatasetMapper
         mapper = mapper_class(cfg, False)
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
@@ -141,10 +151,15 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
 
 def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
     """COCO AP (bbox, and segm when masks are on) and the DSB2018 score, IoU and Dice; for the
-    semantic models, foreground IoU and Dice of the thresholded probabilities."""
+    semantic models, foreground IoU and Dice of the thresholded probabilities; for the 3-D
+    models the same per volume (:class:`~.volume_data.VolumeIoUEvaluator`)."""
     if dataset_name in DATASETS:
         DatasetCatalog.get(dataset_name)  # converts on first use: COCOEvaluator reads the json
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    if is_volume(cfg):
+        return VolumeIoUEvaluator(
+            dataset_name, threshold=cfg.TEST.SEMANTIC.THRESHOLD, output_dir=output_folder
+        )
     if is_semantic(cfg):
         return SemanticIoUEvaluator(
             dataset_name, threshold=cfg.TEST.SEMANTIC.THRESHOLD, output_dir=output_folder

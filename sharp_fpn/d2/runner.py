@@ -3,8 +3,9 @@
 :mod:`sharp_fpn.experiments` holds the tables, the quick recipe and the report writers without
 detectron2; this module trains a row through :class:`~.engine.Trainer` (as
 ``tools/train_net.py``) and evaluates it with the Trainer's evaluator: semantic rows by
-``SemanticIoUEvaluator`` (foreground IoU and Dice of the union mask), Mask R-CNN rows by
-``DSBEvaluator``'s foreground IoU and Dice.
+``SemanticIoUEvaluator`` (foreground IoU and Dice of the union mask), 3-D rows (the V-Net
+family, ``VolumeSegmentor``) by ``VolumeIoUEvaluator`` (the same per volume), Mask R-CNN rows
+by ``DSBEvaluator``'s foreground IoU and Dice.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
@@ -29,6 +31,8 @@ from .engine import Trainer, get_config
 from .evaluators import CSV_NAME as DSB_CSV
 from .semantic import is_semantic
 from .semantic_evaluator import CSV_NAME as SEMANTIC_CSV
+from .volume import is_volume
+from .volume_data import CSV_NAME as VOLUME_CSV
 
 LOGGER_NAME = "sharp_fpn.experiments"
 logger = logging.getLogger(LOGGER_NAME)
@@ -53,12 +57,15 @@ def setup_logging() -> None:
 def row_config(
     row: Row, quick: bool, iters: Optional[int], opts: Sequence, output: Path
 ) -> CfgNode:
-    """The row's config, frozen: its yaml, then ``--quick``'s recipe (common, then semantic or
-    instance), ``iters`` as ``SOLVER.MAX_ITER``, ``opts``; ``OUTPUT_DIR`` is ``output``."""
+    """The row's config, frozen: its yaml, then ``--quick``'s recipe (common, then semantic,
+    instance or volume, then the row's stand-in data set), ``iters`` as ``SOLVER.MAX_ITER``,
+    ``opts``; ``OUTPUT_DIR`` is ``output``."""
     path = str(row.config_path)
     overrides: List = ["OUTPUT_DIR", str(output)]
     if quick:
-        overrides += quick_overrides(semantic=is_semantic(get_config(path)))
+        own = get_config(path)
+        kind = "volume" if is_volume(own) else "semantic" if is_semantic(own) else "instance"
+        overrides += quick_overrides(kind=kind, dataset=row.quick_dataset)
     if iters is not None:
         overrides += ["SOLVER.MAX_ITER", iters]
     cfg = get_config(path, overrides + list(opts))
@@ -69,9 +76,10 @@ def row_config(
 def _scores(cfg: CfgNode, results: Dict) -> Tuple[float, float, List[float]]:
     """(IoU %, Dice %, per-image IoU %) from ``Trainer.test``'s results and the evaluator CSV."""
     folder = Path(cfg.OUTPUT_DIR) / "inference" / cfg.DATASETS.TEST[0]
-    if is_semantic(cfg):
+    if is_semantic(cfg) or is_volume(cfg):
         iou, dice = results["semantic"]["IoU"], results["semantic"]["Dice"]
-        csv_path, column = folder / SEMANTIC_CSV, "iou"
+        csv_path = folder / (VOLUME_CSV if is_volume(cfg) else SEMANTIC_CSV)
+        column = "iou"
     else:
         iou, dice = results["dsb"]["fg_IoU"], results["dsb"]["fg_Dice"]
         csv_path, column = folder / DSB_CSV, "fg_iou"
@@ -115,8 +123,12 @@ def pruning_study(
 
 
 def config_parameters(row: Row) -> int:
-    """Parameters of the network the row's yaml describes, as is (the paper's widths)."""
+    """Parameters of the network the row's yaml describes, as is (the paper's widths); the 3-D
+    rows' (27M to 37M parameters) are counted on the meta device, without memory or init."""
     cfg = get_config(str(row.config_path), ["MODEL.DEVICE", "cpu"])
+    if is_volume(cfg):
+        with torch.device("meta"):
+            return count_parameters(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg))
     return count_parameters(Trainer.build_model(cfg))
 
 

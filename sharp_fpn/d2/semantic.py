@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from detectron2.config import configurable
@@ -39,7 +39,7 @@ from ..models.blocks import UPSAMPLE_MODES
 from ..models.encoders import GridEncoder
 from ..models.grid_decoder import FULL_SCALE_OPS
 from ..models.heads import UpsamplingHead
-from ..models.unet import ARCHS, GridUNet
+from ..models.unet import ARCHS, VNET_ARCHS, Arch, GridUNet, SegmentationOutput
 from .neck import column_strides
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "UpsamplingHead",
     "build_semantic_network",
     "is_semantic",
+    "segmentation_losses",
 ]
 
 SEMANTIC_META_ARCHITECTURE = "SemanticNucleiSegmentor"
@@ -165,12 +166,20 @@ def _backbone_network(cfg, common: Dict[str, Any]) -> GridUNet:
     )
 
 
-def _vgg_block_network(cfg, common: Dict[str, Any]) -> GridUNet:
-    """Table 1's network: ``MODEL.UNET.ARCH`` at ``WIDTH_MULT`` times its widths."""
+def _vgg_block_network(
+    cfg, common: Dict[str, Any], archs: Mapping[str, Arch] = ARCHS,
+    in_channels: Optional[int] = None,
+) -> GridUNet:
+    """Table 1's network: ``MODEL.UNET.ARCH`` (one of ``archs``: the 2-D ``ARCHS``, or the 3-D
+    ``VNET_ARCHS`` for ``VolumeSegmentor``) at ``WIDTH_MULT`` times its widths, with its own
+    dims and node kernel; ``in_channels`` default the length of ``MODEL.PIXEL_MEAN`` (2-D) or
+    the arch's own (3-D: one, CT)."""
     u = cfg.MODEL.UNET
-    check_value("MODEL.UNET.ARCH", u.ARCH, u.ARCH in ARCHS, f"one of {sorted(ARCHS)}")
+    check_value("MODEL.UNET.ARCH", u.ARCH, u.ARCH in archs, f"one of {sorted(archs)}")
     check_value("MODEL.UNET.WIDTH_MULT", u.WIDTH_MULT, u.WIDTH_MULT > 0, "a positive number")
-    arch = ARCHS[u.ARCH]
+    arch = archs[u.ARCH]
+    if in_channels is None:  # images: one per normalised channel; volumes: the arch's (CT: 1)
+        in_channels = len(cfg.MODEL.PIXEL_MEAN) if arch.dims == 2 else arch.in_channels
     check_value(
         "MODEL.UNET.FULL_SCALE",
         u.FULL_SCALE,
@@ -179,26 +188,43 @@ def _vgg_block_network(cfg, common: Dict[str, Any]) -> GridUNet:
     )
     return GridUNet(
         arch.scheme,
-        len(cfg.MODEL.PIXEL_MEAN),
+        in_channels,
         1,
         [max(1, round(c * u.WIDTH_MULT)) for c in arch.channels],
         deep_supervision=_deep_supervision(cfg, arch.scheme),
         upsample_mode=u.UPSAMPLE,
+        kernel_size=arch.kernel_size,
+        dims=arch.dims,
         **common,
     )
 
 
-def build_semantic_network(cfg) -> GridUNet:
+def build_semantic_network(cfg, dims: int = 2, in_channels: Optional[int] = None) -> GridUNet:
     """The network ``MODEL.UNET.*`` describes (see the module docstring); every value checked,
-    errors naming the key."""
+    errors naming the key.
+
+    Args:
+        cfg: the config.
+        dims: 2 (``SemanticNucleiSegmentor``: ``ARCHS`` or a detectron2 bottom-up) or 3
+            (``VolumeSegmentor``: ``VNET_ARCHS`` only, VGG blocks).
+        in_channels: image channels of a VGG-block network (default: ``MODEL.PIXEL_MEAN``'s in
+            2-D, the arch's own in 3-D).
+    """
     u = cfg.MODEL.UNET
+    if dims == 3:
+        check_value("MODEL.UNET.USE_BACKBONE", u.USE_BACKBONE, not u.USE_BACKBONE,
+                    "False for a 3-D model (the V-Net family has no detectron2 bottom-up)")
     check_value("MODEL.UNET.FULL_SCALE", u.FULL_SCALE, u.FULL_SCALE in FULL_SCALE_OPS,
                 f"one of {FULL_SCALE_OPS}")
     check_value("MODEL.UNET.NORM", u.NORM, u.NORM in ("BN", "GN", ""), "'BN', 'GN' or ''")
     check_value("MODEL.UNET.UPSAMPLE", u.UPSAMPLE, u.UPSAMPLE in UPSAMPLE_MODES,
                 f"one of {UPSAMPLE_MODES}")
     common = dict(full_scale=u.FULL_SCALE, norm=u.NORM, cgm=u.CGM, cgm_dropout=u.CGM_DROPOUT)
-    network = _backbone_network(cfg, common) if u.USE_BACKBONE else _vgg_block_network(cfg, common)
+    if u.USE_BACKBONE:
+        network = _backbone_network(cfg, common)
+    else:
+        archs = VNET_ARCHS if dims == 3 else ARCHS
+        network = _vgg_block_network(cfg, common, archs, in_channels)
     if u.PRUNE_LEVEL:
         heads = ", ".join(node_name(p) for p in network.branches)
         check_value(
@@ -210,6 +236,35 @@ def build_semantic_network(cfg) -> GridUNet:
             f"{NESTED_SCHEMES})",
         )
     return network
+
+
+def segmentation_losses(
+    output: SegmentationOutput,
+    target: Tensor,
+    ds_target: str = "pool",
+    loss_weights: Sequence[float] = (0.5, 1.0, 0.5),
+    cgm_loss_weight: float = 1.0,
+) -> Dict[str, Tensor]:
+    """The paper's accurate-mode training losses, in 2-D and 3-D alike.
+
+    Args:
+        output: ``GridUNet.forward_branches`` of the batch: every branch's logits
+            ``(N, 1, *spatial)`` at its own resolution (and CGM class logits).
+        target: ``(N, 1, *spatial)`` 0/1 ground truth at full resolution.
+        ds_target: ``"pool"`` (ground truth max-pooled to each branch) or ``"upsample"``.
+        loss_weights: focal, soft Dice and Lovasz hinge weights of the mixed loss.
+        cgm_loss_weight: weight of the CGM cross-entropy ("has foreground").
+
+    Returns:
+        ``{"loss_seg"}``: the mixed loss averaged over the branches; with CGMs also
+        ``{"loss_cgm"}``: their cross-entropy averaged over the branches, times the weight.
+    """
+    focal, dice, lovasz = loss_weights
+    loss = partial(mixed_loss, focal_weight=focal, dice_weight=dice, lovasz_weight=lovasz)
+    losses = {"loss_seg": deep_supervision_loss(output.logits, target, ds_target, loss)}
+    if output.has_object:
+        losses["loss_cgm"] = cgm_loss_weight * cgm_loss(output.has_object, target)
+    return losses
 
 
 @META_ARCH_REGISTRY.register()
@@ -323,12 +378,9 @@ class SemanticNucleiSegmentor(nn.Module):
         target = ImageList.from_tensors(masks, self.size_divisibility).tensor
         target = (target > 0).to(images.tensor.dtype).unsqueeze(1)  # (N, 1, H, W)
         output = self.network.forward_branches(images.tensor)
-        focal, dice, lovasz = self.loss_weights
-        loss = partial(mixed_loss, focal_weight=focal, dice_weight=dice, lovasz_weight=lovasz)
-        losses = {"loss_seg": deep_supervision_loss(output.logits, target, self.ds_target, loss)}
-        if output.has_object:
-            losses["loss_cgm"] = self.cgm_loss_weight * cgm_loss(output.has_object, target)
-        return losses
+        return segmentation_losses(
+            output, target, self.ds_target, self.loss_weights, self.cgm_loss_weight
+        )
 
     def inference(
         self, images: ImageList, batched_inputs: List[Dict[str, Any]]
