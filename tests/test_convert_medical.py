@@ -137,3 +137,4 @@ def test_quick_brats19_is_made_on_first_use_and_loads_in_detectron2():
     assert json_file == folder / "annotations" / "val.json" and image_root == folder
     with pytest.raises(FileNotFoundError, match="holds no converted data set"):
         DatasetCatalog.get("brats19_train")
+    assert MetadataCatalog.get("luna16_quick_train").kind == "3d"  # registered, not made
