@@ -229,3 +229,16 @@ def test_outline_on_no_slice_refused_naming_the_xml(tmp_path):
         lidc.convert(tmp_path / "root", tmp_path / "out")
     assert str(err.value).startswith(f"{xml}: reader 1")
     assert not (tmp_path / "out").exists()
+
+
+def test_standins_deterministic_replaceable_and_never_over_real_data(standins, tmp_path):
+    again = lidc.write_standins(tmp_path / "again", seed=0, cases=3)
+    assert _tree(again) == _tree(standins)
+    lidc.write_standins(again, seed=1, cases=1)  # earlier stand-ins are replaced whole
+    assert sorted(p.name for p in again.iterdir()) == [".sharp_fpn_standins", "LIDC-IDRI-0001"]
+    real = tmp_path / "real"
+    (real / "LIDC-IDRI-0001").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="holds no stand-ins"):
+        lidc.write_standins(real)
+    assert [p.name for p in real.iterdir()] == ["LIDC-IDRI-0001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "real"]

@@ -177,3 +177,12 @@ def test_isotropic_resampling_and_negatives_when_asked(standins, tmp_path):
 def test_missing_data_set_says_where_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="luna16.grand-challenge.org"):
         luna16.convert(tmp_path, tmp_path / "out")
+
+
+def test_standins_deterministic_and_rewritten_whole(standins, tmp_path):
+    again = luna16.write_standins(tmp_path / "again", seed=0, cases=3)
+    assert _tree(again) == _tree(standins)
+    luna16.write_standins(again, seed=2, cases=1)
+    assert len(list((again / "subset0").glob("*.mhd"))) == 1
+    with pytest.raises(FileExistsError):
+        luna16.write_standins(again / "subset0")

@@ -56,9 +56,6 @@ detectron2.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from dataclasses import dataclass
@@ -68,6 +65,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ...utils import PathLike
+from ._standins import standins_folder
 from .common import MedicalDataError, Slice2D, case_split, missing_dataset_message, \
     window_to_uint8, write_slice_dataset
 
@@ -794,19 +792,15 @@ def write_standins(root: PathLike, *, seed: int = 0, cases: int = 4, size: int =
     (+40 HU); an XML has 2-4 readers whose outlines differ in centre and radius by up to
     half a pixel (readers 3 and 4 miss a nodule now and then); the first patient's first reader also
     marks a nodule < 3 mm and a non-nodule (both skipped by :func:`convert`). Deterministic for
-    a ``seed``. Written into a temporary folder renamed to ``root`` (which must not exist, or be
-    empty). Returns ``root``.
+    a ``seed``. Whole or nothing; ``root`` may be missing, empty or earlier stand-ins (replaced),
+    anything else raises FileExistsError. Returns ``root``.
     """
     from pydicom.uid import generate_uid
 
     root = Path(root)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root}: exists and is not an empty folder")
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
-    try:
+    with standins_folder(root, f"lidc seed={seed} cases={cases} size={size}") as tmp:
         for c in range(cases):
             rng = np.random.default_rng([seed, c, 0x11DC])
             patient = f"LIDC-IDRI-{c + 1:04d}"
@@ -880,11 +874,4 @@ def write_standins(root: PathLike, *, seed: int = 0, cases: int = 4, size: int =
                                    "sop_uid": sops[k], "point": (int(centre) + 4, 4)})
             write_readings_xml(folder / "069.xml", series_uid=series, study_uid=study,
                                readers=readers)
-        if root.exists():
-            root.rmdir()
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root

@@ -38,9 +38,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +46,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ...utils import PathLike, write_csv_atomic
+from ._standins import standins_folder
 from .common import MedicalDataError, Volume3D, case_split, missing_dataset_message, \
     write_volume_dataset
 
@@ -404,25 +402,21 @@ def write_standins(root: PathLike, *, seed: int = 0, cases: int = 4, size: int =
     direction), a body of soft tissue around a lung field (-850 HU) and one to three bright
     spheres (+40 HU) of 4-9 mm diameter, listed in ``annotations.csv`` by world centre and
     diameter (one row for a series that is not in the stand-ins, as when only some subsets are
-    downloaded). Deterministic for a ``seed``. Written into a temporary folder renamed to
-    ``root`` (which must not exist, or be empty). Returns ``root``.
+    downloaded). Deterministic for a ``seed``. Whole or nothing; ``root`` may be missing, empty
+    or earlier stand-ins (replaced), anything else raises FileExistsError. Returns ``root``.
     """
     import SimpleITK as sitk
 
     root = Path(root)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root}: exists and is not an empty folder")
     if size < 16:
         raise ValueError(f"size must be at least 16 voxels, got {size}")
 
     def generate_uid(*what: Any) -> str:  # LUNA16's root, digits from a hash of seed and case
         digest = hashlib.sha256(repr((seed, "luna16") + what).encode()).digest()
         return "1.3.6.1.4.1.14519.5.2.1.6279.6001." + str(int.from_bytes(digest[:12], "big"))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
     spacing = (0.7, 0.7, 1.25)
     rows: List[List[Any]] = []
-    try:
+    with standins_folder(root, f"luna16 seed={seed} cases={cases} size={size}") as tmp:
         (tmp / "subset0").mkdir()
         for c in range(cases):
             rng = np.random.default_rng([seed, c, 0x1A16])
@@ -465,11 +459,4 @@ def write_standins(root: PathLike, *, seed: int = 0, cases: int = 4, size: int =
         missing_uid = generate_uid("not downloaded")
         rows.append([missing_uid, "10.0", "20.0", "-30.0", "5.5"])
         write_csv_atomic(tmp / "annotations.csv", rows, COLUMNS)
-        if root.exists():
-            root.rmdir()
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
