@@ -10,6 +10,30 @@ Without CUDA, ``--num-gpus N`` runs N CPU processes (gloo); add ``MODEL.DEVICE c
 before the config overrides (``KEY VALUE`` pairs, which take the rest of the line); a flag
 found among them is an error that names it.
 
+Several machines (``sharp_fpn.d2.distributed``), two ways; on each machine, the same command:
+
+    # detectron2's flags: one command per machine, --machine-rank 0 on machine 0
+    python tools/train_net.py --num-machines 2 --machine-rank 0 --num-gpus 1 \
+        --dist-url tcp://HOST0:29500 --config-file CFG
+    python tools/train_net.py --num-machines 2 --machine-rank 1 --num-gpus 1 \
+        --dist-url tcp://HOST0:29500 --config-file CFG
+    # torchrun: it starts the processes (--nproc-per-node per machine) and this tool joins them
+    torchrun --nnodes 2 --nproc-per-node 1 --node-rank 0 --master-addr HOST0 \
+        --master-port 29500 tools/train_net.py --config-file CFG
+    torchrun --standalone --nproc-per-node 2 tools/train_net.py --config-file CFG
+
+HOST0 is an address of machine 0 that every machine reaches; ``--num-gpus`` is processes per
+machine (CPU processes where there is no CUDA). A process waits ``--dist-timeout`` seconds
+(default 600) for the others at ``--dist-url``, then stops in one line naming it; so does a
+``--machine-rank`` not below ``--num-machines``, and a multi-machine ``--dist-url`` that is not
+``tcp://``. Under torchrun, detectron2's launch flags are an error that names them (torchrun
+decides the processes). ``SOLVER.IMS_PER_BATCH`` is the batch of all processes together, split
+evenly among them. Only machine 0 (rank 0) writes OUTPUT_DIR's run files and holds its lock;
+the others write only ``log.txt.rank<N>`` there, so a filesystem shared by the machines is
+safe, and ``--resume`` needs one (every process reads the checkpoint). After training rank 0
+writes ``distributed.json``: each process's parameter digest (equal on all, or the run fails)
+and the images of each of its steps.
+
 OUTPUT_DIR (``sharp_fpn.d2.run_folder``): a folder holding a finished run (model_final.pth) or
 an interrupted one (checkpoints) is refused unless ``--resume`` (go on from its last readable
 checkpoint) or ``--overwrite`` (start anew: its checkpoints are removed, and the run says which);
@@ -31,30 +55,38 @@ from sharp_fpn.utils import silence_warnings
 
 silence_warnings()  # the project's third-party filters, before detectron2 is imported
 
+import torch.multiprocessing as mp  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from sharp_fpn.cli import add_debug_argument, run  # noqa: E402
+from sharp_fpn.d2 import compat, distributed  # noqa: E402
 from sharp_fpn.d2.engine import (  # noqa: E402
     AtomicCheckpointer,
+    ProcessFailed,
     Trainer,
+    _last_error,
     check_run,
     describe_model,
     get_config,
-    launch,
     setup,
 )
 from sharp_fpn.d2.run_folder import run_folder  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """detectron2's command line, plus ``--overwrite`` and ``--debug``."""
+    """detectron2's command line, plus ``--overwrite``, ``--dist-timeout`` and ``--debug``."""
     parser = default_argument_parser()
     parser.add_argument(
         "--overwrite", action="store_true",
         help="start anew in an OUTPUT_DIR that holds a finished or interrupted run (its "
         "checkpoints are removed); --resume continues it instead",
+    )
+    parser.add_argument(
+        "--dist-timeout", type=float, default=None, metavar="SECONDS",
+        help="how long the processes of a multi-process run wait for each other at --dist-url "
+        f"(default {distributed.DEFAULT_JOIN_TIMEOUT_S:g})",
     )
     add_debug_argument(parser)
     return parser
@@ -87,32 +119,53 @@ def worker(args: argparse.Namespace):
         return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    distributed.check_same_start(trainer.start_iter)
+    ledger = distributed.BatchLedger(trainer.model)
+    results = trainer.train()
+    ledger.close()
+    distributed.check_replicas(trainer.model, ledger, cfg.OUTPUT_DIR, cfg.SOLVER.IMS_PER_BATCH)
+    return results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    plan = distributed.plan_launch(args, argv)
     print("Command Line Args:", args)
-    cfg = get_config(args.config_file, args.opts, world_size=args.num_gpus * args.num_machines)
+    cfg = get_config(args.config_file, args.opts, world_size=plan.world_size)
     check_run(cfg, eval_only=args.eval_only, resume=args.resume)
-    # One lock per run, held by the launching process of machine 0 (the one of the main
-    # process, rank 0) while every process works; the other machines only launch.
-    folder = nullcontext()
-    if args.machine_rank == 0:
-        folder = run_folder(
+
+    def folder():
+        return run_folder(
             cfg.OUTPUT_DIR, tool="train", resume=args.resume, overwrite=args.overwrite,
             eval_only=args.eval_only, config_file=args.config_file or None,
             inputs=[cfg.MODEL.WEIGHTS],
         )
-    with folder:
-        launch(
-            worker,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+
+    if plan.torchrun:
+        # torchrun started every process: each joins the group and works here; rank 0 holds
+        # OUTPUT_DIR (and tells the others if it cannot).
+        with distributed.join_torchrun(plan, cfg.MODEL.DEVICE):
+            with distributed.held_by_main(folder):
+                worker(args)
+        return 0
+    # One lock per run, held by the launching process of machine 0 (the one of the main
+    # process, rank 0) while every process works; the other machines only launch.
+    with folder() if plan.writes_run_folder else nullcontext():
+        try:
+            compat.launch(
+                worker,
+                plan.processes_per_machine,
+                num_machines=plan.num_machines,
+                machine_rank=plan.machine_rank,
+                dist_url=plan.dist_url,
+                args=(args,),
+                timeout=plan.timeout,
+            )
+        except mp.ProcessRaisedException as e:  # said as engine.launch says it
+            rank = plan.machine_rank * plan.processes_per_machine + e.error_index
+            raise ProcessFailed(f"process {rank} of {plan.world_size} failed: "
+                                f"{_last_error(str(e))}") from e
     return 0
 
 

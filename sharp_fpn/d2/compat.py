@@ -20,8 +20,10 @@ workaround                    v0.6 behaviour it stands in for
 :class:`DefaultTrainer`       ``DefaultTrainer.__init__`` wraps the model in DDP with
                               ``device_ids=[local_rank]``, which CPU modules reject
 :func:`launch`                ``launch`` needs CUDA and NCCL for more than one process; on CPU
-                              the workers run over gloo and set ``comm``'s local process group
-                              (upstream later added ``comm.create_local_process_group``)
+                              the workers run over gloo, on one machine or several, and set
+                              ``comm``'s per-machine process groups as v0.6's launch does
+                              (upstream later added ``comm.create_local_process_group``); the
+                              rendezvous and its errors are :mod:`.distributed`'s
 :func:`names_iteration`       the trainer's loss check is the only ``FloatingPointError``
                               that names its iteration
 ============================  ==============================================================
@@ -39,12 +41,11 @@ from typing import Callable
 
 # The project's one list of silenced third-party warnings (sharp_fpn.utils), set before
 # detectron2 is first imported: its import-time jit.script calls emit the first ones.
-from ..utils import THIRD_PARTY_WARNINGS, available_cpus, silence_warnings
+from ..utils import THIRD_PARTY_WARNINGS, silence_warnings
 
 silence_warnings()
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from detectron2.engine import AMPTrainer, SimpleTrainer  # noqa: E402
 from detectron2.engine import DefaultTrainer as _D2DefaultTrainer  # noqa: E402
@@ -52,6 +53,8 @@ from detectron2.engine import launch as _d2_launch  # noqa: E402
 from detectron2.engine.defaults import create_ddp_model  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
+
+from . import distributed  # noqa: E402
 
 __all__ = [
     "THIRD_PARTY_WARNINGS",
@@ -148,16 +151,21 @@ def _find_free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cpu_worker(rank: int, main_func: Callable, world_size: int, dist_url: str, args: tuple) -> None:
+def _cpu_worker(local_rank: int, main_func: Callable, num_processes: int, num_machines: int,
+                machine_rank: int, dist_url: str, timeout: float, args: tuple) -> None:
     silence_warnings()  # a spawned process starts with fresh filters
-    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank)
-    comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world_size)))
-    torch.set_num_threads(max(1, available_cpus() // world_size))
-    comm.synchronize()
+    rank = machine_rank * num_processes + local_rank
+    distributed.rendezvous(dist_url, rank, num_processes * num_machines, backend="gloo",
+                           timeout=timeout)
     try:
+        distributed.create_local_groups(
+            [r // num_processes for r in range(num_processes * num_machines)]
+        )
+        distributed.set_threads(num_processes)
+        comm.synchronize()
         main_func(*args)
     finally:
-        dist.destroy_process_group()
+        distributed.leave()
 
 
 def launch(
@@ -167,13 +175,30 @@ def launch(
     machine_rank: int = 0,
     dist_url: str | None = None,
     args: tuple = (),
+    timeout: float | None = None,
 ) -> None:
-    """detectron2's ``launch`` with GPUs; without CUDA, ``num_processes`` CPU workers over gloo."""
-    if torch.cuda.is_available() or num_processes <= 1:
+    """detectron2's ``launch`` with GPUs; without CUDA, ``num_processes`` CPU workers over gloo
+    on each of ``num_machines`` machines (this one ``machine_rank``).
+
+    On the CPU the processes meet at ``dist_url`` (:func:`.distributed.rendezvous`: a
+    ``tcp://`` url, where they wait ``timeout`` seconds for each other, default
+    :data:`.distributed.DEFAULT_JOIN_TIMEOUT_S`; ``auto`` or None: a free local port, one
+    machine only). One process per machine runs in the calling process; more are spawned.
+    """
+    world_size = num_processes * num_machines
+    if torch.cuda.is_available() or world_size <= 1:
         _d2_launch(main_func, num_processes, num_machines, machine_rank, dist_url, args=args)
         return
-    if num_machines != 1:
-        raise ValueError("multi-machine runs need CUDA; on CPU use one machine")
     if not dist_url or dist_url == "auto":
+        if num_machines != 1:
+            raise distributed.DistributedError(
+                f"--dist-url {dist_url or 'auto'}: with {num_machines} machines give machine "
+                "0's tcp://HOST:PORT to every machine"
+            )
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    mp.spawn(_cpu_worker, nprocs=num_processes, args=(main_func, num_processes, dist_url, args))
+    timeout = distributed.DEFAULT_JOIN_TIMEOUT_S if timeout is None else timeout
+    worker_args = (main_func, num_processes, num_machines, machine_rank, dist_url, timeout, args)
+    if num_processes == 1:
+        _cpu_worker(0, *worker_args)
+        return
+    mp.spawn(_cpu_worker, nprocs=num_processes, args=worker_args)

@@ -29,6 +29,13 @@ unless the user asks.
   the trained model's ``config.yaml``.
 
 ``log.txt`` and ``metrics.json`` are appended to, never replaced, and are not put on record.
+
+Several processes, several machines: the folder is held once per run, by machine 0's launching
+process (torchrun: by rank 0), for all of them. The other processes never take the lock nor
+check the folder; they write only their own ``log.txt.rank<N>`` into it (appended to, like
+``log.txt``), so machines that share the folder's filesystem never write the same file. Rank
+0's ``distributed.json`` (each process's parameter digest and images) is a run file like
+``model_final.pth``: replaced by the next run, removed when a run starts anew.
 """
 from __future__ import annotations
 
@@ -43,16 +50,20 @@ from ..outdir import OutputConflict, OutputDir
 from ..utils import PathLike
 from .checkpoint import LAST_CHECKPOINT, run_checkpoints
 
+#: What rank 0 writes after a multi-process training (``sharp_fpn.d2.distributed.REPORT``;
+#: named here so that this module stays free of torch.distributed).
+DISTRIBUTED_REPORT = "distributed.json"
+
 __all__ = ["EVAL_CONFIG", "REPLACED", "run_files", "run_folder"]
 
 logger = logging.getLogger(__name__)
 
 #: Files a training run replaces (put on the folder's record as the tool's).
-REPLACED = ("config.yaml", LAST_CHECKPOINT, "model_final.pth")
+REPLACED = ("config.yaml", LAST_CHECKPOINT, "model_final.pth", DISTRIBUTED_REPORT)
 #: Where an evaluation writes its config, relative to OUTPUT_DIR.
 EVAL_CONFIG = "inference/config.yaml"
 #: Files of an earlier run removed when a run starts anew, besides its checkpoints.
-_STALE = (LAST_CHECKPOINT, "metrics.json")
+_STALE = (LAST_CHECKPOINT, "metrics.json", DISTRIBUTED_REPORT)
 
 
 def run_files(folder: PathLike) -> List[Path]:
