@@ -25,9 +25,10 @@ each nodule, the voxel nearest its centre at ``patch // 2``, padded with ``pad_h
 air) where it leaves the volume. **The mask is a sphere of the annotation's diameter around
 its centre, in mm** (every nodule whose sphere reaches into the patch is drawn): LUNA16 gives
 centres and diameters, not outlines. Optionally ``negatives`` patches per volume with no
-nodule (seeded centres whose patch meets no sphere). Resampling is explicit: with
-``spacing_mm`` the volume is first resampled (linear) to that isotropic spacing; without it the
-patches keep the scan's own spacing. Ids are ``<seriesuid>_n<k>`` (nodules in csv order of
+nodule (seeded centres whose patch meets no sphere; up to 100 tries each, so a volume with no
+room for them gives fewer). Resampling is explicit: with ``spacing_mm`` the volume is first
+resampled (linear) to that isotropic spacing; without it the patches keep the scan's own
+spacing. Ids are ``<seriesuid>_n<k>`` (nodules in csv order of
 their series) and ``<seriesuid>_neg<k>``; the case (the unit of the split) is the seriesuid.
 
 Bad input raises :class:`~.common.MedicalDataError` naming the file (and csv row) and the
