@@ -71,11 +71,16 @@ def predicted(images, tmp_path_factory):
 
 
 @pytest.fixture
-def viewer(make_napari_viewer):
+def gl_display():
+    """An X server for napari's OpenGL canvas (pytest-xvfb's), checked before any viewer."""
     if os.environ.get("QT_QPA_PLATFORM") == "offscreen" and not os.environ.get("DISPLAY"):
         pytest.fail("no OpenGL for napari's canvas: Qt's offscreen platform gets it from an X "
                     "server; install Xvfb (tools/install_system_packages.sh) so that "
                     "pytest-xvfb starts one")
+
+
+@pytest.fixture
+def viewer(gl_display, make_napari_viewer):
     return make_napari_viewer()
 
 

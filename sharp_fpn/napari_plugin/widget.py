@@ -12,7 +12,8 @@ options of ``tools/predict.py``, and adds two layers beside it:
 Both take the image layer's scale and translate (of its last two axes), so they lie on the
 image in world coordinates; run again, they are replaced. A layer of more than two dimensions
 (a z-stack, a time series) is segmented at the plane napari shows; the layers say which
-(``metadata["sharp_fpn"]["plane"]`` and the status line) and are 2-D.
+(``metadata["sharp_fpn"]["plane"]`` and the status line) and are 2-D. A multiscale layer is
+segmented at its full resolution (read whole).
 
 The model: a shipped model of the zoo (the default first), or "config + weights" files of a
 trained one. Diameter 0 means estimated per image, as predict without ``--diameter``; tile
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 
-from ..predict.run import MAX_TILE, MIN_TILE
+from ..predict.run import MAX_TILE
 
 if TYPE_CHECKING:
     import napari
@@ -168,8 +169,6 @@ class NucleiWidget(Container):
                 raise ValueError("config + weights: pick both the config (.yaml) and the "
                                  "weights (.pth) file of a trained model")
         tile = dict(TILE_CHOICES)[self.tile.value]
-        if tile is not None and tile and not MIN_TILE <= tile <= MAX_TILE:
-            raise ValueError(f"tile must be {MIN_TILE}..{MAX_TILE} px, got {tile}")
         return {
             "layer": self.image.value,
             "model": None if custom else self.model.value,
@@ -194,7 +193,8 @@ class NucleiWidget(Container):
         layer = self.viewer.layers[options["layer"]]
         try:
             position = layer.world_to_data(self.viewer.dims.point) if layer.ndim > 2 else None
-            pixels, plane = image_plane(layer.data, bool(layer.rgb), position)
+            data = layer.data[0] if layer.multiscale else layer.data  # the full resolution
+            pixels, plane = image_plane(data, bool(layer.rgb), position)
         except ValueError as e:
             self._failed(ValueError(f"{layer.name}: {e}"))
             return None
