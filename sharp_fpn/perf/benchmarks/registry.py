@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ...utils import write_text_atomic
 from .. import zoo
 from ..timing import machine
-from . import convert, export, imports, necks, predict
+from . import convert, export, imports, large, necks, predict
 
 DEFAULT_OUT_DIR = Path("output/benchmarks")
 
@@ -66,6 +66,11 @@ BENCHMARKS: Dict[str, Benchmark] = {
         "zoo models vs the classical watershed: held-out synthetic DSB score and mask AP per "
         "style, MP/s on a 1024 px image with ~500 nuclei (+ zoo.md)",
         zoo.add_arguments, zoo.run, suite=("--images-per-style", "4", "--rounds", "2"),
+    ),
+    "large": Benchmark(
+        "images larger than memory: peak RSS and time of segment_large on 4k, 16k, 30k px "
+        "tiled BigTIFFs, one process per size",
+        large.add_arguments, large.run, suite=("--sizes", "1024", "2048"),
     ),
 }
 
