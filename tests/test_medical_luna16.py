@@ -57,15 +57,17 @@ def test_read_volume_geometry_from_the_header(standins):
         h = _header(mhd)
         volume = luna16.read_volume(mhd)
         raw = np.fromfile(mhd.parent / h["ElementDataFile"][0], "<i2").reshape(32, 32, 32)
-        origin = np.array([float(v) for v in h["Offset"]])
-        if h["TransformMatrix"][4] == "-1":  # y flipped: LPS puts the last row first
-            np.testing.assert_array_equal(volume.hu, raw[:, ::-1, :])
-            origin[1] -= 31 * 0.7
+        origin = np.array([float(v) for v in h["Offset"]])  # LPS
+        # RAS axes: x always runs the other way; y too unless the header already flips it
+        if h["TransformMatrix"][4] == "-1":
+            np.testing.assert_array_equal(volume.hu, raw[:, :, ::-1])
         else:
-            np.testing.assert_array_equal(volume.hu, raw)
+            np.testing.assert_array_equal(volume.hu, raw[:, ::-1, ::-1])
+            origin[1] += 31 * 0.7
+        origin[0] += 31 * 0.7
         assert volume.spacing == pytest.approx((1.25, 0.7, 0.7))
-        assert volume.origin == pytest.approx(tuple(origin[::-1]))
-        assert volume.image.GetDirection() == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
+        assert volume.origin == pytest.approx((origin[2], -origin[1], -origin[0]))
+        assert volume.image.GetDirection() == pytest.approx((-1, 0, 0, 0, -1, 0, 0, 0, 1))
 
 
 def test_nodule_spheres_land_on_the_blobs(standins, converted):
@@ -95,8 +97,9 @@ def test_nodule_spheres_land_on_the_blobs(standins, converted):
         mask = np.asarray(nib.load(converted / rec["mask"]).dataobj)
         hu = image.get_fdata()
         assert hu.shape == mask.shape == (32, 32, 32) and mask.dtype == np.uint8
-        # the patch's own affine (LPS world) takes the centre to its middle voxel
-        centre = np.linalg.inv(image.affine) @ np.append(world, 1.0)
+        # the patch's own affine (NIfTI's RAS world) takes the centre to its middle voxel
+        ras = world * [-1, -1, 1]
+        centre = np.linalg.inv(image.affine) @ np.append(ras, 1.0)
         assert np.all(np.abs(centre[:3] - 16) <= 0.5)
         assert mask[tuple(np.round(centre[:3]).astype(int))] == 1
         # sphere of the given diameter: its voxel count, and it covers the bright blob

@@ -10,9 +10,11 @@ checked against its data file: the ``.raw`` must exist and hold at least ``DimSi
 element size (``ElementType``, ``ElementNumberOfChannels``) bytes after ``HeaderSize`` (a short
 file is refused with both files named; SimpleITK's own error does not say so). The spacing,
 origin and direction are the header's (SimpleITK's reading of ``ElementSpacing``, ``Offset``,
-``TransformMatrix``); the volume is then turned to ITK's LPS axes with
-``SimpleITK.DICOMOrient`` (an axis permutation and flips, no resampling: identity for nearly
-all of LUNA16), so that a patch is fully placed in the world by its spacing and origin.
+``TransformMatrix``, world coordinates in ITK's LPS frame); the volume is then turned to RAS
+axes with ``SimpleITK.DICOMOrient`` (axis permutations and flips, no resampling; for LUNA16's
+identity directions, x and y flipped), so that a patch is fully placed in NIfTI's RAS world by
+its spacing and origin (the affine :func:`~.common.write_volume_dataset` writes: ``Volume3D``
+origins here are RAS, i.e. LPS x and y negated).
 
 Placing a nodule. An annotation's world centre (coordX, coordY, coordZ, mm) becomes a voxel
 position with SimpleITK's ``TransformPhysicalPointToContinuousIndex`` (origin and direction
@@ -136,14 +138,15 @@ def check_mhd(mhd: PathLike) -> Path:
 
 @dataclass(frozen=True)
 class CTVolume:
-    """One LUNA16 scan, turned to LPS axes.
+    """One LUNA16 scan, turned to RAS axes.
 
     Attributes:
         mhd: the header it was read from.
-        image: the SimpleITK image (LPS), for world/voxel conversions.
+        image: the SimpleITK image (RAS axes), for world/voxel conversions (ITK's LPS world,
+            as annotations.csv).
         hu: ``(Z, Y, X)`` float32, HU as stored.
         spacing: ``(z, y, x)`` mm.
-        origin: ``(z, y, x)`` world mm of voxel (0, 0, 0).
+        origin: ``(z, y, x)`` RAS world mm of voxel (0, 0, 0).
     """
 
     mhd: Path
@@ -158,14 +161,19 @@ class CTVolume:
         return np.array(index[::-1], np.float64)
 
     def to_world(self, voxel_zyx: Sequence[float]) -> np.ndarray:
-        """Continuous voxel position ``(z, y, x)`` -> world (x, y, z) mm."""
+        """Continuous voxel position ``(z, y, x)`` -> world (x, y, z) mm, LPS (ITK's)."""
         point = self.image.TransformContinuousIndexToPhysicalPoint(
             [float(v) for v in voxel_zyx[::-1]])
         return np.array(point, np.float64)
 
+    def ras_origin(self, voxel_zyx: Sequence[int]) -> Tuple[float, float, float]:
+        """``(z, y, x)`` RAS world mm of voxel ``voxel_zyx`` (a patch's origin)."""
+        x, y, z = self.to_world(voxel_zyx)
+        return (float(z), float(-y), float(-x))
+
 
 def read_volume(mhd: PathLike, spacing_mm: Optional[float] = None) -> CTVolume:
-    """Read ``mhd`` with SimpleITK after :func:`check_mhd`, turned to LPS axes and, with
+    """Read ``mhd`` with SimpleITK after :func:`check_mhd`, turned to RAS axes and, with
     ``spacing_mm``, resampled (linear) to that isotropic spacing. Raises MedicalDataError as
     :func:`check_mhd`, or for a file SimpleITK cannot read or that is not 3-D."""
     import SimpleITK as sitk
@@ -180,7 +188,7 @@ def read_volume(mhd: PathLike, spacing_mm: Optional[float] = None) -> CTVolume:
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise MedicalDataError(f"{mhd}: not a 3-D scalar volume ({image.GetDimension()}-D, "
                                f"{image.GetNumberOfComponentsPerPixel()} components)")
-    image = sitk.DICOMOrient(image, "LPS")
+    image = sitk.DICOMOrient(image, "RAS")
     if spacing_mm is not None:
         if not spacing_mm > 0:
             raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
@@ -190,9 +198,10 @@ def read_volume(mhd: PathLike, spacing_mm: Optional[float] = None) -> CTVolume:
                               (float(spacing_mm),) * 3, image.GetDirection(), -1024.0,
                               sitk.sitkFloat32)
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    origin = image.GetOrigin()  # LPS
     return CTVolume(mhd=mhd, image=image, hu=hu,
                     spacing=tuple(float(v) for v in image.GetSpacing()[::-1]),
-                    origin=tuple(float(v) for v in image.GetOrigin()[::-1]))
+                    origin=(float(origin[2]), float(-origin[1]), float(-origin[0])))
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +281,7 @@ def sphere_mask(volume: CTVolume, start: np.ndarray, size: int,
                 nodules: Sequence[Tuple[np.ndarray, float]]) -> np.ndarray:
     """``(size,)*3`` uint8: the voxels of the patch at voxel ``start`` (z, y, x) within
     ``diameter / 2`` mm of a nodule centre (continuous voxel position, diameter mm).
-    Distances are in mm with the volume's spacing (its axes are LPS, orthonormal)."""
+    Distances are in mm with the volume's spacing (its axes are orthonormal)."""
     grid = np.stack(np.meshgrid(*(np.arange(size) + s for s in start), indexing="ij"), -1)
     spacing = np.asarray(volume.spacing)
     mask = np.zeros((size,) * 3, bool)
@@ -308,7 +317,7 @@ def nodule_patches(volume: CTVolume, annotations: Sequence[Annotation], *, case:
         out.append(Volume3D(
             id=f"{case}_n{k}", case=case, image=_crop(volume.hu, start, patch, pad_hu),
             mask=sphere_mask(volume, start, patch, placed), spacing=volume.spacing,
-            origin=tuple(float(v) for v in volume.to_world(start)[::-1])))
+            origin=volume.ras_origin(start)))
     if negatives:
         rng = np.random.default_rng([seed, int.from_bytes(case.encode()[-8:], "little")])
         made = tries = 0
@@ -322,7 +331,7 @@ def nodule_patches(volume: CTVolume, annotations: Sequence[Annotation], *, case:
             out.append(Volume3D(
                 id=f"{case}_neg{made}", case=case, image=_crop(volume.hu, start, patch, pad_hu),
                 mask=mask, spacing=volume.spacing,
-                origin=tuple(float(v) for v in volume.to_world(start)[::-1])))
+                origin=volume.ras_origin(start)))
             made += 1
     return out
 
@@ -384,7 +393,8 @@ def convert(root: PathLike, out: PathLike, *, seed: int = 0, val_fraction: float
                  "gives nodule centres and diameters, not outlines"),
         "patch_voxels": int(patch), "negatives_per_volume": int(negatives),
         "resampled_to_mm": None if spacing_mm is None else float(spacing_mm),
-        "axes": "LPS (SimpleITK DICOMOrient), no resampling unless resampled_to_mm",
+        "axes": ("RAS (SimpleITK DICOMOrient; origins in NIfTI's RAS world, annotations.csv's "
+                 "LPS x and y negated), no resampling unless resampled_to_mm"),
         "pad_hu": float(pad_hu),
     }
     return write_volume_dataset(out, NAME, samples(), split_record, source)
