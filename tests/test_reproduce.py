@@ -43,7 +43,8 @@ def test_quick_table1_two_rows(tmp_path, tiny_val):
 
     markdown = (tmp_path / "table1.md").read_text()
     assert "Smoke run (`--quick`), not a reproduction" in markdown
-    assert "| unet_sharp_ds | UNet# | yes |" in markdown and "92.67" in markdown  # paper's IoU
+    assert "| unet_sharp_ds | DSB2018 | UNet# | yes |" in markdown and "92.67" in markdown
+    assert "Table 1 as the paper lays it out" in markdown
     assert "Figure 7" in markdown
 
     with open(tmp_path / "table1.csv", newline="") as f:
@@ -83,6 +84,27 @@ def test_quick_table1_two_rows(tmp_path, tiny_val):
         assert [r["iou"] for r in csv.DictReader(f)] == [r["iou"] for r in rows]
 
 
+def test_quick_table3_on_the_stand_ins(tmp_path):
+    """UNet# with CGM trained and evaluated end to end on the BraTS19 stand-ins (NIfTI files
+    converted on first use); the paper's other models listed with their numbers only."""
+    output = reproduce(Options(table=3, quick=True, rows=["brats19_unet_sharp_cgm",
+                                                         "brats19_pspnet"], iters=2,
+                               output=tmp_path, opts=["MODEL.UNET.WIDTH_MULT", "0.125"]))
+    with open(output / "table3.csv", newline="") as f:
+        rows = {r["row"]: r for r in csv.DictReader(f)}
+    ours, theirs = rows["brats19_unet_sharp_cgm"], rows["brats19_pspnet"]
+    assert ours["status"] == "done" and ours["dataset"] == "BraTS19"
+    assert all(_finite(ours[k]) for k in ("iou", "dice", "params_M", "trained_params_M"))
+    assert (float(ours["paper_iou"]), float(ours["paper_dice"])) == (92.08, 96.14)
+    assert theirs["status"] == tables.NOT_IMPLEMENTED and theirs["iou"] == ""
+    assert (float(theirs["paper_iou"]), float(theirs["paper_dice"])) == (83.85, 91.01)
+    markdown = (output / "table3.md").read_text()
+    assert "brats19_quick_train -> brats19_quick_val" in markdown
+    assert "does not reproduce the paper" in markdown
+    result = json.loads((output / "rows" / "brats19_unet_sharp_cgm" / "result.json").read_text())
+    assert result["per_image_iou"] and all(0 <= v <= 100 for v in result["per_image_iou"])
+
+
 def test_missing_configs_are_listed_not_run(tmp_path, monkeypatch):
     missing = Row("mask_rcnn_x_R101", "Mask R-CNN#", "configs/nope.yaml", 95.87, 92.25,
                   backbone="R101")
@@ -99,7 +121,8 @@ def test_rows_are_checked():
         select_rows(1, ["unet", "unet4"])
     assert [r.key for r in select_rows(1, ["unet_ds", "unet"])] == ["unet", "unet_ds"]
     assert len(select_rows(2, None)) == 12
-    assert all(row.config_path.is_file() for row in select_rows(1) + select_rows(2))
+    assert all(row.config_path.is_file() for row in select_rows(1) + select_rows(2)
+               + select_rows(3) if row.implemented)
 
 
 def test_quick_recipe_is_merged_on_each_kind_of_row(tmp_path):
