@@ -242,3 +242,19 @@ def test_standins_deterministic_replaceable_and_never_over_real_data(standins, t
         lidc.write_standins(real)
     assert [p.name for p in real.iterdir()] == ["LIDC-IDRI-0001"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "real"]
+
+
+def test_bad_series_skipped_and_listed_when_asked(standins, tmp_path):
+    root = tmp_path / "root"
+    for patient in ("LIDC-IDRI-0001", "LIDC-IDRI-0002"):
+        shutil.copytree(standins / patient, root / patient)
+    folder = lidc.find_series_folders(root)[0][1]
+    (series,) = lidc.read_series(folder)
+    (folder / series.files[3]).unlink()
+    out = lidc.convert(root, tmp_path / "out", bad_series="skip")
+    meta = json.loads((out / "dataset.json").read_text())
+    (bad,) = meta["source"]["bad_series"]
+    assert bad["series"] == folder.relative_to(root).as_posix()
+    assert "missing slice" in bad["problem"]
+    split = json.loads((out / "split.json").read_text())
+    assert split["train"] + split["val"] == ["LIDC-IDRI-0002"]

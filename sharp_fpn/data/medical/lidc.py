@@ -50,7 +50,8 @@ in folder order), the slice's index in position order. The case (the unit of the
 patient.
 
 Bad input raises :class:`~.common.MedicalDataError` naming the file (or folder) and the
-problem; nothing is written then. Uses pydicom, numpy and scikit-image; no torch, no
+problem; nothing is written then (``convert(..., bad_series="skip")`` leaves a series with bad
+slices out instead, listing it with its problem in dataset.json). Uses pydicom, numpy and scikit-image; no torch, no
 detectron2.
 """
 from __future__ import annotations
@@ -163,6 +164,29 @@ def _floats(ds: Any, keyword: str, count: int, path: Path) -> Tuple[float, ...]:
     return values
 
 
+def _headers(folder: Path, pixels: bool) -> Dict[str, List[Tuple[Path, Any]]]:
+    """SeriesInstanceUID -> [(path, dataset)] of the CT slices of ``folder``."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"{folder}: holds no .dcm file")
+    groups: Dict[str, List[Tuple[Path, Any]]] = defaultdict(list)
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise MedicalDataError(f"{path}: not a readable DICOM file ({exc})") from None
+        if getattr(ds, "Modality", "CT") != "CT":
+            continue
+        uid = str(getattr(ds, "SeriesInstanceUID", ""))
+        if not uid:
+            raise MedicalDataError(f"{path}: has no SeriesInstanceUID")
+        groups[uid].append((path, ds))
+    return groups
+
+
 def read_series(folder: PathLike) -> List[CTSeries]:
     """The CT series of ``folder`` (its ``*.dcm`` files, grouped by SeriesInstanceUID), each in
     position order (see the module's rules), sorted by SeriesInstanceUID.
@@ -175,29 +199,14 @@ def read_series(folder: PathLike) -> List[CTSeries]:
             (the folder and the slices named).
         FileNotFoundError: ``folder`` holds no ``.dcm`` file.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     folder = Path(folder)
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
-    if not paths:
-        raise FileNotFoundError(f"{folder}: holds no .dcm file")
-    groups: Dict[str, List[Tuple[Path, Any]]] = defaultdict(list)
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            raise MedicalDataError(f"{path}: not a readable DICOM file ({exc})") from None
-        if getattr(ds, "Modality", "CT") != "CT":
-            continue
-        uid = str(getattr(ds, "SeriesInstanceUID", ""))
-        if not uid:
-            raise MedicalDataError(f"{path}: has no SeriesInstanceUID")
-        groups[uid].append((path, ds))
+    groups = _headers(folder, pixels=True)
     return [_one_series(folder, uid, groups[uid]) for uid in sorted(groups)]
 
 
-def _one_series(folder: Path, uid: str, items: List[Tuple[Path, Any]]) -> CTSeries:
+def _order(folder: Path, items: List[Tuple[Path, Any]]):
+    """The slices of one series in position order, checked: (keyed, positions, step_mm,
+    orientation, pixel spacing, shape)."""
     first_path, first = items[0]
     orientation = _floats(first, "ImageOrientationPatient", 6, first_path)
     pixel = _floats(first, "PixelSpacing", 2, first_path)
@@ -236,6 +245,12 @@ def _one_series(folder: Path, uid: str, items: List[Tuple[Path, Any]]) -> CTSeri
                 f"{folder}: missing slice between {keyed[i][2].name} ({positions[i]:.3f} mm) "
                 f"and {keyed[i + 1][2].name} ({positions[i + 1]:.3f} mm): a step of {step:.3f} "
                 f"mm where the series steps {step_mm:.3f} mm")
+    return keyed, positions, step_mm, orientation, pixel, shape
+
+
+def _one_series(folder: Path, uid: str, items: List[Tuple[Path, Any]]) -> CTSeries:
+    keyed, positions, step_mm, orientation, pixel, shape = _order(folder, items)
+    first = keyed[0][3]
     hu = np.empty((len(keyed),) + shape, np.float32)
     for k, (_, _, path, ds) in enumerate(keyed):
         try:
@@ -564,31 +579,17 @@ def find_series_folders(root: PathLike) -> List[Tuple[str, Path]]:
     return found
 
 
-def _series_uids(folder: Path) -> List[str]:
-    import pydicom
-
-    uids = set()
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() == ".dcm":
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True,
-                                     specific_tags=["SeriesInstanceUID", "Modality"])
-            except Exception as exc:
-                raise MedicalDataError(f"{path}: not a readable DICOM file ({exc})") from None
-            if getattr(ds, "Modality", "CT") == "CT":
-                uids.add(str(getattr(ds, "SeriesInstanceUID", "")))
-    return sorted(uids)
-
-
 def convert(root: PathLike, out: PathLike, *, seed: int = 0, val_fraction: float = 0.2,
             window_level: float = LUNG_WINDOW[0], window_width: float = LUNG_WINDOW[1],
-            consensus_level: float = 0.5, group_tol_mm: Optional[float] = None) -> Path:
+            consensus_level: float = 0.5, group_tol_mm: Optional[float] = None,
+            bad_series: str = "raise") -> Path:
     """Convert LIDC-IDRI under ``root`` (TCIA's layout) to 2-D nodule slices in ``out``
     (:func:`~.common.write_slice_dataset`).
 
-    First the XML of every series folder is read (no pixels): the patients with a nodule of
-    >= 3 mm are the cases, split by :func:`~.common.case_split`. Then each read series is
-    loaded and its slices written. Series folders without a LIDC XML are skipped and counted.
+    First every series folder's slice headers (no pixels) and XML are read, and the slices of
+    each read series checked (order, duplicated or missing slices): the patients with a nodule
+    of >= 3 mm are the cases, split by :func:`~.common.case_split`. Then each read series is
+    loaded and its slices written. Series without a LIDC XML are skipped and counted.
 
     Args:
         root: the folder holding ``LIDC-IDRI-<nnnn>/``.
@@ -599,6 +600,10 @@ def convert(root: PathLike, out: PathLike, *, seed: int = 0, val_fraction: float
         consensus_level: the fraction of a nodule's readers who must mark a pixel (0.5).
         group_tol_mm: the outline distance that makes two annotations one nodule (default the
             series' slice step, as pylidc).
+        bad_series: ``"raise"`` (default): a series with a duplicated or missing slice (or
+            other bad geometry) stops the conversion before anything is written; ``"skip"``:
+            it is left out and listed, with its problem, in dataset.json's
+            ``source.bad_series`` (the full LIDC-IDRI has a few such scans).
 
     Returns ``out``.
 
@@ -610,14 +615,24 @@ def convert(root: PathLike, out: PathLike, *, seed: int = 0, val_fraction: float
     root = Path(root)
     if not 0.0 < consensus_level <= 1.0:
         raise ValueError(f"consensus_level must be in (0, 1], got {consensus_level}")
+    if bad_series not in ("raise", "skip"):
+        raise ValueError(f"bad_series must be 'raise' or 'skip', got {bad_series!r}")
     plan: List[Tuple[str, str, Path, Reading]] = []
     skipped = {"series_without_readings": 0, "small_nodules": 0, "non_nodules": 0}
+    bad: List[Dict[str, str]] = []
     for patient, folder in find_series_folders(root):
-        uids = _series_uids(folder)
-        for uid in uids:
-            reading = read_readings(folder, uid, only_series=len(uids) == 1)
+        groups = _headers(folder, pixels=False)
+        for uid in sorted(groups):
+            reading = read_readings(folder, uid, only_series=len(groups) == 1)
             if reading is None:
                 skipped["series_without_readings"] += 1
+                continue
+            try:
+                _order(folder, groups[uid])
+            except MedicalDataError as exc:
+                if bad_series == "raise":
+                    raise
+                bad.append({"series": folder.relative_to(root).as_posix(), "problem": str(exc)})
                 continue
             skipped["small_nodules"] += reading.small_nodules
             skipped["non_nodules"] += reading.non_nodules
@@ -649,6 +664,7 @@ def convert(root: PathLike, out: PathLike, *, seed: int = 0, val_fraction: float
                      + ("the slice step" if group_tol_mm is None else f"{group_tol_mm:g} mm")
                      + " or overlapping masks"),
         "skipped": skipped,
+        "bad_series": bad,
         "skipped_why": "nonNodule marks and nodules < 3 mm (a centre, no outline) have no mask",
     }
     return write_slice_dataset(out, NAME, samples(), split_record, source)
