@@ -80,8 +80,10 @@ def gl_display():
 
 
 @pytest.fixture
-def viewer(gl_display, make_napari_viewer):
-    return make_napari_viewer()
+def viewer(gl_display, make_napari_viewer_proxy):
+    """A napari viewer as a plugin sees it: public attributes only, and calls from other
+    threads than Qt's refused (napari's proxy fixture)."""
+    return make_napari_viewer_proxy()
 
 
 def run_widget(qtbot, widget):
