@@ -1,5 +1,6 @@
 """BraTS19 and LiTS17 from real NIfTI files (nibabel, 0.9 x 1.1 x 2.5 mm, RAS and LPS-like
 affines), and the shared writers of sharp_fpn.data.medical.common."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -350,6 +351,22 @@ def test_write_slice_dataset_refuses_a_foreign_folder_and_keeps_the_old_on_error
     with pytest.raises(ValueError, match="neither the train nor the val"):
         write_slice_dataset(out, "x", [_slice("c1", "c")], split, {})
     assert _files(out) == before and not _leftovers(tmp_path, "out")
+
+
+def test_write_slice_dataset_keeps_each_slice_spacing(tmp_path):
+    # a LIDC patient may have CT series of two pixel sizes: each image carries its own, and the
+    # case's are listed under spacing_varies
+    split = {"train": ["a"], "val": ["b"]}
+    slices = [dataclasses.replace(_slice("a1", "a"), spacing=(0.7, 0.7)),
+              dataclasses.replace(_slice("a2", "a"), spacing=(0.8, 0.8)),
+              dataclasses.replace(_slice("b1", "b"), spacing=(0.6, 0.6))]
+    out = write_slice_dataset(tmp_path / "out", "x", slices, split, {})
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["spacing"] == {"b": [0.6, 0.6]}
+    assert meta["spacing_varies"] == {"a": [[0.7, 0.7], [0.8, 0.8]]}
+    coco = json.loads((out / "annotations" / "train.json").read_text())
+    assert {i["image_key"]: i["spacing"] for i in coco["images"]} == {
+        "a1": [0.7, 0.7], "a2": [0.8, 0.8]}
 
 
 def test_write_volume_dataset_round_trip(tmp_path):

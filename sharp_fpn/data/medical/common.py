@@ -383,10 +383,12 @@ def write_slice_dataset(
         out/annotations/val.json         instance per 8-connected component of the mask (RLE);
                                          images without foreground kept (no annotations);
                                          images carry ``file_name`` (relative to out),
-                                         ``image_key`` (the id) and ``case``
+                                         ``image_key`` (the id), ``case`` and
+                                         ``spacing`` ([row, col] mm)
         out/split.json                   {"seed", "val_fraction", "train": [cases], "val": [...]}
         out/dataset.json                 {"name", "kind": "2d", "format_version", "source",
-                                          "counts": {"train", "val"}, "spacing": {case: [r, c]}}
+                                          "counts": {"train", "val"}, "spacing": {case: [r, c]},
+                                          "spacing_varies": {case: [[r, c], ...]}}
 
     Args:
         out: the folder to write (its parent is created if needed).
@@ -400,7 +402,7 @@ def write_slice_dataset(
 
     Raises:
         ValueError: a sample of a case in neither split, a duplicate id, arrays of the wrong
-            shape or type, or a case whose slices differ in spacing.
+            shape or type.
         FileExistsError: ``out`` exists and was not written by this module.
         Whatever ``slices`` raises (MedicalDataError for bad input); in every case no ``out``
         is left (an earlier one stays as it was).
@@ -425,9 +427,8 @@ def write_slice_dataset(
                 raise ValueError(f"{s.id}: two samples have this id")
             seen.add(s.id)
             pixel = [float(s.spacing[0]), float(s.spacing[1])]
-            if spacing.setdefault(s.case, pixel) != pixel:
-                raise ValueError(f"{s.id}: spacing {pixel} differs from its case's "
-                                 f"{spacing[s.case]}")
+            if pixel not in spacing.setdefault(s.case, []):
+                spacing[s.case].append(pixel)
             Image.fromarray(np.ascontiguousarray(s.image), "RGB").save(
                 staging.tmp / "images" / f"{s.id}.png")
             if s.labels is not None:
@@ -436,7 +437,8 @@ def write_slice_dataset(
                     staging.tmp / "labels" / f"{s.id}.png")
             height, width = s.mask.shape
             image = {"file_name": f"images/{s.id}.png", "height": int(height),
-                     "width": int(width), "image_key": s.id, "case": s.case}
+                     "width": int(width), "image_key": s.id, "case": s.case,
+                     "spacing": pixel}
             records[side[s.case]].append((s.id, image, _annotations(np.asarray(s.mask, bool))))
         (staging.tmp / "annotations").mkdir()
         counts = {}
@@ -455,7 +457,12 @@ def write_slice_dataset(
         _write_json(staging.tmp / "dataset.json", {
             "name": name, "kind": "2d", "format_version": FORMAT_VERSION, "writer": WRITER,
             "source": dict(source), "counts": counts,
-            "spacing": {case: spacing[case] for case in sorted(spacing)},
+            # a case's pixel size, or (a patient with series of several pixel sizes) all of
+            # them under spacing_varies; every COCO image carries its own
+            "spacing": {case: spacing[case][0] for case in sorted(spacing)
+                        if len(spacing[case]) == 1},
+            "spacing_varies": {case: sorted(spacing[case]) for case in sorted(spacing)
+                               if len(spacing[case]) > 1},
         })
         staging.commit()
     except BaseException:
