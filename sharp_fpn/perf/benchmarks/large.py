@@ -1,5 +1,6 @@
 """large: peak memory and time of :func:`sharp_fpn.predict.large.segment_large` on images of
-4k, 16k and 30k px, each run in its own process.
+4k, 16k and 30k px (square, or of one ``--width`` and those heights), each run in its own
+process.
 
 Each image is a procedural field of nuclei (:func:`blob_window`: discs on a jittered grid, 16-bit
 with noise, a pure function of the pixel's position) written by tifffile as a tiled BigTIFF
@@ -88,6 +89,10 @@ def write_blob_tiff(path: os.PathLike, height: int, width: int, tile: int = 512,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 30000],
                         help="square image sides in px (%(default)s)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="image width in px; default square images. The band of label rows "
+                        "and pixels held is as wide as the image: with --width fixed the sizes "
+                        "are heights, and the peak should stay flat")
     parser.add_argument("--model", choices=("threshold", "zoo"), default="threshold",
                         help="threshold: a cheap stand-in (ThresholdModel); zoo: the shipped "
                         "default model (%(default)s)")
@@ -141,11 +146,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     results = []
     try:
         for size in args.sizes:
-            image = work / f"blobs_{size}.tif"
-            out = work / f"out_{size}"
+            width = args.width or size
+            image = work / f"blobs_{size}x{width}.tif"
+            out = work / f"out_{size}x{width}"
             out.mkdir(exist_ok=True)
             started = time.perf_counter()
-            write_blob_tiff(image, size, size)
+            write_blob_tiff(image, size, width)
             written_s = time.perf_counter() - started
             command = [sys.executable, "-m", "sharp_fpn.perf.benchmarks.large", str(image),
                        str(out), args.model, str(args.tile), str(args.overlap), str(args.chunk)]
@@ -155,11 +161,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             if done.returncode != 0:
                 raise RuntimeError(f"size {size}: the child failed:\n{done.stderr[-3000:]}")
             figures = json.loads(done.stdout.strip().splitlines()[-1])
-            record = {"size": size, "megapixels": round(size * size / 1e6, 1),
+            record = {"size": size, "height": size, "width": width,
+                      "megapixels": round(size * width / 1e6, 1),
                       "image_bytes": image.stat().st_size,
                       "image_written_s": round(written_s, 1), "child_wall_s": round(wall, 1),
                       **figures}
-            print(f"{size:6d} px: {figures['seconds']:8.1f} s, peak RSS "
+            print(f"{size:6d} x {width:6d} px: {figures['seconds']:8.1f} s, peak RSS "
                   f"{figures['peak_rss_mb']:8.1f} MB (after setup {figures['rss_after_setup_mb']}"
                   f" MB), {figures['nuclei']} nuclei, band rows {figures['peak_band_rows']}")
             results.append(record)
