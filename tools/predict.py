@@ -5,6 +5,7 @@
     python tools/predict.py --model NAME --input images/ --output results/ [--diameter PX]
     python tools/predict.py --config-file output/demo/config.yaml \\
         --weights output/demo/model_final.pth --input images/ --output results/
+    python tools/predict.py --input images/ --output results/ --dask [tcp://scheduler:8786]
     python tools/predict.py --list-models
 
 The model: the model zoo's default (sharp_fpn/model_zoo, or $SHARP_FPN_MODEL_ZOO) when neither
@@ -52,9 +53,21 @@ command to go on: an image is left as it is (reported "skipped (done)") when sum
 it was done with the same image file, model, weights and options and its three outputs are
 there. --redo segments everything again.
 
-A file that cannot be read, or a tile the model fails on, fails that image only (a failed row;
-the batch goes on); the exit status is 1 when any input failed. Other problems stop the run
-with one line naming the file or option (--debug for the traceback).
+A file that cannot be read, an OME-Zarr with a chunk missing from its store (zarr would read
+it as zeros; --allow-missing-chunks reads it so, for writers that leave out empty chunks), or
+a tile the model fails on, fails that image only (a failed row; the batch goes on); the exit
+status is 1 when any input failed. Other problems stop the run with one line naming the file
+or option (--debug for the traceback); a full disk stops it after the last image written
+whole, and the same command resumes it.
+
+Many images: --dask segments them on a dask.distributed cluster, one task per image: --dask
+ADDRESS uses a running scheduler (tcp://host:8786), --dask alone starts a LocalCluster of
+--dask-workers processes (default: one per core) for the run. The workers build the model once
+each from --config-file/--weights (a path every worker can read) and return each image's
+labels, overlay and table; this process writes every file and summary.csv as each image is
+done, so the outputs are those of a run without --dask and the rules above hold (resume
+included). A worker that dies has its images rescheduled on the others; an image that kills
+workers repeatedly (dask's distributed.scheduler.allowed-failures, 3) fails, named.
 """
 from __future__ import annotations
 
@@ -181,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(inputs are never replaced)")
     parser.add_argument("--redo", action="store_true",
                         help="segment again the images an earlier run into --output finished")
+    parser.add_argument("--allow-missing-chunks", action="store_true",
+                        help="read an OME-Zarr whose store lacks some chunks, as zarr does (the "
+                        "fill value there), instead of failing it; for writers that leave out "
+                        "empty chunks (write_empty_chunks=False)")
+    parser.add_argument("--dask", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="segment the images on a dask.distributed cluster: the scheduler "
+                        "at ADDRESS (tcp://host:8786), or a LocalCluster started for the run "
+                        "when no address is given")
+    parser.add_argument("--dask-workers", type=int, default=None, metavar="N",
+                        help="worker processes of --dask's LocalCluster (default: one per core, "
+                        "no more than the images)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1... "
                         "(%(default)s)")
     add_debug_argument(parser)
@@ -200,9 +224,21 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     try:
-        check_options(DEFAULT_TILE if args.tile is None else args.tile, args.overlap, args.score_threshold, args.min_kept_fraction)
+        check_options(DEFAULT_TILE if args.tile is None else args.tile, args.overlap,
+                      args.score_threshold, args.min_kept_fraction)
     except ValueError as e:
         parser.error(str(e))
+    if args.dask and ":" not in args.dask:  # --dask took a word meant for something else
+        parser.error(f"--dask {args.dask}: not a scheduler address (tcp://host:port); give "
+                     f"--dask alone (a LocalCluster) after the other options' values, or "
+                     f"before --input")
+    if args.dask_workers is not None and args.dask is None:
+        parser.error("--dask-workers sizes --dask's LocalCluster: give --dask too")
+    if args.dask_workers is not None and args.dask:
+        parser.error("--dask-workers sizes the LocalCluster --dask starts; a cluster at an "
+                     "address has its own workers")
+    if args.dask_workers is not None and args.dask_workers < 1:
+        parser.error(f"--dask-workers must be at least 1, got {args.dask_workers}")
 
     from sharp_fpn.d2.predictor import check_device, check_weights_file, load_config
     from sharp_fpn.predict import predict_images
@@ -217,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device, stretch=not args.no_stretch, overwrite=args.overwrite,
         redo=args.redo, debug=args.debug, diameter=args.diameter, channel=args.channel,
         pixel_size=args.pixel_size, rois=args.rois, geojson=args.geojson,
-        ome_tiff=args.ome_tiff,
+        ome_tiff=args.ome_tiff, allow_missing_chunks=args.allow_missing_chunks,
+        dask=args.dask, dask_workers=args.dask_workers,
     )
     nuclei = sum(r.nuclei for r in report.results)
     done = f", {len(report.skipped)} skipped (done earlier)" if report.skipped else ""
