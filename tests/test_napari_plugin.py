@@ -9,6 +9,7 @@ z-stack, drawn by the synthetic v2 generator.
 import csv
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from sharp_fpn.napari_plugin import MANIFEST  # noqa: E402
 from sharp_fpn.napari_plugin.reader import get_reader, read_table  # noqa: E402
 from sharp_fpn.napari_plugin.segment import image_plane  # noqa: E402
 from sharp_fpn.napari_plugin.widget import CUSTOM_MODEL  # noqa: E402
+from sharp_fpn.predict.outputs import write_label_tiff  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128
@@ -169,7 +171,7 @@ def test_widget_segments_layers_as_predict_does(viewer, qtbot, images, predicted
                                   tifffile.imread(predicted / "gray16_labels.ome.tif"))
 
 
-def test_reader_round_trips_a_predict_folder(predicted):
+def test_reader_round_trips_a_predict_folder(predicted, tmp_path):
     from napari.components import ViewerModel
 
     reader = get_reader(str(predicted))
@@ -188,7 +190,20 @@ def test_reader_round_trips_a_predict_folder(predicted):
         np.testing.assert_allclose(pkw["features"]["area_um2"],
                                    [float(r["area_um2"]) for r in table])
 
+    # plain TIFF labels (no --ome-tiff) carry no pixel size: the summary's is the scale
+    plain = tmp_path / "plain"
+    shutil.copytree(predicted, plain)
+    for stem in stems:
+        ome = plain / f"{stem}_labels.ome.tif"
+        write_label_tiff(plain / f"{stem}_labels.tif", tifffile.imread(ome))
+        ome.unlink()
+    again = get_reader(str(plain))(str(plain))
+    assert [kw["scale"] for _, kw, _ in again] == [(0.5, 0.5)] * len(layers)
+    for (data, _, _), (before, _, _) in zip(again[::2], layers[::2]):
+        np.testing.assert_array_equal(data, before)
+
     # one file, through napari's own reader discovery (npe2, no canvas needed)
+    npe2.PluginManager.instance().discover(include_npe1=False)  # setup.py's entry point
     model = ViewerModel()
     model.open(str(predicted / "he_nuclei.csv"), plugin="sharp-fpn")
     points = model.layers["he_nuclei"]
