@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reuse rows whose result.json exists in the output folder")
     parser.add_argument("--speed-seconds", type=float, default=2.0,
                         help="time spent measuring each pruned level's images per second")
+    parser.add_argument("--threads", type=int,
+                        help="torch's CPU threads (default: 1 with --quick, whose tiny models "
+                        "run fastest so; else torch's, one per core)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides for every row, KEY VALUE pairs (last option)")
     return parser

@@ -44,6 +44,7 @@ __all__ = [
     "pruning_study",
     "row_config",
     "run_row",
+    "set_threads",
     "setup_logging",
 ]
 
@@ -52,6 +53,13 @@ def setup_logging() -> None:
     """detectron2's log format for its own messages and the reproducer's."""
     setup_logger(name="detectron2")
     setup_logger(name=LOGGER_NAME, abbrev_name="reproduce")
+
+
+def set_threads(threads: int) -> None:
+    """torch's intra-op threads for this process (``--threads``), at least 1."""
+    if threads < 1:
+        raise ValueError(f"--threads: expected at least 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def row_config(

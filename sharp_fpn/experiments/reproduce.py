@@ -61,6 +61,10 @@ class Options:
         iters: ``SOLVER.MAX_ITER`` of every row (None: the quick recipe's or the configs').
         resume: reuse rows whose ``result.json`` exists.
         speed_seconds: time spent measuring each pruned level's images per second.
+        threads: torch's intra-op threads for the whole run; None: 1 with ``quick`` (its tiny
+            models run fastest on one thread, and many times faster on a busy shared CPU:
+            measured 4 s against 103 s for a quick UNet# row at load 9 on 2 cores), else
+            torch's default (one per core).
         opts: config overrides for every row, ``KEY VALUE`` pairs.
     """
 
@@ -72,6 +76,7 @@ class Options:
     iters: Optional[int] = None
     resume: bool = False
     speed_seconds: float = 2.0
+    threads: Optional[int] = None
     opts: Sequence[str] = field(default_factory=tuple)
 
     def output_dir(self) -> Path:
@@ -79,6 +84,11 @@ class Options:
             return Path(self.output)
         return PROJECT_ROOT / "output" / "reproduce" / (
             f"table{self.table}" + ("_quick" if self.quick else ""))
+
+    def row_threads(self) -> Optional[int]:
+        if self.threads is None and self.quick:
+            return 1
+        return self.threads
 
     def row_iters(self) -> Optional[int]:
         if self.iters is None and self.quick:
@@ -141,9 +151,12 @@ def reproduce(options: Options) -> Path:
             row runs).
     """
     rows = select_rows(options.table, options.rows, options.datasets)  # checked first
-    from ..d2.runner import setup_logging
+    from ..d2.runner import set_threads, setup_logging
 
     setup_logging()
+    threads = options.row_threads()
+    if threads is not None:
+        set_threads(threads)
     output = options.output_dir()
     started = time.perf_counter()
     results, used_iters, data = run_rows(options, output)
