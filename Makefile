@@ -2,12 +2,17 @@
 PYTHON ?= python3
 VENV_PY := .venv/bin/python
 
-.PHONY: venv test demo bench clean-venv
+.PHONY: venv system test demo bench clean-venv
 
 venv:
 	@$(PYTHON) tools/bootstrap.py
 
-test: venv
+# Xvfb and Mesa's OpenGL for the napari plugin's tests (apt-get, only when missing; as root or
+# with sudo)
+system:
+	@bash tools/install_system_packages.sh
+
+test: venv system
 	$(VENV_PY) -m pytest -q tests
 
 demo: venv

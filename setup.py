@@ -51,7 +51,8 @@ setup(
         "dask[distributed]>=2024.1",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.80", "pytest-qt>=4.4"],
+        # pytest-qt and pytest-xvfb: the napari plugin's tests (an X server for napari's canvas)
+        "test": ["pytest>=7", "hypothesis>=6.80", "pytest-qt>=4.4", "pytest-xvfb>=3.0"],
         # the napari plugin (sharp_fpn/napari_plugin, manifest napari.yaml)
         "napari": ["napari[pyqt5]>=0.5", "npe2>=0.7"],
         # ONNX export (torch.onnx.export(..., dynamo=True)) and its check with ONNX Runtime
