@@ -8,6 +8,9 @@ that cannot be written. Images: multi-channel / multi-plane / multi-page files r
 what they hold, colour only where the file says so. Normalisation: an empty 16-bit field is
 not stretched into nuclei; a field with nuclei is stretched as before; --no-stretch.
 Arguments: ranges, NaN, device, config, weights, --tile 0 on a large image.
+Bad input of issue 11 (item 6): an OME-Zarr with a chunk missing from its store (Zarr v2 and
+v3), a stack whose plane names are a user's file or another input's outputs, a full disk and
+a killed run both resumed to the outputs of one uninterrupted run.
 """
 import copy
 import csv
@@ -266,6 +269,15 @@ def test_a_killed_run_leaves_a_summary_of_what_is_done_and_its_rerun_finishes(tm
     assert sorted(n for n, r in rows.items() if r["status"] == "ok") == pending
     assert all((out / f"img{k}_nuclei.csv").is_file() for k in range(8))
     assert not (out / LOCK_NAME).exists() and not list(out.glob(".*.tmp"))
+    # the killed run and its rerun made what one uninterrupted run makes
+    assert cli(base_args(weights, [images], tmp_path / "whole") + FAST) == 0
+    assert_same_files(out, tmp_path / "whole", [f"img{k}{suffix}" for k in range(8) for suffix
+                                                in ("_labels.tif", "_overlay.png", "_nuclei.csv")])
+
+
+def assert_same_files(a, b, names):
+    for name in names:
+        assert (Path(a) / name).read_bytes() == (Path(b) / name).read_bytes(), name
 
 
 def test_a_rerun_redoes_what_changed_and_redo_redoes_everything(tmp_path, predictor, weights):
@@ -355,6 +367,19 @@ def test_an_output_that_cannot_be_written_ends_the_run(tmp_path, predictor):
     assert rows["b_noisy.png"]["error"].startswith("outputs not written")
     assert rows["c.png"]["status"] == "pending" and not (out / "c_labels.tif").exists()
     assert not list(out.glob(".*.tmp"))
+    assert not (out / "b_noisy_labels.tif").exists()  # its outputs: all or none
+
+    # room again: the same run goes on where it stopped, and ends as one uninterrupted run
+    again = predict_images(None, None, [tmp_path], out, tile=0, overlap=16,
+                           predictor=predictor, progress=False)
+    rows = summary_rows(out)
+    assert {n: r["status"] for n, r in rows.items()} == {
+        "a_flat.png": "skipped (done)", "b_noisy.png": "ok", "c.png": "ok"}
+    assert [p.name for p in again.skipped] == ["a_flat.png"]
+    predict_images(None, None, [tmp_path], tmp_path / "whole", tile=0, overlap=16,
+                   predictor=predictor, progress=False)
+    assert_same_files(out, tmp_path / "whole", [f"{stem}{suffix}" for stem in (
+        "a_flat", "b_noisy", "c") for suffix in ("_labels.tif", "_overlay.png", "_nuclei.csv")])
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,3 +656,84 @@ def test_tile_0_does_not_shrink_a_large_image_to_the_models_input(tmp_path, pred
                             overlap=16, predictor=predictor, progress=False)
     assert any(n.startswith("--tile 2048: the model resizes each tile to about 64 px")
                for n in report.notes)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input (issue 11, item 6): a Zarr with a missing chunk, plane names in the way
+
+
+def ome_zarr(path, pixels, zarr_format):
+    """An OME-Zarr image (NGFF 0.4 on Zarr v2, 0.5 on Zarr v3) of one (y, x) level in 32-px
+    chunks, written by zarr."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    group.create_array("0", data=pixels, chunks=(32, 32))
+    meta = {"multiscales": [{"version": "0.4" if zarr_format == 2 else "0.5",
+                             "axes": [{"name": "y", "type": "space"},
+                                      {"name": "x", "type": "space"}],
+                             "datasets": [{"path": "0", "coordinateTransformations": [
+                                 {"type": "scale", "scale": [1.0, 1.0]}]}]}]}
+    group.attrs.update(meta if zarr_format == 2 else {"ome": {"version": "0.5", **meta}})
+    return path
+
+
+@pytest.mark.parametrize("zarr_format,chunk", [(2, "1.0"), (3, "c/1/0")])
+def test_a_zarr_with_a_missing_chunk_fails_named_and_the_batch_goes_on(tmp_path, predictor,
+                                                                       zarr_format, chunk):
+    gray = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (70, 60), np.uint8),
+                            (7, 7), 3)
+    ome_zarr(tmp_path / "holed.ome.zarr", gray, zarr_format)
+    ome_zarr(tmp_path / "whole.ome.zarr", gray, zarr_format)
+    cell_image(tmp_path / "cells.png")
+    lost = tmp_path / "holed.ome.zarr" / "0" / chunk
+    assert lost.is_file()
+    lost.unlink()  # a chunk lost in a copy: zarr reads zeros there, without a word
+    out = tmp_path / "out"
+    report = predict_images(None, None, [tmp_path], out, tile=64, overlap=16,
+                            predictor=predictor, progress=False)
+    rows = summary_rows(out)
+    assert {n: r["status"] for n, r in rows.items()} == {
+        "cells.png": "ok", "holed.ome.zarr": "failed", "whole.ome.zarr": "ok"}
+    error = rows["holed.ome.zarr"]["error"]
+    assert error.startswith(f"{tmp_path / 'holed.ome.zarr'}: chunk {chunk} of array '0' "
+                            f"(pixels [32:64, 0:32]) is missing from the store, 1 of 6 chunks "
+                            f"missing"), error
+    assert "--allow-missing-chunks" in error and "\n" not in error
+    assert [Path(f.image).name for f in report.failures] == ["holed.ome.zarr"]
+    assert not list(out.glob("holed*")) and not list(out.glob(".*.tmp"))
+
+    # asked for, it is read as zarr reads it: the hole as the fill value
+    predict_images(None, None, [tmp_path / "holed.ome.zarr"], out, tile=64, overlap=16,
+                   predictor=predictor, progress=False, allow_missing_chunks=True)
+    assert summary_rows(out)["holed.ome.zarr"]["status"] == "ok"
+    assert (out / "holed_labels.tif").is_file()
+
+
+def test_a_stacks_plane_names_in_the_way_fail_that_stack_only(tmp_path, predictor):
+    images = tmp_path / "images"
+    images.mkdir()
+    stack = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 256, (60, 60), np.uint8),
+                             (7, 7), 3)
+    for name in ("st.tif", "cells.tif"):
+        tifffile.imwrite(images / name, np.stack([stack, stack[::-1]]), imagej=True,
+                         metadata={"axes": "ZYX"})
+    cell_image(images / "cells_z0.png")  # its outputs are also cells.tif's plane 0's
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "st_z1_labels.tif").write_bytes(b"the user's")  # a plane's output name
+
+    report = predict_images(None, None, [images], out, tile=64, overlap=16,
+                            predictor=predictor, progress=False)
+    rows = summary_rows(out)
+    assert {n: r["status"] for n, r in rows.items()} == {
+        "cells.tif": "failed", "cells_z0.png": "ok", "st.tif": "failed"}
+    assert f"{out / 'st_z1_labels.tif'}: exists (not written by sharp-fpn)" in rows[
+        "st.tif"]["error"]
+    assert (f"{out / 'cells_z0_labels.tif'}: would be the output of two inputs (this file's "
+            f"plane, and {images / 'cells_z0.png'})") in rows["cells.tif"]["error"]
+    assert (out / "st_z1_labels.tif").read_bytes() == b"the user's"
+    assert not list(out.glob("st_*_overlay.png")) and not list(out.glob("cells_z1*"))
+    # cells_z0.png's outputs are its own, whatever order the inputs came in
+    assert [r.image.name for r in report.results] == ["cells_z0.png"]
+    assert tifffile.imread(out / "cells_z0_labels.tif").shape == (60, 60)

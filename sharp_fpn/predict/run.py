@@ -18,8 +18,9 @@ The rules a run keeps:
   is never replaced unless ``overwrite`` (``--overwrite``), an input never; the folder is
   locked while the run writes. The output folder may be the input folder: files an earlier
   predict run wrote are left out of the inputs (:func:`~.image_io.expand_inputs`).
-* **Incremental**: each image's files are written (each whole or not at all) as soon as
-  the image is done, and ``summary.csv`` is rewritten (atomically) after every image, so a
+* **Incremental**: each image's files are written (each whole or not at all, and those of
+  a plane all or none: a write that fails removes the plane's files written before it) as
+  soon as the image is done, and ``summary.csv`` is rewritten (atomically) after every image, so a
   run killed at any moment leaves a summary of what is done (the rest ``pending``).
 * **Resumable**: a rerun skips an image, reporting it ``skipped (done)`` with its numbers, when
   the summary of the earlier run says ``ok`` (or ``skipped (done)``) with the same
@@ -52,6 +53,7 @@ The rules a run keeps:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -804,6 +806,7 @@ class RunWriter:
             _note(report, f"{outcome.where}: {outcome.note}")
         settings, out = self.settings, self.out
         start = time.perf_counter()
+        written: List[Path] = []
         try:
             claimed = out.claim_all(output_names(outcome.stem, **settings.outputs_asked))
             labels_file, overlay_file, table_file = claimed[:3]
@@ -811,16 +814,23 @@ class RunWriter:
                 write_ome_labels(labels_file, outcome.labels, outcome.pixel_size)
             else:
                 write_label_tiff(labels_file, outcome.labels)
+            written.append(labels_file)
             write_png(overlay_file, outcome.overlay)
+            written.append(overlay_file)
             write_csv_atomic(table_file, outcome.table, outcome.columns)
+            written.append(table_file)
             extra = list(claimed[3:])
             rois_file = extra.pop(0) if settings.rois else None
             geojson_file = extra.pop(0) if settings.geojson else None
             if rois_file is not None:
                 write_roi_zip(rois_file, outcome.outlines)
+                written.append(rois_file)
             if geojson_file is not None:
                 write_geojson(geojson_file, outcome.outlines, outcome.table, outcome.stem)
         except BaseException as e:  # the outputs themselves: the run cannot go on
+            for done in written:  # a plane's outputs are all there or none (each whole)
+                with contextlib.suppress(OSError):
+                    done.unlink()
             if isinstance(e, Exception):
                 self.rows[i][k] = {"image": str(task.path), "status": "failed",
                                    "output_stem": outcome.stem, "plane": outcome.row["plane"],
