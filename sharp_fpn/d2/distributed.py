@@ -204,7 +204,11 @@ def plan_launch(args: argparse.Namespace, argv: Sequence[str],
     """
     if args.opts:  # the config overrides (KEY VALUE ...) come last and hold no flags
         argv = list(argv)[: len(argv) - len(args.opts)]
-    flags = [flag for flag in LAUNCH_FLAGS if _given(flag, argv)]
+    # Given on the command line, or (an abbreviation argparse took) away from its default.
+    changed = {"--num-gpus": args.num_gpus != 1, "--num-machines": args.num_machines != 1,
+               "--machine-rank": args.machine_rank != 0,
+               "--dist-timeout": getattr(args, "dist_timeout", None) is not None}
+    flags = [flag for flag in LAUNCH_FLAGS if _given(flag, argv) or changed.get(flag)]
     env = torchrun_environment(environ)
     if env is not None:
         if flags:
@@ -250,7 +254,7 @@ def plan_launch(args: argparse.Namespace, argv: Sequence[str],
         parse_tcp_url(url)
     return Plan(world_size=machines * processes, num_machines=machines,
                 processes_per_machine=processes, machine_rank=machine, dist_url=url,
-                timeout=timeout)
+                timeout=timeout, rank=machine * processes)
 
 
 # --- meeting --------------------------------------------------------------------------------
@@ -397,8 +401,8 @@ def held_by_main(enter: Callable[[], ContextManager]) -> Iterator[None]:
     held = None
     problem = ""
     if comm.get_rank() == 0:
-        held = enter()
         try:
+            held = enter()
             held.__enter__()
         except Exception as e:  # noqa: BLE001  (said to the others, then raised here)
             problem, error = one_line(e), e
