@@ -106,3 +106,11 @@ def test_quick_recipe_trains_each_row_on_its_stand_in(tmp_path):
     nuclei = row_config(select_rows(1, ["unet"])[0], True, 2, [], tmp_path)
     assert tuple(nuclei.DATASETS.TRAIN) == ("nuclei_synth_train",)
     assert list(nuclei.INPUT.SEMANTIC.SIZE) == [64, 64]
+
+
+def test_quick_runs_on_one_thread_unless_told():
+    from sharp_fpn.experiments import Options
+
+    assert Options(table=1, quick=True).row_threads() == 1
+    assert Options(table=1, quick=True, threads=2).row_threads() == 2
+    assert Options(table=1).row_threads() is None
