@@ -411,3 +411,23 @@ def test_large_benchmark_records_peak_memory_and_time_per_size(tmp_path):
         assert r["peak_tiles_in_flight"] == len(tile_grid(r["size"], r["size"], 128, 32)) ** 0.5
     assert figures["peak_rss_largest_over_smallest"] > 0
     assert not list((tmp_path / "work").iterdir())  # images and outputs removed
+
+
+def test_a_row_buffer_holds_its_rows_through_drops_compactions_and_growth():
+    from sharp_fpn.predict.large import RowBuffer
+
+    rows = RowBuffer(3, np.int64)
+    truth = np.arange(300 * 3).reshape(300, 3)
+    held_from = 0
+    for bottom, top in [(10, 0), (25, 4), (40, 30), (41, 41), (90, 60), (200, 150), (300, 299)]:
+        rows.extend(bottom, truth[rows.bottom:bottom])
+        rows.drop(top)
+        held_from = max(held_from, top)
+        assert rows.base == held_from and rows.bottom == bottom
+        assert np.array_equal(rows.array, truth[held_from:bottom])
+    zeros = RowBuffer(2, np.int32)
+    zeros.extend(5)
+    zeros.array[:] = 7
+    zeros.drop(5)
+    zeros.extend(8)  # reused rows come back zero
+    assert zeros.base == 5 and not zeros.array.any()

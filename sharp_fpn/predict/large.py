@@ -136,6 +136,7 @@ __all__ = [
     "LargeResult",
     "LargeSource",
     "PredictorModel",
+    "RowBuffer",
     "ThresholdModel",
     "TileReader",
     "TileRunner",
@@ -531,6 +532,60 @@ class TileRunner:
 # --------------------------------------------------------------------------- stitching
 
 
+class RowBuffer:
+    """Image rows ``[base, base + rows)`` of a full-width array, kept in one buffer: rows are
+    added at the bottom and forgotten at the top without copying the rows kept (the buffer
+    is compacted, or doubled, only when the bottom reaches its end), so that holding a band
+    costs the band, not the band twice.
+
+    ``array`` is the view ``(rows, width, ...)`` of the rows held.
+    """
+
+    def __init__(self, width: int, dtype, trailing: Tuple[int, ...] = ()) -> None:
+        self.base = 0
+        self.rows = 0
+        self._start = 0
+        self._buffer = np.zeros((0, width) + tuple(trailing), dtype=dtype)
+
+    @property
+    def array(self) -> np.ndarray:
+        return self._buffer[self._start:self._start + self.rows]
+
+    @property
+    def bottom(self) -> int:
+        return self.base + self.rows
+
+    def extend(self, bottom: int, values: Optional[np.ndarray] = None) -> None:
+        """Hold rows up to ``bottom``: the new rows zero, or ``values`` (``bottom - self.
+        bottom`` rows)."""
+        added = bottom - self.bottom
+        if added <= 0:
+            return
+        if self._start + self.rows + added > len(self._buffer):
+            if self.rows + added <= len(self._buffer) and self._start >= self.rows:
+                self._buffer[:self.rows] = self.array  # no overlap: no temporary
+            else:
+                grown = np.zeros((2 * (self.rows + added),) + self._buffer.shape[1:],
+                                 dtype=self._buffer.dtype)
+                grown[:self.rows] = self.array
+                self._buffer = grown
+            self._start = 0
+        new = self._buffer[self._start + self.rows:self._start + self.rows + added]
+        if values is None:
+            new[...] = 0
+        else:
+            new[...] = values
+        self.rows += added
+
+    def drop(self, top: int) -> None:
+        """Forget the rows above ``top``."""
+        if top > self.base:
+            gone = min(top - self.base, self.rows)
+            self._start += gone
+            self.rows -= gone
+            self.base += gone
+
+
 @dataclass
 class _Pending:
     key: Tuple[float, int, int]  # (-score, tile index, index in tile): the whole path's rank
@@ -569,8 +624,7 @@ class BandStitcher:
             raise ValueError(f"min_kept_fraction must be in [0, 1], got {min_kept_fraction}")
         self.shape = tuple(shape)
         self.min_kept_fraction = float(min_kept_fraction)
-        self.base = 0  # image row of band[0]
-        self.band = np.zeros((0, shape[1]), dtype=np.int32)  # > 0 id, < 0 taken then pruned
+        self._rows = RowBuffer(shape[1], np.int32)  # > 0 id, < 0 taken then pruned
         self.pending: List[_Pending] = []
         self.reach = 0
         self.count = 0
@@ -579,11 +633,18 @@ class BandStitcher:
         self.peak_pending = 0
 
     def _extend(self, bottom: int) -> None:
-        rows = bottom - (self.base + self.band.shape[0])
-        if rows > 0:
-            self.band = np.concatenate(
-                [self.band, np.zeros((rows, self.shape[1]), dtype=np.int32)])
-        self.peak_band_rows = max(self.peak_band_rows, self.band.shape[0])
+        self._rows.extend(bottom)
+        self.peak_band_rows = max(self.peak_band_rows, self._rows.rows)
+
+    @property
+    def base(self) -> int:
+        """Image row of the first label row held."""
+        return self._rows.base
+
+    @property
+    def band(self) -> np.ndarray:
+        """The label rows held (``> 0`` ids, ``< 0`` pixels taken then pruned)."""
+        return self._rows.array
 
     def add_row(self, tiles: Sequence[Tile], sets: Sequence[InstanceSet],
                 reach: int) -> List[Nucleus]:
@@ -663,13 +724,12 @@ class BandStitcher:
         if top < self.base or bottom > self.final_rows():
             raise ValueError(f"rows {top}-{bottom} are not final and held (band from "
                              f"{self.base}, final to {self.final_rows()})")
-        return np.maximum(self.band[top - self.base:bottom - self.base], 0).astype(np.uint32)
+        # ids are >= 0 after the maximum: the same bits as uint32
+        return np.maximum(self.band[top - self.base:bottom - self.base], 0).view(np.uint32)
 
     def drop(self, top: int) -> None:
         """Forget the rows above ``top`` (written)."""
-        if top > self.base:
-            self.band = self.band[top - self.base:].copy()
-            self.base = top
+        self._rows.drop(top)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -922,32 +982,33 @@ def _outline(nucleus: Nucleus) -> Optional[np.ndarray]:
 
 
 class _IntensityBand:
-    """The stored image's intensity values (:attr:`~.image_io.LoadedImage.intensity`) of the
+    """The stored image's colour channels (for :attr:`~.image_io.LoadedImage.intensity`) of the
     rows the stitcher holds, read by whole-width windows as rows of tiles come."""
 
     def __init__(self, source: LargeSource) -> None:
         self.source = source
-        self.base = 0
-        self.colour = None
+        self._rows: Optional[RowBuffer] = None
 
     def extend(self, bottom: int) -> None:
-        have = self.base + (0 if self.colour is None else self.colour.shape[0])
+        have = 0 if self._rows is None else self._rows.bottom
         if bottom <= have:
             return
         part = _colour_channels(self.source.window(have, bottom, 0, self.source.width))
-        self.colour = part if self.colour is None else np.concatenate([self.colour, part])
+        if self._rows is None:
+            self._rows = RowBuffer(part.shape[1], part.dtype, part.shape[2:])
+        self._rows.extend(bottom, part)
 
     def crop(self, box: Tuple[int, int, int, int]) -> np.ndarray:
         t, l, b, r = box
-        part = self.colour[t - self.base:b - self.base, l:r]
+        base = self._rows.base
+        part = self._rows.array[t - base:b - base, l:r]
         if part.shape[2] == 1:
             return part[:, :, 0].astype(np.float64)
         return part.mean(axis=2, dtype=np.float64)
 
     def drop(self, top: int) -> None:
-        if top > self.base and self.colour is not None:
-            self.colour = self.colour[top - self.base:].copy()
-            self.base = top
+        if self._rows is not None:
+            self._rows.drop(top)
 
 
 def segment_large(
@@ -1008,6 +1069,8 @@ def segment_large(
         notes.append("diameter not estimated (large image): predicted at scale 1")
     if tile <= 0:
         raise ValueError(f"tile must be > 0 for a large image, got {tile}")
+    if pixel_size is not None and not (0 < float(pixel_size) < float("inf")):
+        raise ValueError(f"--pixel-size must be a number of micrometres > 0, got {pixel_size}")
     image = source if isinstance(source, LargeSource) else LargeSource(
         source, channel, pixel_size, allow_missing_chunks)
     height, width = image.height, image.width
