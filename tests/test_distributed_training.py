@@ -160,14 +160,6 @@ def test_two_machines_by_torchrun(datasets, tmp_path):
     _check_run_folder(out, world=2, machines=2)
 
 
-def test_two_processes_by_torchrun_standalone(datasets, tmp_path):
-    out = tmp_path / "run"
-    command = _cmd(TORCHRUN, "--standalone", "--nproc-per-node", 2, TRAIN_NET,
-                   "--config-file", DEMO, *TINY, "OUTPUT_DIR", out)
-    _run_together([command], _env(datasets), tmp_path / "logs")
-    _check_run_folder(out, world=2, machines=1)
-
-
 # --- errors: one line, naming what is wrong --------------------------------------------------
 
 def _train_net():

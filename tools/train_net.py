@@ -10,29 +10,36 @@ Without CUDA, ``--num-gpus N`` runs N CPU processes (gloo); add ``MODEL.DEVICE c
 before the config overrides (``KEY VALUE`` pairs, which take the rest of the line); a flag
 found among them is an error that names it.
 
-Several machines (``sharp_fpn.d2.distributed``), two ways; on each machine, the same command:
+Several machines (``sharp_fpn.d2.distributed``), two ways, one command per machine:
 
-    # detectron2's flags: one command per machine, --machine-rank 0 on machine 0
+    # detectron2's flags: the same command on each machine but for its --machine-rank
     python tools/train_net.py --num-machines 2 --machine-rank 0 --num-gpus 1 \
-        --dist-url tcp://HOST0:29500 --config-file CFG
+        --dist-url tcp://HOST0:29500 --config-file CFG          # on machine 0
     python tools/train_net.py --num-machines 2 --machine-rank 1 --num-gpus 1 \
-        --dist-url tcp://HOST0:29500 --config-file CFG
-    # torchrun: it starts the processes (--nproc-per-node per machine) and this tool joins them
+        --dist-url tcp://HOST0:29500 --config-file CFG          # on machine 1
+    # torchrun starts the processes (--nproc-per-node on each machine); each joins them here
     torchrun --nnodes 2 --nproc-per-node 1 --node-rank 0 --master-addr HOST0 \
-        --master-port 29500 tools/train_net.py --config-file CFG
-    torchrun --standalone --nproc-per-node 2 tools/train_net.py --config-file CFG
+        --master-port 29500 tools/train_net.py --config-file CFG  # --node-rank 1 on machine 1
+    torchrun --standalone --nproc-per-node 2 tools/train_net.py --config-file CFG  # one machine
 
-HOST0 is an address of machine 0 that every machine reaches; ``--num-gpus`` is processes per
-machine (CPU processes where there is no CUDA). A process waits ``--dist-timeout`` seconds
-(default 600) for the others at ``--dist-url``, then stops in one line naming it; so does a
-``--machine-rank`` not below ``--num-machines``, and a multi-machine ``--dist-url`` that is not
-``tcp://``. Under torchrun, detectron2's launch flags are an error that names them (torchrun
-decides the processes). ``SOLVER.IMS_PER_BATCH`` is the batch of all processes together, split
-evenly among them. Only machine 0 (rank 0) writes OUTPUT_DIR's run files and holds its lock;
-the others write only ``log.txt.rank<N>`` there, so a filesystem shared by the machines is
-safe, and ``--resume`` needs one (every process reads the checkpoint). After training rank 0
-writes ``distributed.json``: each process's parameter digest (equal on all, or the run fails)
-and the images of each of its steps.
+HOST0 is an address of machine 0 that every machine reaches, and 29500 a port free on it;
+``--num-gpus`` is processes per machine (CPU processes over gloo where there is no CUDA). A
+process waits ``--dist-timeout`` seconds (default 600) for the others at ``--dist-url``, then
+stops in one line naming it; a ``--machine-rank`` not below ``--num-machines``, a
+multi-machine ``--dist-url`` that is not ``tcp://HOST:PORT`` and a machine 0 that cannot listen
+at it are refused at once. Under torchrun, detectron2's launch flags (``--num-gpus``,
+``--num-machines``, ``--machine-rank``, ``--dist-url``, ``--dist-timeout``) are an error that
+names them: torchrun decides the processes. ``SOLVER.IMS_PER_BATCH`` is the batch of all the
+processes together, split evenly among them.
+
+Only machine 0 (torchrun: rank 0) checks OUTPUT_DIR, holds its lock and writes its run files;
+the other processes write only their ``log.txt.rank<N>`` there, so machines sharing a
+filesystem never write the same file, and ``--resume`` needs one (every process loads the
+checkpoint; processes starting from different iterations are refused). When machine 0 refuses
+the folder, torchrun's other processes stop quoting its error; with detectron2's flags the
+other machines stop after ``--dist-timeout``. After training rank 0 writes
+``distributed.json``: each process's parameter digest (equal on all, else the run fails) and
+the images of each of its steps.
 
 OUTPUT_DIR (``sharp_fpn.d2.run_folder``): a folder holding a finished run (model_final.pth) or
 an interrupted one (checkpoints) is refused unless ``--resume`` (go on from its last readable
@@ -41,7 +48,7 @@ a folder another run is writing into is refused, naming that run's process. ``--
 needs weights that fit the config exactly (MODEL.WEIGHTS, or ``--resume`` for OUTPUT_DIR's last
 checkpoint), and writes its config to OUTPUT_DIR/inference/config.yaml.
 
-Every check runs before any process starts; a failure is one line on stderr (exit 1), the
+Every check runs before any process trains; a failure is one line on stderr (exit 1), the
 traceback with ``--debug``.
 """
 from __future__ import annotations
