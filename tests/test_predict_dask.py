@@ -124,7 +124,7 @@ def assert_same_outputs(a, b):
 
 
 def test_a_dask_run_equals_the_serial_run(tmp_path, client, cfg, weights):
-    inputs = images(tmp_path / "images")
+    inputs = images(tmp_path / "images", size=(60, 60))  # one 64-px tile each
     serial = predict_images(cfg, weights, [inputs], tmp_path / "serial", progress=False,
                             **OPTIONS)
     on_dask = predict_images(cfg, weights, [inputs], tmp_path / "dask", dask=client,
@@ -148,7 +148,8 @@ def test_a_dask_run_equals_the_serial_run(tmp_path, client, cfg, weights):
 def test_the_cli_resumes_on_a_cluster_what_a_serial_run_began(tmp_path, client, weights):
     from test_predict_safety import cli
 
-    inputs = images(tmp_path / "images", count=4, stack=False, broken=False)
+    inputs = images(tmp_path / "images", count=4, size=(60, 60), stack=False, broken=False)
+
     def args(inputs, out):
         return ["--input", *inputs, "--config-file", DEMO, "--weights", weights, "--output",
                 out, "--tile", "64", "--overlap", "16", "--score-threshold", "0.3"]
@@ -255,3 +256,37 @@ def test_dask_needs_weights_every_worker_can_load(tmp_path, cfg):
         predict_images(None, None, [tmp_path / "images"], tmp_path / "out", dask="",
                        predictor=Bright(cfg=cfg), progress=False, tile=64, overlap=16)
     assert not (tmp_path / "out").exists()  # refused before anything was made
+
+
+# --------------------------------------------------------------------------------------------
+# the tiles of one large image
+
+
+def test_a_large_images_tiles_on_the_cluster_give_the_outputs_of_one_process(tmp_path, client):
+    """segment_large's map_tiles spread over the workers (each its own model): the same
+    OME-Zarr labels and the same CSV as the builtin map."""
+    import zarr
+
+    from sharp_fpn.predict.cluster import tile_mapper
+    from sharp_fpn.predict.large import LargeOutputs, ThresholdModel, segment_large
+
+    rng = np.random.default_rng(3)
+    pixels = np.rint(gaussian(rng.integers(0, 65535, (230, 170)).astype(np.float64), sigma=2,
+                              preserve_range=True)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "big.tif", pixels, tile=(64, 64))
+    results = {}
+    for name, map_tiles in (("one", None),
+                            ("dask", tile_mapper(client, partial(ThresholdModel, 150.0)))):
+        out = tmp_path / name
+        results[name] = segment_large(
+            tmp_path / "big.tif", LargeOutputs(out / "big_labels.ome.zarr", out / "big.csv",
+                                               chunk=64),
+            predictor=ThresholdModel(150.0), tile=64, overlap=16, progress=False,
+            map_tiles=map_tiles)
+    one, on_dask = (zarr.open_group(str(tmp_path / n / "big_labels.ome.zarr"), mode="r")["0"][:]
+                    for n in ("one", "dask"))
+    assert results["one"].tiles > 4 and results["one"].nuclei > 5
+    np.testing.assert_array_equal(one, on_dask)
+    assert (tmp_path / "one" / "big.csv").read_bytes() == (
+        tmp_path / "dask" / "big.csv").read_bytes()
+    assert results["dask"].nuclei == results["one"].nuclei

@@ -55,6 +55,7 @@ __all__ = [
     "open_client",
     "predict_on_cluster",
     "segment_on_worker",
+    "tile_mapper",
     "worker_predictor",
 ]
 
@@ -114,6 +115,35 @@ def segment_on_worker(task, settings, factory: Callable[[], Any], key: str) -> l
     from .run import segment_image
 
     return list(segment_image(task, settings, worker_predictor(factory, key)))
+
+
+def tile_on_worker(factory: Callable[[], Any], key: str, reader, tile):
+    """A task: one tile of a large image (:class:`~.large.TileRunner` with this worker's
+    model; ``reader`` opens the file and reads the tile's window here)."""
+    from .large import PredictorModel, TileRunner
+
+    model = worker_predictor(factory, key)
+    if hasattr(model, "run_model"):  # a NucleiPredictor: the large path's tile model of it
+        model = PredictorModel(model)
+    return TileRunner(model, reader)(tile)
+
+
+def tile_mapper(client, factory: Callable[[], Any], key: Optional[str] = None,
+                retries: int = DEFAULT_RETRIES) -> Callable:
+    """``map_tiles`` for :func:`~.large.segment_large`: each tile of a row a task on the
+    cluster, run by the worker's own model (built once per worker by ``factory``, as
+    :func:`worker_predictor`), the results in the order of the tiles. Only the tile's reader
+    (the file's path and layout, the image's stretch) travels; the stitching and the writing
+    stay in this process. A worker lost is rescheduled by the scheduler; a tile's failure is
+    the :class:`~.tiling.TileError` it raised."""
+    key = key or uuid.uuid4().hex
+
+    def map_tiles(fn, tiles):
+        futures = [client.submit(tile_on_worker, factory, key, fn.reader, t, retries=retries,
+                                 pure=False) for t in tiles]
+        return client.gather(futures)
+
+    return map_tiles
 
 
 @contextlib.contextmanager
