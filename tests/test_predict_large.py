@@ -180,6 +180,11 @@ def test_large_path_labels_equal_the_whole_image_path(zoo_run):
     assert labels.dtype == np.uint32
     mapping = _bijection(whole.labels, labels)
     assert result.nuclei == whole.count == len(mapping)
+    # the summary's figures, kept per nucleus
+    areas = np.bincount(whole.labels.ravel())[1:]
+    for old, new in mapping.items():
+        assert result.areas[new - 1] == areas[old - 1]
+        assert result.scores[new - 1] == whole.scores[old - 1]
 
 
 def test_large_path_table_rows_agree_with_nuclei_table(zoo_run):

@@ -773,6 +773,9 @@ class LargeResult:
         peak_band_rows: most label rows held at once; peak_pending: most undecided instances;
             peak_tiles_in_flight: most tiles given to ``map_tiles`` at once. None of them grows
             with the image's height (the module docstring).
+        areas, scores: ``(K,)`` int64 pixel areas and float64 scores of nuclei ``1..K`` (for a
+            summary row: mean, median, min, max area, mean score, foreground fraction;
+            16 bytes a nucleus).
     """
 
     labels: Path
@@ -790,6 +793,8 @@ class LargeResult:
     peak_pending: int = 0
     peak_tiles_in_flight: int = 0
     notes: List[str] = field(default_factory=list)
+    areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
 
 
 def _temporary(path: Path) -> Path:
@@ -1086,6 +1091,8 @@ def segment_large(
     want_outlines = outputs.geojson is not None or outputs.rois is not None
     labels = streams = None
     peak_tiles = 0
+    areas: List[int] = []
+    scores: List[float] = []
     try:
         labels = _LabelZarr(outputs.labels, (height, width), outputs.chunk, image.pixel_size)
         streams = _Streams(outputs, columns)
@@ -1097,6 +1104,8 @@ def segment_large(
             reach = row_spans[r + 1][0] if r + 1 < len(row_spans) else height
             intensity.extend(row_spans[r][1])
             for nucleus in stitcher.add_row(row_tiles, sets, reach):
+                areas.append(int(nucleus.mask.sum()))
+                scores.append(nucleus.score)
                 streams.add(_row(nucleus, intensity.crop(nucleus.box), image.pixel_size),
                             _outline(nucleus) if want_outlines else None)
             labels.write_final(stitcher)
@@ -1115,4 +1124,5 @@ def segment_large(
     return LargeResult(outputs.labels, outputs.table, outputs.geojson, outputs.rois,
                        (height, width), len(tiles), stitcher.count, image.pixel_size, how,
                        normalised, round(time.perf_counter() - started, 3),
-                       stitcher.peak_band_rows, stitcher.peak_pending, peak_tiles, notes)
+                       stitcher.peak_band_rows, stitcher.peak_pending, peak_tiles, notes,
+                       np.asarray(areas, np.int64), np.asarray(scores, np.float64))
