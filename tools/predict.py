@@ -42,8 +42,9 @@ value / 257). summary.csv says what was read and how it was stretched.
 
 Large images are cut into overlapping tiles (--tile, --overlap: nuclei up to the overlap in
 size are never cut nor duplicated; tiles of 1024 px for models that see images at their own
-size, as the shipped ones do, 512 px for models that resize their input). --tile 0 predicts images whole, except an image the model
-would shrink more than a 512-px tile: that one is tiled at 512 px (a note says so).
+size, as the shipped ones do, 512 px for models that resize their input). --tile 0 predicts
+images whole, except an image the model would shrink more than a 512-px tile: that one is
+tiled at 512 px (a note says so).
 
 Files: nothing predict did not write is replaced (a file of yours named like an output is
 refused, naming it; --overwrite replaces it), an input never. --output may be the input folder:
@@ -229,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     if args.dask and ":" not in args.dask:  # --dask took a word meant for something else
-        parser.error(f"--dask {args.dask}: not a scheduler address (tcp://host:port); give "
-                     f"--dask alone (a LocalCluster) after the other options' values, or "
-                     f"before --input")
+        parser.error(f"--dask {args.dask}: not a scheduler address (tcp://host:port); for "
+                     f"a LocalCluster give --dask without one, followed by another option "
+                     f"(not by config KEY VALUE pairs)")
     if args.dask_workers is not None and args.dask is None:
         parser.error("--dask-workers sizes --dask's LocalCluster: give --dask too")
     if args.dask_workers is not None and args.dask:
