@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sharp_fpn.d2.engine import get_config
+from sharp_fpn.d2.engine import check_run, get_config
 from sharp_fpn.d2.runner import config_parameters, row_config
 from sharp_fpn.experiments import tables
 from sharp_fpn.experiments.tables import (
@@ -114,3 +114,15 @@ def test_quick_runs_on_one_thread_unless_told():
     assert Options(table=1, quick=True).row_threads() == 1
     assert Options(table=1, quick=True, threads=2).row_threads() == 2
     assert Options(table=1).row_threads() is None
+
+
+def test_a_missing_medical_data_set_is_named_before_any_work(tmp_path):
+    """tools/train_net.py's checks: the LUNA16 rows' data set, not converted under this test
+    session's empty datasets root, fails with where to get it before a model is built."""
+    out = tmp_path / "out"
+    cfg = get_config(str(select_rows(1, ["luna16_vnet"])[0].config_path),
+                     ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out)])
+    with pytest.raises(FileNotFoundError, match=r"dataset 'luna16_train': .* holds no converted "
+                                                r"data set.*convert_medical.py luna16"):
+        check_run(cfg)
+    assert not out.exists()

@@ -255,7 +255,9 @@ def check_datasets(cfg: CfgNode, *, train: bool = True, test: bool = True,
                    prepare_data: bool = False) -> None:
     """``DATASETS.TRAIN`` (when ``train``) and ``DATASETS.TEST`` (when ``test``) name
     registered datasets, and training has one; with ``prepare_data``, sharp-fpn's own datasets
-    are converted now (first use) and a missing one says where its data go.
+    (the nuclei sets and the medical ones, ``sharp_fpn.data.medical``) are converted now (first
+    use: the quick stand-ins) and a missing one says where its data go, before any model is
+    built.
 
     Raises:
         ConfigError: an empty or unknown name (:func:`~sharp_fpn.data.catalog.
@@ -273,9 +275,13 @@ def check_datasets(cfg: CfgNode, *, train: bool = True, test: bool = True,
     for key, name in names:
         _check_dataset(key, name)
     if prepare_data:
+        from ..data.medical.registry import MEDICAL_DATASETS, prepare_medical
+
         for _, name in names:
             if name in DATASETS:
                 prepare(name)
+            elif name in MEDICAL_DATASETS:  # BraTS19, LiTS17, LIDC-IDRI, LUNA16 (and stand-ins)
+                prepare_medical(name)
 
 
 def check_run(cfg: CfgNode, *, eval_only: bool = False, resume: bool = False) -> None:
