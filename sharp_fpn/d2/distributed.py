@@ -71,6 +71,7 @@ __all__ = [
     "DEFAULT_JOIN_TIMEOUT_S",
     "LAUNCH_FLAGS",
     "REPORT",
+    "TORCHRUN_VARIABLES",
     "BatchLedger",
     "DistributedError",
     "Plan",
@@ -79,6 +80,7 @@ __all__ = [
     "create_local_groups",
     "held_by_main",
     "join_torchrun",
+    "leave",
     "parameter_digest",
     "parse_tcp_url",
     "plan_launch",
@@ -126,7 +128,7 @@ class Plan:
     dist_url: str = ""
     timeout: float = DEFAULT_JOIN_TIMEOUT_S
     torchrun: bool = False
-    rank: int = 0  # torchrun: this process's rank; detectron2's flags: the machine's first
+    rank: int = 0  # torchrun: this process's rank; detectron2's flags: its machine's first
 
     @property
     def writes_run_folder(self) -> bool:
@@ -534,7 +536,11 @@ def check_replicas(model: torch.nn.Module, ledger: BatchLedger, output_dir: str,
         "processes": processes,
     }
     if comm.is_main_process() and output_dir:
-        write_text_atomic(Path(output_dir) / REPORT, json.dumps(report, indent=1) + "\n")
+        # One line per process: a long run's image ids stay one line each.
+        head = json.dumps({k: v for k, v in report.items() if k != "processes"})
+        text = (head[:-1] + ', "processes": [\n' + ",\n".join(json.dumps(p) for p in processes)
+                + "\n]}\n")
+        write_text_atomic(Path(output_dir) / REPORT, text)
     if len(digests) > 1:
         first = processes[0]["parameters_sha256"]
         differ = [str(p["rank"]) for p in processes if p["parameters_sha256"] != first]
