@@ -138,7 +138,9 @@ class OutputDir:
         path = self.folder / name
         if self._key(path) in self._inputs:
             raise OutputConflict(f"{path}: is one of the inputs; choose another output")
-        if path.is_dir():
+        # a Zarr output (a folder) this tool wrote may be replaced; any other folder is in the way
+        if path.is_dir() and not (name.endswith(".zarr") and (self.overwrite
+                                                              or name in self._mine())):
             raise OutputConflict(f"{path}: a folder is in the way of an output file")
         if path.exists() and not self.overwrite and name not in self._mine():
             owner = next((t for t, names in self._record.items() if name in names), None)

@@ -119,3 +119,18 @@ def test_recorded_outputs_of_one_tool(tmp_path):
     assert recorded_outputs(tmp_path, "predict") == {"a_overlay.png"}
     assert recorded_outputs(tmp_path) == {"a_overlay.png", "labels.csv"}
     assert recorded_outputs(tmp_path, "train") == set()
+
+
+def test_a_zarr_folder_the_tool_wrote_may_be_replaced_any_other_folder_is_in_the_way(tmp_path):
+    out = OutputDir(tmp_path, "predict")
+    zarr_path = out.claim("big_labels.ome.zarr")  # recorded as predict's before it is written
+    zarr_path.mkdir()
+    (zarr_path / "zarr.json").write_text("{}")
+    assert OutputDir(tmp_path, "predict").check("big_labels.ome.zarr") == zarr_path
+    (tmp_path / "users.ome.zarr").mkdir()  # a user's Zarr: refused unless --overwrite
+    with pytest.raises(OutputConflict, match=r"users\.ome\.zarr: a folder is in the way"):
+        OutputDir(tmp_path, "predict").check("users.ome.zarr")
+    assert OutputDir(tmp_path, "predict", overwrite=True).check("users.ome.zarr")
+    (tmp_path / "a_labels.tif").mkdir()  # a folder where a file goes: always in the way
+    with pytest.raises(OutputConflict, match=r"a_labels\.tif: a folder is in the way"):
+        OutputDir(tmp_path, "predict", overwrite=True).check("a_labels.tif")
