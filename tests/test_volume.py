@@ -105,6 +105,13 @@ def test_the_train_loader_gives_patches_of_image_and_mask(tiny3d, tmp_path):
         assert set(item["sem_seg"].unique().tolist()) <= {0, 1}
 
 
+def test_too_few_patches_for_a_batch_is_refused(tiny3d, tmp_path):
+    cfg = _config(tmp_path, "SOLVER.IMS_PER_BATCH", 8)
+    with pytest.raises(ValueError, match=r"3 volumes x INPUT.VOLUME.SAMPLES_PER_VOLUME 2 give 6 "
+                                         r"patches a pass per process, fewer than a batch of 8"):
+        Trainer.build_train_loader(cfg)
+
+
 def test_flips_move_image_and_mask_alike(tiny3d, tmp_path):
     """On a volume whose mask is exactly its thresholded image, every TorchIO flip keeps it so;
     a rotation (linear image, nearest mask) keeps it up to the interpolated border."""

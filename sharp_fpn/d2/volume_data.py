@@ -192,14 +192,15 @@ class VolumePatchLoader:
     ``next(iter(loader))`` every step, forever), over a ``tio.Queue``.
 
     Every pass over the queue is one pass over the (shuffled) volumes; the next pass starts
-    where it ends.
+    where it ends. A pass's last, incomplete batch is dropped: a batch of one patch would
+    fail the CGMs' BatchNorm1d in training.
     """
 
     def __init__(self, queue: tio.Queue, batch_size: int):
         self.queue = queue
         self.batch_size = batch_size
         # TorchIO's rule: the queue's own workers load volumes; this loader has none
-        self.loader = DataLoader(queue, batch_size=batch_size, num_workers=0)
+        self.loader = DataLoader(queue, batch_size=batch_size, num_workers=0, drop_last=True)
 
     def __iter__(self) -> Iterator[List[Dict[str, Any]]]:
         while True:
@@ -216,8 +217,8 @@ def build_volume_train_loader(cfg) -> VolumePatchLoader:
     patch_size = _patch_size(cfg)
     records = _records(cfg.DATASETS.TRAIN)
     check_volume_records(records, patch_size, where=f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)}")
-    subjects = tio.SubjectsDataset([volume_subject(r) for r in records],
-                                   transform=build_volume_transforms(cfg, True))
+    transform = build_volume_transforms(cfg, True)
+    subjects = tio.SubjectsDataset([volume_subject(r) for r in records], transform=transform)
     v = cfg.INPUT.VOLUME
     world = comm.get_world_size()
     subject_sampler = None
@@ -236,9 +237,17 @@ def build_volume_train_loader(cfg) -> VolumePatchLoader:
         subject_sampler=subject_sampler,
         verbose=False,
     )
+    batch_size = cfg.SOLVER.IMS_PER_BATCH // max(world, 1)
+    patches = len(records) // max(world, 1) * int(v.SAMPLES_PER_VOLUME)
+    if patches < batch_size:
+        raise ValueError(
+            f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)}: {len(records)} volumes x "
+            f"INPUT.VOLUME.SAMPLES_PER_VOLUME {v.SAMPLES_PER_VOLUME} give {patches} patches a "
+            f"pass per process, fewer than a batch of {batch_size} (SOLVER.IMS_PER_BATCH / "
+            f"processes)")
     logger.info(f"3-D training data: {len(records)} volumes, {tuple(patch_size)} patches, "
-                f"{v.SAMPLES_PER_VOLUME} per volume, transforms {subjects._transform}")
-    return VolumePatchLoader(queue, cfg.SOLVER.IMS_PER_BATCH // max(world, 1))
+                f"{v.SAMPLES_PER_VOLUME} per volume, transforms {transform}")
+    return VolumePatchLoader(queue, batch_size)
 
 
 class VolumeTestDataset(Dataset):
