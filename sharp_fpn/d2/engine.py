@@ -68,7 +68,6 @@ from .semantic_evaluator import SemanticIoUEvaluator
 from .semantic import is_semantic
 from .semantic_data import SemanticNucleiMapper
 from .volume import is_volume
-from .volume_data import VolumeIoUEvaluator, build_volume_test_loader, build_volume_train_loader
 from ..utils import write_text_atomic
 
 
@@ -112,7 +111,9 @@ class Trainer(DefaultTrainer):
         for the 3-D ``VolumeSegmentor``, TorchIO's patch queue
         (:func:`~.volume_data.build_volume_train_loader`)."""
         check_datasets(cfg, train=True, test=False)
-        if is_volume(cfg):
+        if is_volume(cfg):  # TorchIO is imported by the 3-D path only (~2 s)
+            from .volume_data import build_volume_train_loader
+
             return build_volume_train_loader(cfg)
         if is_semantic(cfg):
             return build_detection_train_loader(cfg, mapper=SemanticNucleiMapper(cfg, True))
@@ -122,6 +123,8 @@ class Trainer(DefaultTrainer):
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
         _check_dataset("DATASETS.TEST", dataset_name)
         if is_volume(cfg):
+            from .volume_data import build_volume_test_loader
+
             return build_volume_test_loader(cfg, dataset_name)
         mapper_class = SemanticNucleiMapper if is_semantic(cfg) else NucleiDatasetMapper
         mapper = mapper_class(cfg, False)
@@ -157,6 +160,8 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | None =
         DatasetCatalog.get(dataset_name)  # converts on first use: COCOEvaluator reads the json
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     if is_volume(cfg):
+        from .volume_data import VolumeIoUEvaluator
+
         return VolumeIoUEvaluator(
             dataset_name, threshold=cfg.TEST.SEMANTIC.THRESHOLD, output_dir=output_folder
         )

@@ -32,7 +32,6 @@ from .evaluators import CSV_NAME as DSB_CSV
 from .semantic import is_semantic
 from .semantic_evaluator import CSV_NAME as SEMANTIC_CSV
 from .volume import is_volume
-from .volume_data import CSV_NAME as VOLUME_CSV
 
 LOGGER_NAME = "sharp_fpn.experiments"
 logger = logging.getLogger(LOGGER_NAME)
@@ -86,7 +85,11 @@ def _scores(cfg: CfgNode, results: Dict) -> Tuple[float, float, List[float]]:
     folder = Path(cfg.OUTPUT_DIR) / "inference" / cfg.DATASETS.TEST[0]
     if is_semantic(cfg) or is_volume(cfg):
         iou, dice = results["semantic"]["IoU"], results["semantic"]["Dice"]
-        csv_path = folder / (VOLUME_CSV if is_volume(cfg) else SEMANTIC_CSV)
+        csv_path = folder / SEMANTIC_CSV
+        if is_volume(cfg):
+            from .volume_data import CSV_NAME as VOLUME_CSV
+
+            csv_path = folder / VOLUME_CSV
         column = "iou"
     else:
         iou, dice = results["dsb"]["fg_IoU"], results["dsb"]["fg_Dice"]

@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-import torchio as tio
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
@@ -174,6 +173,8 @@ class VolumeSegmentor(nn.Module):
             batch, sizes = pad_volumes([image], self.network.size_divisibility)
             d0, d1, d2 = sizes[0]
             return self._probabilities(batch)[0, :, :d0, :d1, :d2]
+        import torchio as tio  # the patch path only: TorchIO costs ~2 s to import
+
         subject = tio.Subject(image=tio.ScalarImage(tensor=image.cpu()))
         sampler = tio.GridSampler(subject, self.test_patch_size, self.test_patch_overlap,
                                   padding_mode=0)
