@@ -17,6 +17,10 @@ Training (the paper's accurate mode: the mixed loss averaged over the branches, 
 loss) reads ``GridUNet.forward_branches``; inference (the final branch or the pruning level's,
 gated by its CGM) is ``GridUNet.predict_probabilities``, for either encoder. Config keys:
 ``MODEL.UNET.*`` and ``INPUT.SEMANTIC.*`` (``sharp_fpn.d2.config.add_unet_config``).
+
+The 3-D ``VolumeSegmentor`` (:mod:`.volume`, the V-Net family) builds its network with
+:func:`build_semantic_network` (``dims=3``) and trains with :func:`segmentation_losses`, the
+same losses in 2-D and 3-D.
 """
 from __future__ import annotations
 
