@@ -13,7 +13,7 @@ TorchIO's: :mod:`sharp_fpn.d2.volume_data`.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
