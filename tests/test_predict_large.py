@@ -430,6 +430,12 @@ def test_a_row_buffer_holds_its_rows_through_drops_compactions_and_growth():
         held_from = max(held_from, top)
         assert rows.base == held_from and rows.bottom == bottom
         assert np.array_equal(rows.array, truth[held_from:bottom])
+    # moved in place in blocks when fewer rows were dropped than are kept
+    again = RowBuffer(3, np.int64)
+    again.extend(10, truth[:10])  # a buffer of 12 rows
+    again.drop(3)
+    again.extend(13, truth[10:13])  # 3 + 7 + 3 > 12: rows 3..10 move to the start
+    assert np.array_equal(again.array, truth[3:13]) and len(again._buffer) == 12
     zeros = RowBuffer(2, np.int32)
     zeros.extend(5)
     zeros.array[:] = 7

@@ -534,9 +534,10 @@ class TileRunner:
 
 class RowBuffer:
     """Image rows ``[base, base + rows)`` of a full-width array, kept in one buffer: rows are
-    added at the bottom and forgotten at the top without copying the rows kept (the buffer
-    is compacted, or doubled, only when the bottom reaches its end), so that holding a band
-    costs the band, not the band twice.
+    added at the bottom and forgotten at the top without copying the rows kept (when the
+    bottom reaches the buffer's end the rows are moved to its start in place, and the buffer
+    grows only when the rows held outgrow it), so that holding a band costs about the band,
+    not the band twice.
 
     ``array`` is the view ``(rows, width, ...)`` of the rows held.
     """
@@ -562,20 +563,29 @@ class RowBuffer:
         if added <= 0:
             return
         if self._start + self.rows + added > len(self._buffer):
-            if self.rows + added <= len(self._buffer) and self._start >= self.rows:
-                self._buffer[:self.rows] = self.array  # no overlap: no temporary
-            else:
-                grown = np.zeros((2 * (self.rows + added),) + self._buffer.shape[1:],
-                                 dtype=self._buffer.dtype)
+            if self.rows + added <= len(self._buffer):
+                self._compact()
+            else:  # a quarter more than needed: the band's height settles after a few rows
+                grown = np.zeros((max(1, (5 * (self.rows + added)) // 4),)
+                                 + self._buffer.shape[1:], dtype=self._buffer.dtype)
                 grown[:self.rows] = self.array
                 self._buffer = grown
-            self._start = 0
+                self._start = 0
         new = self._buffer[self._start + self.rows:self._start + self.rows + added]
         if values is None:
             new[...] = 0
         else:
             new[...] = values
         self.rows += added
+
+    def _compact(self) -> None:
+        """Move the rows held to the buffer's start in place, in blocks of ``_start`` rows
+        (a block's source and destination never overlap: no temporary copy)."""
+        step = self._start
+        for row in range(0, self.rows, step):
+            end = min(row + step, self.rows)
+            self._buffer[row:end] = self._buffer[step + row:step + end]
+        self._start = 0
 
     def drop(self, top: int) -> None:
         """Forget the rows above ``top``."""
