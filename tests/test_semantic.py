@@ -32,7 +32,10 @@ from sharp_fpn.d2.semantic_data import (
 
 ROOT = Path(__file__).resolve().parent.parent
 SEMANTIC = ROOT / "configs" / "semantic"
-CONFIGS = sorted(p for p in SEMANTIC.rglob("*.yaml") if not p.name.startswith("Base-"))
+# the DSB2018 configs (the medical columns' and Table 3's are checked by test_tables.py,
+# test_volume.py and test_reproduce.py)
+CONFIGS = sorted(p for p in [*SEMANTIC.glob("*.yaml"), *SEMANTIC.glob("table1/*.yaml")]
+                 if not p.name.startswith("Base-"))
 TINY = [
     "MODEL.DEVICE", "cpu",
     "INPUT.SEMANTIC.SIZE", [32, 32],

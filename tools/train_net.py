@@ -62,21 +62,19 @@ from sharp_fpn.utils import silence_warnings
 
 silence_warnings()  # the project's third-party filters, before detectron2 is imported
 
-import torch.multiprocessing as mp  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from sharp_fpn.cli import add_debug_argument, run  # noqa: E402
-from sharp_fpn.d2 import compat, distributed  # noqa: E402
+from sharp_fpn.d2 import distributed  # noqa: E402
 from sharp_fpn.d2.engine import (  # noqa: E402
     AtomicCheckpointer,
-    ProcessFailed,
     Trainer,
-    _last_error,
     check_run,
     describe_model,
     get_config,
+    launch,
     setup,
 )
 from sharp_fpn.d2.run_folder import run_folder  # noqa: E402
@@ -159,20 +157,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # One lock per run, held by the launching process of machine 0 (the one of the main
     # process, rank 0) while every process works; the other machines only launch.
     with folder() if plan.writes_run_folder else nullcontext():
-        try:
-            compat.launch(
-                worker,
-                plan.processes_per_machine,
-                num_machines=plan.num_machines,
-                machine_rank=plan.machine_rank,
-                dist_url=plan.dist_url,
-                args=(args,),
-                timeout=plan.timeout,
-            )
-        except mp.ProcessRaisedException as e:  # said as engine.launch says it
-            rank = plan.machine_rank * plan.processes_per_machine + e.error_index
-            raise ProcessFailed(f"process {rank} of {plan.world_size} failed: "
-                                f"{_last_error(str(e))}") from e
+        launch(
+            worker,
+            plan.processes_per_machine,
+            num_machines=plan.num_machines,
+            machine_rank=plan.machine_rank,
+            dist_url=plan.dist_url,
+            args=(args,),
+            timeout=plan.timeout,
+        )
     return 0
 
 

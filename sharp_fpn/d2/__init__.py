@@ -2,16 +2,20 @@
 
 ``import sharp_fpn.d2`` registers, as detectron2's own projects do on import: the backbones
 ``build_vgg_backbone``, ``build_resnet_grid_fpn_backbone``, ``build_vgg16_grid_fpn_backbone`` and
-``build_vgg16_fpn_backbone`` (``BACKBONE_REGISTRY``), the meta-architecture
-``SemanticNucleiSegmentor`` (``META_ARCH_REGISTRY``) and the datasets of
-``sharp_fpn.data.catalog`` (``DatasetCatalog``). Modules:
+``build_vgg16_fpn_backbone`` (``BACKBONE_REGISTRY``), the meta-architectures
+``SemanticNucleiSegmentor`` and ``VolumeSegmentor`` (``META_ARCH_REGISTRY``) and the datasets of
+``sharp_fpn.data.catalog`` and ``sharp_fpn.data.medical`` (``DatasetCatalog``). Modules:
 
 * :mod:`.compat`: every workaround for detectron2 v0.6, each naming what it stands in for;
 * :mod:`.config`: the ``MODEL.SHARP_FPN``, ``MODEL.VGG``, ``MODEL.UNET``, ``INPUT.SEMANTIC``
   ... keys;
 * :mod:`.neck`, :mod:`.vgg`: the grid FPN necks and the VGG bottom-up;
 * :mod:`.semantic`, :mod:`.semantic_data`: the semantic meta-architecture and its mapper;
+* :mod:`.volume`, :mod:`.volume_data`: the 3-D meta-architecture (the V-Net family) and its
+  TorchIO data path and per-volume evaluator;
 * :mod:`.engine`: trainer, evaluators, optimizer choice, set-up, launch;
+* :mod:`.distributed`: several processes and machines (detectron2's launch flags or torchrun),
+  their rendezvous and the replica check;
 * :mod:`.run_folder`, :mod:`.checkpoint`: an OUTPUT_DIR's rules (no finished or running run
   replaced unasked) and checkpoints written whole, checked against the model, resumed from the
   newest readable one;
@@ -36,6 +40,7 @@ from .neck import (
     build_vgg16_grid_fpn_backbone,
 )
 from .semantic import SemanticNucleiSegmentor
+from .volume import VolumeSegmentor
 from .vgg import VGG, build_vgg_backbone
 
 register_all()
@@ -44,6 +49,7 @@ __all__ = [
     "GridFPN",
     "SemanticNucleiSegmentor",
     "VGG",
+    "VolumeSegmentor",
     "build_resnet_grid_fpn_backbone",
     "build_vgg16_fpn_backbone",
     "build_vgg16_grid_fpn_backbone",

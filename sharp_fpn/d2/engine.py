@@ -421,12 +421,15 @@ def launch(
     machine_rank: int = 0,
     dist_url: str | None = None,
     args: tuple = (),
+    timeout: float | None = None,
 ) -> None:
-    """:func:`.compat.launch` (detectron2's, and CPU processes over gloo); an error in one of
-    several processes is raised here as :class:`ProcessFailed`, one line that names the
-    process and its error (the whole traceback is chained, for ``--debug``)."""
+    """:func:`.compat.launch` (detectron2's, and CPU processes over gloo, meeting within
+    ``timeout`` seconds); an error in one of several processes is raised here as
+    :class:`ProcessFailed`, one line that names the process and its error (the whole traceback
+    is chained, for ``--debug``)."""
     try:
-        compat.launch(main_func, num_processes, num_machines, machine_rank, dist_url, args=args)
+        compat.launch(main_func, num_processes, num_machines, machine_rank, dist_url, args=args,
+                      timeout=timeout)
     except mp.ProcessRaisedException as e:
         rank = machine_rank * num_processes + e.error_index
         raise ProcessFailed(
