@@ -442,3 +442,20 @@ def test_a_row_buffer_holds_its_rows_through_drops_compactions_and_growth():
     zeros.drop(5)
     zeros.extend(8)  # reused rows come back zero
     assert zeros.base == 5 and not zeros.array.any()
+
+
+def test_an_empty_field_gives_empty_outputs_that_read_back(tmp_path):
+    path = tmp_path / "empty.tif"
+    tifffile.imwrite(path, np.full((300, 200), 40, np.uint8), tile=(128, 128))
+    out = tmp_path / "out"
+    result = segment_large(path, LargeOutputs(out / "e.ome.zarr", out / "e.csv",
+                                              geojson=out / "e.geojson", rois=out / "e.zip"),
+                           predictor=ThresholdModel(100.0, 20), tile=128, overlap=32,
+                           progress=False)
+    assert result.nuclei == 0 and result.areas.size == 0
+    assert not _read_labels(result.labels).any()
+    assert (out / "e.csv").read_text().splitlines() == [",".join(
+        ["label", "score", "area", "centroid_y", "centroid_x", "bbox_min_row", "bbox_min_col",
+         "bbox_max_row", "bbox_max_col", "mean_intensity", "eccentricity"])]
+    assert json.loads((out / "e.geojson").read_text()) == {"type": "FeatureCollection",
+                                                         "features": []}
