@@ -6,6 +6,7 @@
     python tools/predict.py --config-file output/demo/config.yaml \\
         --weights output/demo/model_final.pth --input images/ --output results/
     python tools/predict.py --input images/ --output results/ --dask [tcp://scheduler:8786]
+    python tools/predict.py --large --input slide.ome.tif --output results/
     python tools/predict.py --list-models
 
 The model: the model zoo's default (sharp_fpn/model_zoo, or $SHARP_FPN_MODEL_ZOO) when neither
@@ -46,6 +47,18 @@ size, as the shipped ones do, 512 px for models that resize their input). --tile
 images whole, except an image the model would shrink more than a 512-px tile: that one is
 tiled at 512 px (a note says so).
 
+Images larger than memory: a TIFF (BigTIFF, OME-TIFF, tiled or not) or OME-Zarr plane of more
+than --large-threshold megapixels (default 64, about 8,000 x 8,000 px), or every TIFF/OME-Zarr
+input with --large, is read window by window and segmented tile by tile (the same tiles and
+stitch; labels equal to the whole-image path's up to their numbering), its labels written chunk
+by chunk: <stem>_labels.ome.zarr (an OME-Zarr folder, uint32, with the pixel size) instead of
+the label TIFF, <stem>_nuclei.csv, and --rois / --geojson as asked; no overlay (view the labels
+in napari). Peak memory is about one row of tiles, whatever the image's height. It is
+predicted at scale 1 (no diameter estimate; a --diameter needing a rescale fails it), and a
+file of several planes or channels left unpicked there fails, named. PNG/JPEG files are read
+whole whatever their size (a note says so above the threshold). Its summary.csv row says
+route "large"; with --dask its tiles are the workers' tasks.
+
 Files: nothing predict did not write is replaced (a file of yours named like an output is
 refused, naming it; --overwrite replaces it), an input never. --output may be the input folder:
 earlier predict outputs there are not read as inputs. Outputs are written as each image is
@@ -82,7 +95,7 @@ silence_warnings()  # the project's third-party filters, before any third-party 
 
 from sharp_fpn.cli import add_debug_argument, run  # noqa: E402
 from sharp_fpn.predict.run import (  # noqa: E402
-    DEFAULT_TILE, MAX_TILE, MIN_TILE, NATIVE_TILE, check_options,
+    DEFAULT_LARGE_THRESHOLD, DEFAULT_TILE, MAX_TILE, MIN_TILE, NATIVE_TILE, check_options,
 )
 
 
@@ -97,6 +110,16 @@ def _diameter(text: str) -> float:
     value = float(text)
     if not value > 0 or math.isinf(value):  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be a number of pixels > 0, got {text}")
+    return value
+
+
+def _megapixels(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of megapixels: {text!r}") from None
+    if not value > 0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be > 0 megapixels, got {text}")
     return value
 
 
@@ -199,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read an OME-Zarr whose store lacks some chunks, as zarr does (the "
                         "fill value there), instead of failing it; for writers that leave out "
                         "empty chunks (write_empty_chunks=False)")
+    parser.add_argument("--large", action="store_true",
+                        help="segment every TIFF / OME-Zarr input by the large-image path "
+                        "(window by window, labels written as <stem>_labels.ome.zarr, no "
+                        "overlay), whatever its size")
+    parser.add_argument("--large-threshold", type=_megapixels, default=DEFAULT_LARGE_THRESHOLD,
+                        metavar="MP", help="a TIFF / OME-Zarr plane of more megapixels takes the "
+                        "large-image path (%(default)s)")
     parser.add_argument("--dask", nargs="?", const="", default=None, metavar="ADDRESS",
                         help="segment the images on a dask.distributed cluster: the scheduler "
                         "at ADDRESS (tcp://host:8786), or a LocalCluster started for the run "
@@ -255,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         redo=args.redo, debug=args.debug, diameter=args.diameter, channel=args.channel,
         pixel_size=args.pixel_size, rois=args.rois, geojson=args.geojson,
         ome_tiff=args.ome_tiff, allow_missing_chunks=args.allow_missing_chunks,
-        dask=args.dask, dask_workers=args.dask_workers,
+        dask=args.dask, dask_workers=args.dask_workers, large=args.large,
+        large_threshold=args.large_threshold,
     )
     nuclei = sum(r.nuclei for r in report.results)
     done = f", {len(report.skipped)} skipped (done earlier)" if report.skipped else ""

@@ -11,8 +11,14 @@ the run itself, in the process that holds the output folder's lock:
   does. So the lock, the claims and the atomic writes stay in one process, the workers need no
   access to the output folder (a remote cluster may not even see it), and a worker that dies
   leaves nothing half-written. Their cost: each image's outputs cross the network once (about
-  7 bytes per pixel per plane); images larger than memory go tile by tile instead (the
-  large-image path), not through this.
+  7 bytes per pixel per plane); images larger than memory go tile by tile instead (below).
+* **Large images** (``task.large``, :func:`~.run.route_of`): segmented by
+  :meth:`~.run.RunWriter.run_large` in the client, which holds the lock and writes the
+  OME-Zarr labels and tables as the rows of tiles come; each tile is a task
+  (:func:`tile_mapper`), run by the worker's model, so one slide's tiles spread over the
+  cluster. The client builds one model of its own too (the large path reads its
+  normalisation and thresholds from it; it predicts nothing). Large images are done after
+  the others, one at a time.
 * **The model**: never pickled. Each task carries a small picklable factory
   (:class:`PredictorSpec`: config, weights path, device, thresholds) and the run's key; a
   worker builds the model on its first task of a run and keeps it for the next ones
@@ -190,12 +196,14 @@ def open_client(dask: Any = None, workers: Optional[int] = None,
 
 def predict_on_cluster(tasks: Sequence, settings, factory: Callable[[], Any], writer, *,
                        dask: Any = None, workers: Optional[int] = None,
-                       progress: bool = True, retries: int = DEFAULT_RETRIES) -> None:
+                       progress: bool = True, retries: int = DEFAULT_RETRIES,
+                       large_progress: bool = False) -> None:
     """Segment ``tasks`` (:class:`~.run.ImageTask`) on a cluster and hand each image's events to
     ``writer`` (:class:`~.run.RunWriter`) as it completes (module docstring).
 
     Args:
-        tasks: the images to segment (those not skipped as done).
+        tasks: the images to segment (those not skipped as done); those with ``large`` go
+            tile by tile (module docstring).
         settings: the run's :class:`~.run.ImageSettings`.
         factory: builds the model in a worker (:class:`PredictorSpec`, or any picklable
             callable); a :class:`PredictorSpec` without ``torch_threads`` gets the
@@ -204,6 +212,7 @@ def predict_on_cluster(tasks: Sequence, settings, factory: Callable[[], Any], wr
         dask, workers: the cluster (:func:`open_client`).
         progress: a tqdm bar over the images.
         retries: of a task whose function raised.
+        large_progress: a tqdm bar over the rows of tiles of each large image.
 
     Raises:
         OSError: an output could not be written (the tasks left are cancelled), or the
@@ -212,7 +221,10 @@ def predict_on_cluster(tasks: Sequence, settings, factory: Callable[[], Any], wr
     from distributed import as_completed
 
     key = uuid.uuid4().hex
-    with open_client(dask, workers, len(tasks)) as (client, threads):
+    large = [task for task in tasks if getattr(task, "large", False)]
+    tasks = [task for task in tasks if not getattr(task, "large", False)]
+    with open_client(dask, workers, None if large else len(tasks)) as (client, threads):
+        here = factory() if large else None  # before the threads are set: this process's
         if isinstance(factory, PredictorSpec) and factory.torch_threads is None and threads:
             factory = PredictorSpec(factory.cfg, factory.weights, factory.device,
                                     factory.score_threshold, factory.min_kept_fraction, threads)
@@ -243,3 +255,7 @@ def predict_on_cluster(tasks: Sequence, settings, factory: Callable[[], Any], wr
             bar.close()
             if futures:  # a write failure (or an interrupt) ends the run: drop what is left
                 client.cancel(list(futures))
+        if large:
+            tiles = tile_mapper(client, factory, key, retries)
+            for task in large:
+                writer.run_large(task, here, map_tiles=tiles, progress=large_progress)

@@ -45,6 +45,14 @@ The rules a run keeps:
   tiles, at all): such an image is tiled at :data:`DEFAULT_TILE` px instead, with a note, and
   its ``tile`` column says so. A tile the model shrinks more than twice as much as a 512-px
   tile is allowed, with a note.
+* **Images larger than memory** (:mod:`.large`): a TIFF or OME-Zarr input whose plane has
+  more than ``large_threshold`` megapixels (``--large-threshold``, default
+  :data:`DEFAULT_LARGE_THRESHOLD`), or every one with ``large`` (``--large``), is read
+  window by window and its labels written chunk by chunk as ``<stem>_labels.ome.zarr`` (a
+  folder) with ``<stem>_nuclei.csv`` and the ROIs and GeoJSON asked for, no overlay; the
+  route is decided from the file's header (:func:`route_of`) before any work, so its output
+  names are checked with the others; the fingerprint records it. The run writes these itself,
+  in the process that holds the lock; on a cluster, its tiles are the workers' tasks.
 * **Nucleus size** (:mod:`.scale`): an image is predicted rescaled so its nuclei have the size
   the model was trained on (``INPUT.NUCLEUS_DIAMETER``): by ``diameter`` (``--diameter``)
   when given, else by the diameter a first pass finds; labels, overlay and measurements are of
@@ -100,7 +108,9 @@ if TYPE_CHECKING:  # the predictor is detectron2 glue (sharp_fpn.d2), imported w
     from ..d2.predictor import CfgNode, NucleiPredictor
 
 __all__ = [
+    "DEFAULT_LARGE_THRESHOLD",
     "DEFAULT_TILE",
+    "LARGE_LABELS_SUFFIX",
     "NATIVE_TILE",
     "default_tile",
     "MAX_TILE",
@@ -123,6 +133,7 @@ __all__ = [
     "output_names",
     "plane_stem",
     "predict_images",
+    "route_of",
     "segment_image",
 ]
 
@@ -133,6 +144,12 @@ SUMMARY_NAME = "summary.csv"
 OUTPUT_SUFFIXES = ("_labels.tif", "_overlay.png", "_nuclei.csv")
 #: The label image as OME-TIFF (``ome_tiff=True``, ``--ome-tiff``), instead of ``_labels.tif``.
 OME_LABELS_SUFFIX = "_labels.ome.tif"
+#: The labels of an image on the large-image path (an OME-Zarr folder, :mod:`.large`).
+LARGE_LABELS_SUFFIX = "_labels.ome.zarr"
+#: ``--large-threshold``'s default (megapixels per plane): a TIFF or OME-Zarr plane of more
+#: pixels goes through the large-image path (:func:`route_of`). 64 MP (8,000 x 8,000 px) is
+#: ~0.5 GB of RGB model input and ~1 GB of int32 labels and masks held whole.
+DEFAULT_LARGE_THRESHOLD = 64.0
 #: The ImageJ/Fiji ROI zip (``rois=True``, ``--rois``).
 ROIS_SUFFIX = "_rois.zip"
 #: The QuPath GeoJSON (``geojson=True``, ``--geojson``).
@@ -162,7 +179,9 @@ _FINGERPRINT_VERSION = 2  # 2: the --diameter option
 #: deviations; off: ``--no-stretch``), ``stretch_low/high`` (stored values mapped to 0 and
 #: 255), ``noise`` (estimated noise standard deviation, stored units). ``tile``: the tile side
 #: used, ``whole`` for one tile of the whole image; ``tiles``: how many (both of the image as
-#: the model saw it, rescaled). ``diameter``: the nucleus diameter (px, in the image) the
+#: the model saw it, rescaled). ``route``: ``large`` for an image segmented by the large-image
+#: path (:mod:`.large`: read by windows, labels an OME-Zarr folder, no overlay), empty for the
+#: whole-image path (the column is absent from summaries of earlier versions). ``diameter``: the nucleus diameter (px, in the image) the
 #: image was rescaled for, ``diameter_source``: ``given`` (--diameter), ``estimated`` (from a
 #: first pass), or why neither (too few nuclei, a model with no INPUT.NUCLEUS_DIAMETER);
 #: ``scale``: the image was predicted at ``scale`` times its size (:mod:`.scale`), the labels
@@ -193,6 +212,7 @@ SUMMARY_COLUMNS = (
     "model_output",
     "tile",
     "tiles",
+    "route",
     "diameter",
     "diameter_source",
     "scale",
@@ -218,13 +238,14 @@ class ImageResult:
 
     image: Path
     labels: Path  # <stem>_labels.tif (or _labels.ome.tif)
-    overlay: Path  # <stem>_overlay.png
+    overlay: Optional[Path]  # <stem>_overlay.png (None on the large-image path)
     table: Path  # <stem>_nuclei.csv
     nuclei: int
     summary: Dict[str, Any]
     plane: Optional[int] = None  # the plane of a file of several (<stem> is <file stem>_z<k>)
     rois: Optional[Path] = None  # <stem>_rois.zip
     geojson: Optional[Path] = None  # <stem>_nuclei.geojson
+    large: bool = False  # the large-image path: labels <stem>_labels.ome.zarr, overlay None
 
 
 @dataclass
@@ -261,12 +282,16 @@ class PredictionReport:
 
 
 def output_names(stem: str, rois: bool = False, geojson: bool = False,
-                 ome_tiff: bool = False) -> List[str]:
+                 ome_tiff: bool = False, large: bool = False) -> List[str]:
     """The files image ``stem`` gives: ``<stem>_labels.tif`` (``_labels.ome.tif`` with
     ``ome_tiff``), ``_overlay.png``, ``_nuclei.csv``, then ``_rois.zip`` with ``rois`` and
-    ``_nuclei.geojson`` with ``geojson``."""
+    ``_nuclei.geojson`` with ``geojson``. On the large-image path (``large``):
+    ``<stem>_labels.ome.zarr`` (a folder) and ``_nuclei.csv``, no overlay, then the same
+    ``_rois.zip`` and ``_nuclei.geojson`` (``ome_tiff`` does not apply)."""
     suffixes = list(OUTPUT_SUFFIXES)
-    if ome_tiff:
+    if large:
+        suffixes = [LARGE_LABELS_SUFFIX, "_nuclei.csv"]
+    elif ome_tiff:
         suffixes[0] = OME_LABELS_SUFFIX
     names = [stem + suffix for suffix in suffixes]
     if rois:
@@ -321,6 +346,70 @@ def _output_stems(paths: Sequence[Path]) -> List[str]:
     return stems
 
 
+def _header_plane_size(path: Path) -> Optional[Tuple[int, int]]:
+    """``(height, width)`` of one plane of a TIFF (its first series) or OME-Zarr (its first
+    level) from the header alone, whatever the planes and channels; None when neither."""
+    if is_zarr(path):
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs)
+        scale = (attrs.get("ome", attrs).get("multiscales") or [{}])[0]
+        array = group[scale["datasets"][0]["path"]]
+        named = scale.get("axes") or list("tczyx"[-array.ndim:])
+        letters = [str(a["name"] if isinstance(a, dict) else a).lower() for a in named]
+        return array.shape[letters.index("y")], array.shape[letters.index("x")]
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        return series.shape[series.axes.index("Y")], series.shape[series.axes.index("X")]
+
+
+def route_of(path: Path, large: bool = False,
+             threshold: float = DEFAULT_LARGE_THRESHOLD) -> Tuple[bool, Optional[str]]:
+    """Whether input ``path`` goes through the large-image path (:mod:`.large`), and a note.
+
+    The rule: every TIFF and OME-Zarr input with ``large`` (``--large``); otherwise a TIFF or
+    OME-Zarr whose plane has more than ``threshold`` megapixels (``--large-threshold``), its
+    size read from the header, no pixel read. A file the large path cannot take (several
+    planes, say) is routed there all the same and fails there with its reason, rather than
+    being read whole. Other formats (PNG, JPEG, ...) are read whole whatever their size: above
+    the threshold, with a note saying so (convert the image to a tiled TIFF for bounded
+    memory); with ``large``, they fail on the large path, naming the file.
+    """
+    tiff = False
+    if not is_zarr(path):
+        try:
+            with open(path, "rb") as f:
+                tiff = f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+        except OSError:
+            return large, None  # it fails as an image, on its route
+        if not tiff:
+            if large:
+                return True, None  # refused there: the large path reads TIFF and OME-Zarr
+            try:
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    width, height = im.size
+            except Exception:  # noqa: BLE001  not PIL's: its reader says why, later
+                return False, None
+            if width * height > threshold * 1e6:
+                return False, (f"{path}: {width}x{height} px, above --large-threshold "
+                               f"{threshold:g} MP, but a {path.suffix or 'non-TIFF'} file is "
+                               f"read whole (the large-image path reads TIFF and OME-Zarr); "
+                               f"save it as a tiled TIFF for bounded memory")
+            return False, None
+    if large:
+        return True, None
+    try:
+        height, width = _header_plane_size(path)
+    except Exception:  # noqa: BLE001  unreadable: the whole-image reader names the problem
+        return False, None
+    return height * width > threshold * 1e6, None
+
+
 def _area_stats(labels: np.ndarray, count: int) -> Dict[str, Any]:
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     if count == 0:
@@ -369,12 +458,17 @@ def _settings(cfg: CfgNode, weights, tile: int, overlap: int, score_threshold: f
     }, sort_keys=True)
 
 
-def _fingerprint(settings: str, path: Path) -> str:
+def _fingerprint(settings: str, path: Path, large: bool = False) -> str:
+    """The image's fingerprint: the run's settings, the file's key and, for an image on the
+    large-image path, the route (so a rerun whose ``--large`` / ``--large-threshold`` sends
+    it the other way segments it again; whole-image fingerprints are those of earlier
+    versions)."""
     try:
         image = json.dumps(_file_key(path))
     except OSError:
         return ""  # gone: it will fail as an image
-    return hashlib.sha256((settings + image).encode("utf-8")).hexdigest()[:16]
+    route = json.dumps({"route": "large"}) if large else ""
+    return hashlib.sha256((settings + image + route).encode("utf-8")).hexdigest()[:16]
 
 
 def _earlier_rows(out: OutputDir) -> Dict[str, List[Dict[str, str]]]:
@@ -397,9 +491,10 @@ def _earlier_rows(out: OutputDir) -> Dict[str, List[Dict[str, str]]]:
 
 
 def _still_done(before: List[Dict[str, str]], stem: str, out: OutputDir,
-                names: Dict[str, bool]) -> bool:
+                names: Dict[str, bool], large: bool = False) -> bool:
     """Whether an earlier run's rows of an image cover all its planes under ``stem`` and every
-    output asked for is there, written by predict."""
+    output asked for is there, written by predict (on the large-image path, ``large``: the
+    ``_labels.ome.zarr`` folder and the others, :func:`output_names`)."""
     try:
         planes = int(before[0].get("planes") or 1)
         indices = sorted(int(r["plane"]) for r in before) if planes > 1 else [None]
@@ -410,25 +505,32 @@ def _still_done(before: List[Dict[str, str]], stem: str, out: OutputDir,
     for row in before:
         plane = int(row["plane"]) if planes > 1 else None
         expected = plane_stem(stem, plane, planes)
-        if row.get("output_stem") != expected or not all(
-            out.owns(name) and (out.folder / name).is_file()
-            for name in output_names(expected, **names)
-        ):
+        if row.get("output_stem") != expected or (row.get("route") == "large") != large \
+                or not all(out.owns(name) and _is_output(out.folder / name)
+                           for name in output_names(expected, **names, large=large)):
             return False
     return True
+
+
+def _is_output(path: Path) -> bool:
+    """An output there: a file, or for ``*.zarr`` a folder."""
+    return path.is_dir() if path.name.endswith(".zarr") else path.is_file()
 
 
 def _check_outputs(out: OutputDir, stems: Sequence[str],
                    names: Optional[Dict[str, bool]] = None, *,
                    planned: Optional[Dict[str, int]] = None, me: int = -1,
-                   by: Optional[Dict[int, str]] = None) -> None:
+                   by: Optional[Dict[int, str]] = None, large: Sequence[bool] = ()) -> None:
     """Every output name of ``stems``, checked (OutputConflict otherwise): before any work
     (the run's stems), and when a file of several planes is read (its planes' stems, with
     ``planned``: each input's own output names by input index, ``me`` the file's index, ``by``
     the inputs' names, so that a plane's name that is another input's output is refused too:
-    ``cells.tif``'s plane 0 and ``cells_z0.png`` both give ``cells_z0_labels.tif``)."""
+    ``cells.tif``'s plane 0 and ``cells_z0.png`` both give ``cells_z0_labels.tif``).
+    ``large``: per stem, whether its image takes the large-image path (its names differ)."""
     conflicts = []
-    wanted = [n for stem in stems for n in output_names(stem, **(names or {}))]
+    routes = list(large) + [False] * (len(stems) - len(large))
+    wanted = [n for stem, big in zip(stems, routes)
+              for n in output_names(stem, **(names or {}), large=big)]
     for name in wanted if planned is not None else [SUMMARY_NAME] + wanted:
         other = (planned or {}).get(name, me)
         if other != me:
@@ -547,6 +649,64 @@ def _image_row(path: Path, stem: str, image: LoadedImage, prediction, tile: int,
     }
 
 
+_CHANNELS = {"gray": 1, "gray+alpha": 2, "RGB": 3, "RGBA": 4}
+
+
+def _large_row(task: ImageTask, source, result, tile: int, settings: ImageSettings,
+               seconds: float) -> Dict[str, Any]:
+    """The summary row of an image the large-image path segmented, from its
+    :class:`~.large.LargeSource` and :class:`~.large.LargeResult` (the columns of
+    :func:`_image_row`; ``route`` ``large``)."""
+    height, width = result.shape
+    how, size, areas = result.stretch, result.pixel_size, result.areas
+    count = int(result.nuclei)
+    if count:
+        stats = {"mean_area": round(float(areas.mean()), 2),
+                 "median_area": float(np.median(areas)), "min_area": int(areas.min()),
+                 "max_area": int(areas.max())}
+    else:
+        stats = {"mean_area": "", "median_area": "", "min_area": "", "max_area": ""}
+    given = settings.diameter is not None
+    return {
+        "image": str(task.path),
+        "status": "ok",
+        "error": "",
+        "output_stem": task.stem,
+        "height": height,
+        "width": width,
+        "dtype": str(source.dtype),
+        "channels": _CHANNELS.get(source.colour, ""),
+        "colour": source.colour,
+        "axes": source.axes,
+        "plane": "",
+        "planes": 1,
+        "channel": "" if source.channel is None else (
+            f"{source.channel} ({source.channel_name})" if source.channel_name
+            else source.channel),
+        "pixel_size_x_um": "" if size is None else size.x,
+        "pixel_size_y_um": "" if size is None else size.y,
+        "pixel_size_source": "" if size is None else size.source,
+        "stretch": how.mode,
+        "stretch_low": "" if how.low is None else how.low,
+        "stretch_high": "" if how.high is None else how.high,
+        "noise": "" if getattr(how, "noise", None) is None else round(how.noise, 4),
+        "model_output": "instances",
+        "tile": tile,
+        "tiles": result.tiles,
+        "route": "large",
+        "diameter": round(float(settings.diameter), 2) if given else "",
+        "diameter_source": "given" if given else (
+            "not estimated (large image)" if settings.trained_diameter else ""),
+        "scale": 1.0,
+        "nuclei": count,
+        **stats,
+        "mean_score": round(float(result.scores.mean()), 4) if count else "",
+        "foreground_fraction": round(float(areas.sum()) / float(height * width), 4),
+        "seconds": round(seconds, 2),
+        "fingerprint": task.fingerprint,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # one image: segmented anywhere (this process, a Dask worker), written by the run
 
@@ -560,12 +720,14 @@ class ImageTask:
         path: the image file or Zarr folder.
         stem: its output stem (:func:`plane_stem` adds ``_z<k>`` per plane).
         fingerprint: what a rerun compares to skip it (module docstring).
+        large: it takes the large-image path (:func:`route_of`; :meth:`RunWriter.run_large`).
     """
 
     index: int
     path: Path
     stem: str
     fingerprint: str
+    large: bool = False
 
 
 @dataclass(frozen=True)
@@ -573,7 +735,8 @@ class ImageSettings:
     """What segmenting one image needs besides the image and the model: the same for every
     image of a run, sent to every worker (picklable). The fields are :func:`predict_images`'s
     arguments of the same names; ``tile`` is resolved (never None); ``trained_diameter`` is the
-    model's :func:`model_diameter`; ``progress`` shows the tiles' bar."""
+    model's :func:`model_diameter`; ``progress`` shows the tiles' bar; ``large_tile`` is the
+    tile of the large-image path when ``tile`` is 0 (whole images: a large one is tiled)."""
 
     tile: int
     overlap: int
@@ -588,6 +751,7 @@ class ImageSettings:
     allow_missing_chunks: bool = False
     progress: bool = False
     debug: bool = False
+    large_tile: int = NATIVE_TILE
 
     @property
     def outputs_asked(self) -> Dict[str, bool]:
@@ -738,16 +902,18 @@ class RunWriter:
         head: summary rows of the inputs that gave no file (first in the summary).
         rows: per input, its rows (pending or skipped (done) at the start).
         stems: every input's output stem (a file's plane names must not be another's).
+        large: per input, whether it takes the large-image path (its output names).
     """
 
     def __init__(self, out: OutputDir, report: PredictionReport, settings: ImageSettings,
                  head: List[Dict[str, Any]], rows: List[List[Dict[str, Any]]],
-                 stems: Sequence[str]) -> None:
+                 stems: Sequence[str], large: Sequence[bool] = ()) -> None:
         self.out, self.report, self.settings = out, report, settings
         self.head, self.rows = head, rows
         self.summary = out.claim(SUMMARY_NAME)
-        self._planned = {name: i for i, stem in enumerate(stems)
-                         for name in output_names(stem, **settings.outputs_asked)}
+        routes = list(large) + [False] * (len(stems) - len(large))
+        self._planned = {name: i for i, (stem, big) in enumerate(zip(stems, routes))
+                         for name in output_names(stem, **settings.outputs_asked, large=big)}
         self._order: Dict[int, Tuple[int, int]] = {}
 
     def write_summary(self) -> None:
@@ -857,6 +1023,93 @@ class RunWriter:
         self.write_summary()
         return True
 
+    def run_large(self, task: ImageTask, predictor: Any,
+                  map_tiles: Optional[Callable] = None,
+                  progress: Optional[bool] = None) -> bool:
+        """Segment ``task`` on the large-image path (:func:`~.large.segment_large`) here, in
+        the process that holds the lock: its outputs (:func:`output_names` with ``large``)
+        are claimed, then written by ``segment_large`` itself, window by window, each under a
+        temporary name renamed when whole; then its summary row.
+
+        Args:
+            task: the input (``task.large``).
+            predictor: a ``NucleiPredictor`` or a tile model (:mod:`.large`).
+            map_tiles: runs each row of tiles (:func:`~.cluster.tile_mapper` on a cluster);
+                None: here, one tile after the other.
+            progress: a bar over the rows of tiles (default: the settings' ``progress``).
+
+        Returns:
+            True (the run goes on). A failure of the image (unreadable, several planes, a tile
+            the model fails on, a diameter needing a rescale, a lost worker) is a ``failed``
+            row naming it, and nothing of it is left written.
+
+        Raises:
+            OSError: an output could not be written (as :meth:`accept`); the run stops.
+        """
+        from .large import LargeOutputs, LargeSource, segment_large
+
+        settings, out, i = self.settings, self.out, task.index
+        start = time.perf_counter()
+        try:
+            claimed = out.claim_all(output_names(task.stem, **settings.outputs_asked,
+                                                 large=True))
+        except OutputConflict as e:
+            self.fail(task, _reason(task.path, e))
+            return True
+        labels_dir, table_file = claimed[:2]
+        extra = list(claimed[2:])
+        rois_file = extra.pop(0) if settings.rois else None
+        geojson_file = extra.pop(0) if settings.geojson else None
+        outputs = LargeOutputs(labels_dir, table_file, geojson=geojson_file, rois=rois_file,
+                               stem=task.stem)
+        tile = settings.tile or settings.large_tile
+        source = None
+        try:
+            source = LargeSource(task.path, settings.channel, settings.pixel_size,
+                                 settings.allow_missing_chunks)
+            result = segment_large(
+                source, outputs, predictor=predictor, tile=tile, overlap=settings.overlap,
+                diameter=settings.diameter, stretch=settings.stretch,
+                progress=settings.progress if progress is None else progress,
+                map_tiles=map_tiles,
+                allow_missing_chunks=settings.allow_missing_chunks)
+        except Exception as e:  # noqa: BLE001  one image's failure never ends the batch
+            if isinstance(e, OSError) and not isinstance(e, ImageError):
+                # writing (reads fail as ImageReadError / TileError): the run cannot go on
+                with contextlib.suppress(Exception):
+                    self.rows[i] = [{"image": str(task.path), "status": "failed",
+                                     "output_stem": task.stem, "route": "large",
+                                     "error": f"outputs not written: {_reason(task.path, e)}"}]
+                    self.write_summary()
+                at = e.filename or out.folder
+                raise OSError(f"{at}: the outputs of {task.path} cannot be written "
+                              f"({e.strerror or e}); the run stops here, {self.summary} "
+                              f"lists what is done") from e
+            if settings.debug:
+                traceback.print_exc()
+            reason = _reason(task.path, e)
+            if reason.startswith(f"{task.path}: {task.path}: "):  # the large path names it
+                reason = reason[len(f"{task.path}: "):]
+            self.fail(task, reason)
+            self.rows[i][0].update(route="large", fingerprint=task.fingerprint)
+            self.write_summary()
+            return True
+        finally:
+            if source is not None:
+                source.close()
+        for note in result.notes:
+            _note(self.report, f"{task.path}: {note}")
+        row = _large_row(task, source, result, tile, settings,
+                         time.perf_counter() - start)
+        self.rows[i] = [row]
+        self.report.results.append(ImageResult(
+            image=task.path, labels=labels_dir, overlay=None, table=table_file,
+            nuclei=result.nuclei, summary=row, rois=rois_file, geojson=geojson_file,
+            large=True))
+        self._order[id(self.report.results[-1])] = (i, 0)
+        self.write_summary()
+        return True
+
     def sort_results(self) -> None:
         """The report's results in input order (a cluster's come as they are done)."""
         self.report.results.sort(key=lambda r: self._order.get(id(r), (1 << 62, 0)))
@@ -889,6 +1142,8 @@ def predict_images(
     dask: Any = None,
     dask_workers: Optional[int] = None,
     predictor_factory: Optional[Callable[[], Any]] = None,
+    large: bool = False,
+    large_threshold: float = DEFAULT_LARGE_THRESHOLD,
 ) -> PredictionReport:
     """Label the nuclei of every input image and write the outputs to ``out_dir``, by the
     rules of the module docstring.
@@ -937,6 +1192,19 @@ def predict_images(
         predictor_factory: with ``dask``, a picklable callable that builds the model in a
             worker (default: a :class:`~.cluster.PredictorSpec` of ``cfg``, ``weights``,
             ``device`` and the thresholds).
+        large: every TIFF and OME-Zarr input through the large-image path (``--large``).
+        large_threshold: megapixels per plane above which a TIFF or OME-Zarr input takes the
+            large-image path without ``large`` (``--large-threshold``; :func:`route_of`).
+
+    **Large images** (:mod:`.large`): an input :func:`route_of` sends there is read window by
+    window and written as it goes, in this process (with ``dask``, its tiles run on the
+    workers, :func:`~.cluster.tile_mapper`): ``<stem>_labels.ome.zarr`` (an OME-Zarr folder,
+    uint32 labels) instead of the label TIFF, ``<stem>_nuclei.csv``, ``--rois`` and
+    ``--geojson`` as asked, no overlay; its ``summary.csv`` row says ``route`` ``large``.
+    Its labels are the whole-image path's up to a renumbering (:mod:`.large`); it is
+    predicted at scale 1 (no diameter estimate; a ``diameter`` asking for another scale fails
+    the image), with ``tile`` (``tile=0``: the model's :func:`default_tile`). A file of several
+    planes sent there fails, naming it (the large path reads one 2-D image per file).
 
     Files of several planes (z-stacks, time series, multi-page TIFFs) are segmented plane by
     plane: plane ``k``'s outputs are named :func:`plane_stem` (``<stem>_z<k>_labels.tif``...)
@@ -948,7 +1216,8 @@ def predict_images(
         The report; ``summary.csv`` in ``out_dir`` lists every input, failed ones included.
 
     Raises:
-        ValueError: an option out of range (:func:`check_options`), a config, weights file or
+        ValueError: an option out of range (:func:`check_options`, ``large_threshold`` not
+            > 0), a config, weights file or
             device that cannot be used (one line naming it), ``predictor`` with ``dask``, or
             ``dask`` without a weights file or ``predictor_factory``.
         OutputConflict: the output folder cannot be used, an output would replace a file
@@ -975,6 +1244,13 @@ def predict_images(
                          "from worker to worker)")
     if dask_workers is not None:
         worker_count(dask_workers)
+    try:
+        threshold_ok = float(large_threshold) > 0
+    except (TypeError, ValueError):
+        threshold_ok = False
+    if not threshold_ok:  # NaN fails too
+        raise ValueError(f"--large-threshold must be a number of megapixels > 0, got "
+                         f"{large_threshold}")
     outputs_asked = {"rois": bool(rois), "geojson": bool(geojson), "ome_tiff": bool(ome_tiff)}
     formats = {**outputs_asked, "channel": channel,
                "pixel_size": None if pixel_size is None else float(pixel_size)}
@@ -984,8 +1260,17 @@ def predict_images(
     out = OutputDir(out_dir, TOOL, overwrite=overwrite, inputs=files)
     report = PredictionReport(out.folder, out.folder / SUMMARY_NAME,
                               skipped_outputs=list(found.skipped_outputs))
+    routes: List[bool] = []
+    route_notes: List[str] = []
+    for path in files:  # from the headers: the output names are known before any work
+        big, note = route_of(path, large, float(large_threshold))
+        routes.append(big)
+        if note:
+            route_notes.append(note)
     with out.lock():
-        _check_outputs(out, stems, outputs_asked)
+        _check_outputs(out, stems, outputs_asked, large=routes)
+        for note in route_notes:
+            _note(report, note)
         if predictor is None:
             from ..d2.predictor import check_weights_file, load_config
 
@@ -1013,6 +1298,7 @@ def predict_images(
             trained_diameter=trained_diameter, rois=bool(rois), geojson=bool(geojson),
             ome_tiff=bool(ome_tiff), allow_missing_chunks=bool(allow_missing_chunks),
             progress=progress and dask is None, debug=debug,
+            large_tile=default_tile(model_cfg),
         )
 
         failed_inputs = [Failure(spec, f"{spec}: {reason}") for spec, reason in found.problems]
@@ -1020,10 +1306,10 @@ def predict_images(
         head = [{"image": f.image, "status": "failed", "error": f.reason} for f in failed_inputs]
         rows: List[List[Dict[str, Any]]] = []  # per image, one row per plane
         tasks: List[ImageTask] = []
-        for i, (path, stem) in enumerate(zip(files, stems)):
-            task = ImageTask(i, path, stem, _fingerprint(fingerprint_of, path))
+        for i, (path, stem, big) in enumerate(zip(files, stems, routes)):
+            task = ImageTask(i, path, stem, _fingerprint(fingerprint_of, path, big), big)
             before = earlier.get(task.fingerprint)
-            if before and _still_done(before, stem, out, outputs_asked):
+            if before and _still_done(before, stem, out, outputs_asked, big):
                 rows.append([{**{k: row.get(k, "") for k in SUMMARY_COLUMNS},
                               "image": str(path), "status": "skipped (done)", "error": ""}
                              for row in before])
@@ -1044,10 +1330,13 @@ def predict_images(
             if note:
                 _note(report, note)
 
-        writer = RunWriter(out, report, settings, head, rows, stems)
+        writer = RunWriter(out, report, settings, head, rows, stems, routes)
         writer.write_summary()
         if dask is None:
             for task in tqdm(tasks, desc="nuclei", unit="image", disable=not progress):
+                if task.large:
+                    writer.run_large(task, predictor)
+                    continue
                 for event in segment_image(task, settings, predictor):
                     if not writer.accept(event):
                         break
@@ -1058,6 +1347,7 @@ def predict_images(
                 model_cfg, None if weights is None else str(weights), device,
                 float(score_threshold), float(min_kept_fraction))
             predict_on_cluster(tasks, settings, factory, writer, dask=dask,
-                               workers=dask_workers, progress=progress)
+                               workers=dask_workers, progress=progress,
+                               large_progress=progress)
             writer.sort_results()
     return report
