@@ -239,3 +239,34 @@ def test_the_cli_takes_the_large_route_end_to_end(zoo, tmp_path, capsys):
     with pytest.raises(SystemExit):
         tool.main(argv + ["--large-threshold", "0"])
     assert "--large-threshold" in capsys.readouterr().err
+
+
+def test_on_a_dask_cluster_a_large_images_tiles_go_to_the_workers(zoo, tmp_path):
+    """A cluster of one worker (a thread of this process, to keep the test short: the worker
+    processes of a LocalCluster are tests/test_predict_dask.py's): the large frame's tiles
+    are its tasks, a small image is one task; the files are the serial run's."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(zoo["folder"] / "images" / "frame.tif", images / "frame.tif")
+    tifffile.imwrite(images / "small.tif", zoo["frame"][:64, :64], photometric="minisblack")
+    out = tmp_path / "out"
+    options = {k: v for k, v in zoo["run"].items() if k != "predictor"}
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
+        report = predict_images(zoo["config"], zoo["weights"], [images], out, dask=client,
+                                large_threshold=0.03, device="cpu", **options)
+    assert report.ok and [r.large for r in report.results] == [True, False]
+    serial = zoo["folder"] / "large"
+    labels = [zarr.open_group(str(f / "frame_labels.ome.zarr"), mode="r")["0"][...]
+              for f in (serial, out)]
+    assert np.array_equal(labels[0], labels[1]) and labels[0].max() > 20
+    assert (out / "frame_nuclei.csv").read_bytes() == (serial / "frame_nuclei.csv").read_bytes()
+    rows = _summary(out)
+    assert [r["route"] for r in rows] == ["large", ""]
+    assert rows[0]["nuclei"] == _summary(serial)[0]["nuclei"]
+    assert (out / "small_labels.tif").is_file()
