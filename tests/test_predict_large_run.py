@@ -7,7 +7,6 @@ zarr, tifffile and csv.
 """
 import csv
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 
@@ -126,7 +125,8 @@ def test_the_route_follows_the_planes_size_and_a_png_is_read_whole(zoo, tmp_path
     routes = {Path(r["image"]).name: r["route"] for r in _summary(out)}
     assert routes == {"big.tif": "large", "small.tif": "", "photo.png": ""}
     notes = [n for n in report.notes if "photo.png" in n]
-    assert len(notes) == 1 and "read whole" in notes[0] and "128x96 px" in notes[0]  # width x height
+    # width x height, as the project's notes say it
+    assert len(notes) == 1 and "read whole" in notes[0] and "128x96 px" in notes[0]
 
     # a rerun leaves them as they are; --redo segments them again, the zarr replaced
     again = predict_images(None, None, inputs, out, large_threshold=threshold, **zoo["run"])

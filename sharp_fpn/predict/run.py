@@ -181,9 +181,11 @@ _FINGERPRINT_VERSION = 2  # 2: the --diameter option
 #: used, ``whole`` for one tile of the whole image; ``tiles``: how many (both of the image as
 #: the model saw it, rescaled). ``route``: ``large`` for an image segmented by the large-image
 #: path (:mod:`.large`: read by windows, labels an OME-Zarr folder, no overlay), empty for the
-#: whole-image path (the column is absent from summaries of earlier versions). ``diameter``: the nucleus diameter (px, in the image) the
-#: image was rescaled for, ``diameter_source``: ``given`` (--diameter), ``estimated`` (from a
-#: first pass), or why neither (too few nuclei, a model with no INPUT.NUCLEUS_DIAMETER);
+#: whole-image path (the column is absent from summaries of earlier versions). ``diameter``:
+#: the nucleus diameter (px, in the image) the image was rescaled for (on the large path, the
+#: one given), ``diameter_source``: ``given`` (--diameter), ``estimated`` (from a first
+#: pass), or why neither (too few nuclei, a model with no INPUT.NUCLEUS_DIAMETER; ``not
+#: estimated (large image)``: the large path predicts at scale 1);
 #: ``scale``: the image was predicted at ``scale`` times its size (:mod:`.scale`), the labels
 #: and measurements are of the image at its own size. Areas in pixels;
 #: ``foreground_fraction`` = nucleus pixels / image pixels. ``fingerprint``: what a rerun
