@@ -188,16 +188,18 @@ def test_a_failure_inside_the_large_route_fails_that_image_only(zoo, tmp_path):
     tifffile.imwrite(tmp_path / "b_stack.tif", np.stack([frame[:64, :64]] * 3),
                      photometric="minisblack")
     tifffile.imwrite(tmp_path / "c_crop.tif", frame[:96, :96], photometric="minisblack")
+    Image.fromarray((frame[:64, :64] // 257).astype(np.uint8)).save(tmp_path / "d_photo.png")
     out = tmp_path / "out"
     run = dict(zoo["run"], predictor=FailsOnSecondTile(zoo["predictor"]))
     report = predict_images(None, None, [tmp_path], out, large=True, **run)
     failed = {Path(f.image).name: f.reason for f in report.failures}
-    assert sorted(failed) == ["a_frame.tif", "b_stack.tif"]
+    assert sorted(failed) == ["a_frame.tif", "b_stack.tif", "d_photo.png"]
     assert "a_frame.tif: tile rows" in failed["a_frame.tif"]
     assert "CPU out of memory (test)" in failed["a_frame.tif"]
     assert "holds 3 planes" in failed["b_stack.tif"]
+    assert "reads TIFF (BigTIFF, OME-TIFF) and OME-Zarr" in failed["d_photo.png"]
     rows = {Path(r["image"]).name: r for r in _summary(out)}
-    assert [rows[n]["status"] for n in sorted(rows)] == ["failed", "failed", "ok"]
+    assert [rows[n]["status"] for n in sorted(rows)] == ["failed", "failed", "ok", "failed"]
     assert rows["a_frame.tif"]["route"] == "large"
     # nothing of the failed images is left, not even under a temporary name
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
@@ -206,7 +208,7 @@ def test_a_failure_inside_the_large_route_fails_that_image_only(zoo, tmp_path):
     # a rerun redoes the failed ones only
     again = predict_images(None, None, [tmp_path], out, large=True, **zoo["run"])
     assert [p.name for p in again.skipped] == ["c_crop.tif"]
-    assert sorted(Path(f.image).name for f in again.failures) == ["b_stack.tif"]
+    assert sorted(Path(f.image).name for f in again.failures) == ["b_stack.tif", "d_photo.png"]
     assert (out / "a_frame_labels.ome.zarr").is_dir()
 
 

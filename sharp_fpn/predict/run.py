@@ -1273,6 +1273,9 @@ def predict_images(
         _check_outputs(out, stems, outputs_asked, large=routes)
         for note in route_notes:
             _note(report, note)
+        if ome_tiff and any(routes):
+            _note(report, f"--ome-tiff: {sum(routes)} large image(s) get their labels as "
+                          f"<stem>{LARGE_LABELS_SUFFIX} (OME-Zarr, with the pixel size) instead")
         if predictor is None:
             from ..d2.predictor import check_weights_file, load_config
 
