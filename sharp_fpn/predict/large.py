@@ -58,10 +58,13 @@ order nuclei are decided (row of tiles by row of tiles, best score first within 
 stable from run to run, where the whole-image path numbers by score over the whole image.
 
 **Memory**: at most one row of tiles is in flight (``map_tiles`` gets one row at a time);
-the band holds the label rows (int32) and stored pixels of that row of tiles plus the rows of
-unfinished chunks and undecided instances; the strided sample is at most 16 MP. Figures of a
-run are in :class:`LargeResult` (``peak_band_rows``, ``peak_pending``, ``peak_tiles_in_flight``),
-and ``tools/benchmark.py large`` measures peak RSS on 4k, 16k and 30k px images.
+the band (:class:`RowBuffer`) holds the label rows (int32) and stored pixels of that row of
+tiles plus the rows of unfinished chunks and undecided instances, about ``tile + chunk`` rows
+of the image's full width; the strided sample is at most 16 MP. So the peak does not grow with
+the image's height, and grows with its width by about 20 bytes per pixel of a band row (the
+band is full-width: rows of label chunks are written whole). Figures of a run are in
+:class:`LargeResult` (``peak_band_rows``, ``peak_pending``, ``peak_tiles_in_flight``), and
+``tools/benchmark.py large`` measures peak RSS on 4k, 16k and 30k px images.
 
 **API for the predict tool and Dask** (tiles spread over workers)::
 
