@@ -387,7 +387,8 @@ def strided_sample(source: LargeSource, step: Optional[int] = None) -> np.ndarra
     parts = []
     for top in range(0, source.height, rows):
         bottom = min(top + rows, source.height)
-        parts.append(source.window(top, bottom, 0, source.width)[::step, ::step])
+        # a copy: the strided view would keep the whole window alive until the end
+        parts.append(source.window(top, bottom, 0, source.width)[::step, ::step].copy())
     return np.concatenate(parts, axis=0)
 
 
