@@ -48,6 +48,8 @@ def client():
     given up when a second worker dies under it (dask's default allows 3), and each worker
     holds one task at a time, so a worker that dies takes no bystander with it."""
     import dask
+    import distributed  # noqa: F401  before config.set: its defaults are added on import, and
+    # a config.set entered before them removes the whole "distributed" section on exit
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 1,
                           "distributed.scheduler.worker-saturation": 1.0}):
