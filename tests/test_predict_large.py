@@ -325,6 +325,22 @@ def test_a_tile_failing_mid_run_leaves_nothing_written(tmp_path):
     assert list(out.iterdir()) == []  # the chunks and rows written so far went with the rest
 
 
+def test_outputs_are_put_in_place_labels_first_all_or_none(tmp_path):
+    # the GeoJSON cannot take its place (a folder of the user's is there): the labels and the
+    # table already renamed are removed again, the temporary files too, the folder kept
+    path = write_blob_tiff(tmp_path / "b.tif", 300, 260, tile=128)
+    out = tmp_path / "out"
+    (out / "b.geojson").mkdir(parents=True)
+    (out / "b.geojson" / "keep.txt").write_text("mine")
+    outputs = LargeOutputs(out / "b.ome.zarr", out / "b.csv", geojson=out / "b.geojson",
+                           chunk=64)
+    with pytest.raises(OSError):
+        segment_large(path, outputs, predictor=ThresholdModel(100.0, 20), tile=128, overlap=32,
+                      progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["b.geojson"]
+    assert (out / "b.geojson" / "keep.txt").read_text() == "mine"
+
+
 def test_files_the_path_cannot_take_are_refused_in_one_line(tmp_path):
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, np.zeros((3, 64, 64), np.uint8), photometric="minisblack")

@@ -932,15 +932,25 @@ class _Streams:
             roi.roitype = ROI_TYPE.POLYGON
             self.rois.writestr(f"{label}.roi", roi.tobytes())
 
-    def finish(self) -> None:
+    def finish(self, labels: Tuple[Path, Path]) -> None:
+        """Close the streams, then put the labels ``(tmp, path)`` and every stream in place,
+        labels first; a rename that fails removes those already placed (all or none)."""
         self.table.close()
         if self.geojson is not None:
             self.geojson.write("]}")
             self.geojson.close()
         if self.rois is not None:
             self.rois.close()
-        for name, tmp in self.tmps.items():
-            _put_in_place(tmp, getattr(self.outputs, name))
+        moves = [labels] + [(tmp, getattr(self.outputs, name)) for name, tmp in self.tmps.items()]
+        placed: List[Path] = []
+        try:
+            for tmp, path in moves:
+                _put_in_place(tmp, path)
+                placed.append(path)
+        except BaseException:
+            for path in placed:
+                _remove(path)
+            raise
         self.tmps = {}
 
     def abandon(self) -> None:
@@ -1125,8 +1135,7 @@ def segment_large(
                             _outline(nucleus) if want_outlines else None)
             labels.write_final(stitcher)
             intensity.drop(stitcher.base)
-        streams.finish()
-        _put_in_place(labels.tmp, outputs.labels)
+        streams.finish((labels.tmp, outputs.labels))
     except BaseException:
         if streams is not None:
             streams.abandon()
