@@ -7,6 +7,7 @@
     python tools/benchmark.py predict             # prediction MP/s, whole image and tiled
     python tools/benchmark.py necks               # Mask R-CNN cost of each neck vs FPN
     python tools/benchmark.py zoo                 # zoo models vs classical: accuracy, MP/s
+    python tools/benchmark.py large               # images larger than memory: peak RSS, time (4k/16k/30k px)
     python tools/benchmark.py zoo --candidate NAME=CONFIG:WEIGHTS   # more models (repeatable)
 
 Each benchmark prints its figures and writes them, with the machine and the arguments, to
