@@ -60,7 +60,7 @@ import glob
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 from xml.etree import ElementTree
 
 import cv2
@@ -475,42 +475,65 @@ def is_zarr(path: Path) -> bool:
         (path / n).is_file() for n in (".zattrs", ".zgroup", "zarr.json")))
 
 
-def _read_zarr(path: Path, channel: ChannelSpec = None) -> Planes:
-    """The highest-resolution level of an OME-Zarr image (``multiscales``, NGFF 0.4/0.5)."""
-    try:
-        import zarr
+class ZarrHeader(NamedTuple):
+    """What an OME-Zarr image's metadata says of its highest-resolution level."""
 
-        group = zarr.open_group(str(path), mode="r")
-        attrs = dict(group.attrs)
-        meta = attrs.get("ome", attrs)
-        scales = meta.get("multiscales")
-        if not scales:
-            raise ImageReadError(f"{path}: a Zarr without OME multiscales metadata (not an "
-                                 f"OME-Zarr image); {_NOT_YET}")
-        scale = scales[0]
-        level = scale["datasets"][0]
-        array = group[level["path"]]
-        named = scale.get("axes") or list("tczyx"[-array.ndim:])
-        letters = [str(a["name"] if isinstance(a, dict) else a) for a in named]
-        units = [a.get("unit") if isinstance(a, dict) else None for a in named]
-        axes = "".join(a.upper() if len(a) == 1 else "?" for a in letters)
-        if len(axes) != array.ndim:
-            raise ImageReadError(f"{path}: its axes {letters} do not match its array's "
-                                 f"{array.ndim} dimensions")
-        factors = [1.0] * array.ndim
-        for transforms in (scale.get("coordinateTransformations") or [],
-                           level.get("coordinateTransformations") or []):
-            for t in transforms:
-                if t.get("type") == "scale" and len(t.get("scale", [])) == array.ndim:
-                    factors = [f * float(v) for f, v in zip(factors, t["scale"])]
-        pixel_size = None
-        if "Y" in axes and "X" in axes:
-            y = _to_um(factors[axes.index("Y")], units[axes.index("Y")] or "")
-            x = _to_um(factors[axes.index("X")], units[axes.index("X")] or "")
-            if x and y:
-                pixel_size = PixelSize(x, y, "OME-Zarr scale")
-        channels = (meta.get("omero") or {}).get("channels") or []
-        names = tuple(str(c.get("label", "")) for c in channels if isinstance(c, dict))
+    array: Any  # the level's zarr array (nothing read yet)
+    level: str  # its path in the group
+    axes: str  # one letter an axis (TCZYX...), "?" for a longer name
+    pixel_size: Optional[PixelSize]  # from the scale transforms, in µm where the unit says
+    names: Tuple[str, ...]  # the omero channel labels
+
+
+def zarr_header(path: Path, suffix: str = "") -> ZarrHeader:
+    """The highest resolution level of the OME-Zarr image ``path`` (``multiscales``, NGFF
+    0.4/0.5), from its metadata alone: the reader's and the large-image path's one rule.
+
+    Raises:
+        ImageReadError: no multiscales metadata (``suffix`` is added to the message), or axes
+            that do not match the array; zarr's own errors pass through.
+    """
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    meta = attrs.get("ome", attrs)
+    scales = meta.get("multiscales")
+    if not scales:
+        raise ImageReadError(f"{path}: a Zarr without OME multiscales metadata (not an "
+                             f"OME-Zarr image){suffix}")
+    scale = scales[0]
+    level = scale["datasets"][0]
+    array = group[level["path"]]
+    named = scale.get("axes") or list("tczyx"[-array.ndim:])
+    letters = [str(a["name"] if isinstance(a, dict) else a) for a in named]
+    units = [a.get("unit") if isinstance(a, dict) else None for a in named]
+    axes = "".join(a.upper() if len(a) == 1 else "?" for a in letters)
+    if len(axes) != array.ndim:
+        raise ImageReadError(f"{path}: its axes {letters} do not match its array's "
+                             f"{array.ndim} dimensions")
+    factors = [1.0] * array.ndim
+    for transforms in (scale.get("coordinateTransformations") or [],
+                       level.get("coordinateTransformations") or []):
+        for t in transforms:
+            if t.get("type") == "scale" and len(t.get("scale", [])) == array.ndim:
+                factors = [f * float(v) for f, v in zip(factors, t["scale"])]
+    pixel_size = None
+    if "Y" in axes and "X" in axes:
+        y = _to_um(factors[axes.index("Y")], units[axes.index("Y")] or "")
+        x = _to_um(factors[axes.index("X")], units[axes.index("X")] or "")
+        if x and y:
+            pixel_size = PixelSize(x, y, "OME-Zarr scale")
+    channels = (meta.get("omero") or {}).get("channels") or []
+    names = tuple(str(c.get("label", "")) for c in channels if isinstance(c, dict))
+    return ZarrHeader(array, str(level["path"]), axes, pixel_size, names)
+
+
+def _read_zarr(path: Path, channel: ChannelSpec = None) -> Planes:
+    """The highest-resolution level of an OME-Zarr image (:func:`zarr_header`)."""
+    try:
+        head = zarr_header(path, f"; {_NOT_YET}")
+        array, axes, pixel_size, names = head.array, head.axes, head.pixel_size, head.names
         _arrange(path, np.broadcast_to(np.uint8(0), array.shape), axes,
                  tifffile.PHOTOMETRIC.MINISBLACK, (), names, channel)
         pixels = np.asarray(array[...])

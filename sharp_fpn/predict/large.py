@@ -126,6 +126,7 @@ from .image_io import (
     is_zarr,
     percentile_range,
     stretch_range,
+    zarr_header,
 )
 from .outputs import OUTLINE_COLOURS, TABLE_COLUMNS
 from .tiling import InstanceSet, Tile, TileError, axis_spans, tile_grid
@@ -256,42 +257,9 @@ class LargeSource:
     def _inspect(self):
         path = self.path
         if is_zarr(path):
-            import zarr
-
-            group = zarr.open_group(str(path), mode="r")
-            attrs = dict(group.attrs)
-            meta = attrs.get("ome", attrs)
-            scales = meta.get("multiscales")
-            if not scales:
-                raise ImageReadError(f"{path}: a Zarr without OME multiscales metadata (not an "
-                                     f"OME-Zarr image)")
-            scale = scales[0]
-            level = scale["datasets"][0]
-            self._level = level["path"]
-            array = group[level["path"]]
-            named = scale.get("axes") or list("tczyx"[-array.ndim:])
-            letters = [str(a["name"] if isinstance(a, dict) else a) for a in named]
-            units = [a.get("unit") if isinstance(a, dict) else None for a in named]
-            axes = "".join(a.upper() if len(a) == 1 else "?" for a in letters)
-            if len(axes) != array.ndim:
-                raise ImageReadError(f"{path}: its axes {letters} do not match its array's "
-                                     f"{array.ndim} dimensions")
-            factors = [1.0] * array.ndim
-            for transforms in (scale.get("coordinateTransformations") or [],
-                               level.get("coordinateTransformations") or []):
-                for t in transforms:
-                    if t.get("type") == "scale" and len(t.get("scale", [])) == array.ndim:
-                        factors = [f * float(v) for f, v in zip(factors, t["scale"])]
-            size = None
-            if "Y" in axes and "X" in axes:
-                from .image_io import _to_um
-
-                y = _to_um(factors[axes.index("Y")], units[axes.index("Y")] or "")
-                x = _to_um(factors[axes.index("X")], units[axes.index("X")] or "")
-                if x and y:
-                    size = PixelSize(x, y, "OME-Zarr scale")
-            channels = (meta.get("omero") or {}).get("channels") or []
-            names = tuple(str(c.get("label", "")) for c in channels if isinstance(c, dict))
+            head = zarr_header(path)
+            self._level, array, axes = head.level, head.array, head.axes
+            size, names = head.pixel_size, head.names
             self._kind = "zarr"
             self._bits = 8 * np.dtype(array.dtype).itemsize
             return (axes, array.shape, tifffile.PHOTOMETRIC.MINISBLACK, (), names, size,
