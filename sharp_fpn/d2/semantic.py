@@ -271,6 +271,14 @@ def segmentation_losses(
     return losses
 
 
+def check_loss_config(u) -> None:
+    """``MODEL.UNET``'s deep-supervision target and mixed-loss weights (2-D and 3-D models)."""
+    check_value("MODEL.UNET.DS_TARGET", u.DS_TARGET, u.DS_TARGET in DEEP_SUPERVISION_TARGETS,
+                f"one of {DEEP_SUPERVISION_TARGETS}")
+    check_value("MODEL.UNET.LOSS_WEIGHTS", u.LOSS_WEIGHTS, len(u.LOSS_WEIGHTS) == 3,
+                "[focal, dice, lovasz] weights")
+
+
 @META_ARCH_REGISTRY.register()
 class SemanticNucleiSegmentor(nn.Module):
     """Binary nuclei segmentation: foreground probabilities per pixel.
@@ -334,10 +342,7 @@ class SemanticNucleiSegmentor(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> Dict[str, Any]:
         u = cfg.MODEL.UNET
-        check_value("MODEL.UNET.DS_TARGET", u.DS_TARGET, u.DS_TARGET in DEEP_SUPERVISION_TARGETS,
-                    f"one of {DEEP_SUPERVISION_TARGETS}")
-        check_value("MODEL.UNET.LOSS_WEIGHTS", u.LOSS_WEIGHTS, len(u.LOSS_WEIGHTS) == 3,
-                    "[focal, dice, lovasz] weights")
+        check_loss_config(u)
         network = build_semantic_network(cfg)
         return {
             "network": network,

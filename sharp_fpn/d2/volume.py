@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..losses import DEEP_SUPERVISION_TARGETS
 from ..models.unet import GridUNet
 from .config import check_value
-from .semantic import build_semantic_network, segmentation_losses
+from .semantic import build_semantic_network, check_loss_config, segmentation_losses
 
 __all__ = ["VOLUME_META_ARCHITECTURE", "VolumeSegmentor", "is_volume", "pad_volumes"]
 
@@ -123,10 +123,7 @@ class VolumeSegmentor(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> Dict[str, Any]:
         u = cfg.MODEL.UNET
-        check_value("MODEL.UNET.DS_TARGET", u.DS_TARGET, u.DS_TARGET in DEEP_SUPERVISION_TARGETS,
-                    f"one of {DEEP_SUPERVISION_TARGETS}")
-        check_value("MODEL.UNET.LOSS_WEIGHTS", u.LOSS_WEIGHTS, len(u.LOSS_WEIGHTS) == 3,
-                    "[focal, dice, lovasz] weights")
+        check_loss_config(u)
         network = build_semantic_network(cfg, dims=3)
         patch = list(cfg.INPUT.VOLUME.PATCH_SIZE)
         divisor = network.size_divisibility
