@@ -6,7 +6,6 @@ library that reads it for users (zarr, the project's own reader, roifile, json).
 """
 import csv
 import json
-import math
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -25,7 +24,7 @@ from sharp_fpn.predict.image_io import (
     read_planes,
 )
 from sharp_fpn.predict.large import (
-    BandStitcher,
+    GridStitcher,
     LargeOutputs,
     LargeSource,
     ThresholdModel,
@@ -90,36 +89,63 @@ def _random_sets(rng, shape, tiles, nuclei=60):
     return sets
 
 
+def _stitch_tile_by_tile(shape, tile, overlap, sets, chunk, budget, scratch=None):
+    """The tiles' instances through a GridStitcher, its final chunks gathered into one image."""
+    stitcher = GridStitcher(shape, tile, overlap, chunk=chunk, budget=budget,
+                            min_kept_fraction=0.5, scratch=scratch)
+    out = np.zeros(shape, np.int64)
+    written = np.zeros(shape, np.int64)  # how many times each pixel was handed over
+    scores = {}
+    for found in sets:
+        for nucleus in stitcher.add(found):
+            scores[nucleus.label] = nucleus.score
+        for key in stitcher.final_chunks():
+            t, l, b, r = stitcher.store.bounds(key)
+            out[t:b, l:r] = stitcher.take(key)
+            written[t:b, l:r] += 1
+    assert stitcher.done
+    assert (written == 1).all()  # every chunk handed over once, whole
+    return stitcher, out, scores
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_band_stitch_equals_the_whole_image_stitch(seed):
+def test_tile_by_tile_stitch_equals_the_whole_image_stitch(seed, tmp_path):
     rng = np.random.default_rng(seed)
     shape = (230, 170)
-    # tile 64, overlap 24: neighbouring rows of tiles overlap by more than a third of a tile
+    # tile 64, overlap 24: neighbouring tiles overlap by more than a third of a tile
     tiles = tile_grid(*shape, 64, 24)
     sets = _random_sets(rng, shape, tiles)
     whole = stitch_instances(shape, tiles, sets, min_kept_fraction=0.5)
     expected = keep_largest_components(whole.labels)
-    stitcher = BandStitcher(shape, min_kept_fraction=0.5)
-    per_row = len({t.left for t in tiles})
-    rows = [tiles[k:k + per_row] for k in range(0, len(tiles), per_row)]
-    out = np.zeros(shape, np.int64)
-    scores = {}
-    written = 0
-    for r, row in enumerate(rows):
-        reach = rows[r + 1][0].top if r + 1 < len(rows) else shape[0]
-        for nucleus in stitcher.add_row(row, sets[r * per_row:(r + 1) * per_row], reach):
-            scores[nucleus.label] = nucleus.score
-        final = stitcher.final_rows()
-        out[written:final] = stitcher.labels(written, final)
-        stitcher.drop(final)
-        written = final
-    assert written == shape[0]
-    mapping = _bijection(expected, out)
-    assert stitcher.count == len(whole.scores) == len(mapping)
-    for old, new in mapping.items():
-        assert scores[new] == whole.scores[old - 1]
-    # ids are given in order of decision: the same numbers on every run
-    assert sorted(scores) == list(range(1, stitcher.count + 1))
+    # chunks of 32 px, all held, or at most 3 in memory (the others spilled and read back)
+    for budget in (10_000, 3):
+        stitcher, out, scores = _stitch_tile_by_tile(shape, 64, 24, sets, 32, budget,
+                                                     tmp_path / f"scratch{budget}")
+        mapping = _bijection(expected, out)
+        assert stitcher.count == len(whole.scores) == len(mapping)
+        for old, new in mapping.items():
+            assert scores[new] == whole.scores[old - 1]
+        # ids are given in order of decision: the same numbers on every run
+        assert sorted(scores) == list(range(1, stitcher.count + 1))
+        if budget == 3:
+            assert stitcher.store.spills > 0 and stitcher.store.peak_held <= 3 + 9
+            assert not any((tmp_path / "scratch3").iterdir())  # every spilled chunk came back
+        else:
+            assert stitcher.store.spills == 0
+    # most instances are decided with their own tile: few wait at once
+    assert stitcher.peak_pending < 0.5 * sum(len(s) for s in sets)
+
+
+def test_a_stitcher_refuses_tiles_past_the_grid_and_boxes_outside_a_tile():
+    stitcher = GridStitcher((40, 40), 0, 0, chunk=16)  # one tile, the whole image
+    with pytest.raises(ValueError, match="reach outside their 40x40 tile"):
+        stitcher.add(InstanceSet(np.array([[30, 30, 41, 35]]), [np.ones((11, 5), bool)],
+                                 np.array([0.9])))
+    stitcher = GridStitcher((40, 40), 0, 0, chunk=16)
+    stitcher.add(InstanceSet(np.zeros((0, 4), np.int64), [], np.zeros(0)))
+    assert stitcher.final_chunks() == [(y, x) for y in range(3) for x in range(3)]
+    with pytest.raises(ValueError, match="all 1 tiles were already added"):
+        stitcher.add(InstanceSet(np.zeros((0, 4), np.int64), [], np.zeros(0)))
 
 
 # ------------------------------------------------------------------ normalisation
@@ -245,38 +271,104 @@ def test_large_path_labels_are_an_ome_zarr_with_the_pixel_size(zoo_run):
 # ------------------------------------------------------------------ bounded memory
 
 
-def _threshold_run(folder: Path, height: int) -> tuple:
-    path = write_blob_tiff(folder / f"blobs_{height}.tif", height, 384, tile=128, seed=1)
-    outputs = LargeOutputs(folder / f"l_{height}.ome.zarr", folder / f"t_{height}.csv",
-                           chunk=64)
+def _threshold_run(folder: Path, height: int, width: int) -> tuple:
+    path = write_blob_tiff(folder / f"blobs_{height}x{width}.tif", height, width, tile=128,
+                           seed=1)
+    outputs = LargeOutputs(folder / f"l_{height}x{width}.ome.zarr",
+                           folder / f"t_{height}x{width}.csv", chunk=64)
+
+    def traced(fn, tiles):
+        # from the first tile on: the normalisation's sample (the whole image below 4 MP, a
+        # strided 16 MP at most above) is before, and bounded on its own
+        tracemalloc.reset_peak()
+        return map(fn, tiles)
+
     tracemalloc.start()
-    result = segment_large(path, outputs, predictor=ThresholdModel(100.0, 20), tile=128,
-                           overlap=32, progress=False)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+    # 16 chunks of 64 x 64 int32 (256 kB) at most: more than one tile's worth, fewer than a
+    # row of tiles of the wider images'
+    try:
+        result = segment_large(path, outputs, predictor=ThresholdModel(100.0, 20), tile=128,
+                               overlap=32, progress=False, label_memory_mb=0.25,
+                               map_tiles=traced)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     return result, peak
 
 
 def test_memory_held_does_not_grow_with_the_image(tmp_path):
-    small, small_peak = _threshold_run(tmp_path, 640)
-    large, large_peak = _threshold_run(tmp_path, 1280)  # twice as tall
-    assert large.tiles > 1.8 * small.tiles and large.nuclei > 1.9 * small.nuclei
-    # label rows held: a chunk row being finished, a row of tiles and its overlap, whatever
-    # the height (the tiles' spacing, hence the exact figure, depends on the height a little)
-    assert max(large.peak_band_rows, small.peak_band_rows) <= 64 + 128 + 32
-    assert large.peak_band_rows <= small.peak_band_rows + 16
-    assert large.peak_tiles_in_flight == small.peak_tiles_in_flight == 4
-    assert large.peak_pending <= small.peak_pending * 1.1 + 5
-    # numpy's allocations, traced: the peak of the larger image is not larger
-    assert large_peak < 1.15 * small_peak, (small_peak, large_peak)
-    # and the labels are the blobs' (a stand-in model, but the stitch is the real one)
-    labels = _read_labels(large.labels)
-    truth = blob_window(0, 0, 1280, 384, seed=1)
-    assert large.nuclei == len(np.unique(labels)) - 1
+    small, small_peak = _threshold_run(tmp_path, 640, 384)
+    tall, tall_peak = _threshold_run(tmp_path, 1280, 384)  # twice as tall
+    wide, wide_peak = _threshold_run(tmp_path, 640, 1152)  # three times as wide
+    assert tall.tiles > 1.8 * small.tiles and tall.nuclei > 1.9 * small.nuclei
+    assert wide.tiles > 2.5 * small.tiles and wide.nuclei > 2.8 * small.nuclei
+    # label chunks held: the budget, plus what one tile's decisions reach, whatever the size
+    for run in (small, tall, wide):
+        assert run.peak_chunks_held <= 16 + 9
+    assert wide.chunks_spilled > 0  # the frontier of the wide image is over the budget
+    # undecided instances: those along the frontier (it grows with the width only)
+    assert tall.peak_pending <= small.peak_pending * 1.1 + 5
+    assert wide.peak_pending <= 3 * small.peak_pending + 10
+    # numpy's allocations, traced: the peak of the larger images is not larger
+    assert tall_peak < 1.15 * small_peak, (small_peak, tall_peak)
+    assert wide_peak < 1.15 * small_peak, (small_peak, wide_peak)
+    # the labels are the blobs' (a stand-in model, but the stitch is the real one), every
+    # chunk stored (empty ones too), and the scratch folder gone
+    labels = _read_labels(wide.labels)
+    truth = blob_window(0, 0, 640, 1152, seed=1)
+    assert wide.nuclei == len(np.unique(labels)) - 1
     assert np.mean((labels > 0) == (truth > 1000)) > 0.99
+    from sharp_fpn.predict.zarr_check import missing_chunks
+
+    array = zarr.open_group(str(wide.labels), mode="r")["0"]
+    assert missing_chunks(wide.labels / "0", array) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 # ------------------------------------------------------------------ bad input, nothing half-written
+
+
+def _rss_file_kb() -> int:
+    """File-backed pages mapped into this process (kB), from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_a_contiguous_tiff_is_read_by_windows_not_whole(tmp_path):
+    from sharp_fpn.predict.large import ContiguousArray
+
+    # tifffile's default untiled layout: the image in one piece, one strip (one Zarr chunk)
+    pixels = blob_window(0, 0, 4096, 2048, seed=6)  # 16 MB
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, pixels, bigtiff=True)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].is_contiguous and len(tif.pages[0].dataoffsets) == 1
+    source = LargeSource(path)
+    source.window(0, 1, 0, 1)
+    assert isinstance(source._array, ContiguousArray)
+    before = _rss_file_kb()
+    most = 0
+    for top in range(0, 4096, 256):
+        for left in range(0, 2048, 256):
+            window = source.window(top, top + 256, left, left + 256)
+            assert np.array_equal(window, pixels[top:top + 256, left:left + 256])
+            most = max(most, _rss_file_kb() - before)
+    source.close()
+    # the file's pages are given back after each window: far less than the 16 MB read
+    assert most < 4 * 1024, most
+    # and the large path gives the tiled file's outputs
+    tiled = tmp_path / "tiled.tif"
+    tifffile.imwrite(tiled, pixels[:600, :500], tile=(128, 128))
+    tifffile.imwrite(path, pixels[:600, :500])
+    runs = [segment_large(p, LargeOutputs(tmp_path / p.stem / "l.ome.zarr",
+                                          tmp_path / p.stem / "t.csv"),
+                          predictor=ThresholdModel(100.0, 20), tile=128, overlap=32,
+                          progress=False) for p in (path, tiled)]
+    assert np.array_equal(_read_labels(runs[0].labels), _read_labels(runs[1].labels))
+    assert runs[0].table.read_bytes() == runs[1].table.read_bytes()
 
 
 def test_a_missing_chunk_is_refused_naming_it(tmp_path):
@@ -383,7 +475,12 @@ def test_a_tile_runner_is_picklable_and_names_the_tile(tmp_path):
     runner = pickle.loads(pickle.dumps(TileRunner(ThresholdModel(100.0, 20),
                                                   TileReader(source, how))))
     tile = tile_grid(256, 256, 128, 32)[0]
-    assert len(runner(tile)) > 5
+    found = runner(tile)
+    assert len(found.instances) > 5 and len(found.stored) == len(found.instances)
+    # the stored pixels under each box, as the file holds them
+    pixels = blob_window(0, 0, 128, 128)
+    for (t, l, b, r), stored in zip(found.instances.boxes.tolist(), found.stored):
+        assert stored.dtype == np.uint16 and np.array_equal(stored[:, :, 0], pixels[t:b, l:r])
     shutil.copy(tmp_path / "b.tif", tmp_path / "c.tif")
     broken = TileRunner(ThresholdModel(float("nan")), TileReader(LargeSource(tmp_path / "c.tif"),
                                                                   how))
@@ -392,16 +489,62 @@ def test_a_tile_runner_is_picklable_and_names_the_tile(tmp_path):
         broken(tile)
 
 
-def test_diameter_needing_a_rescale_is_refused(tmp_path):
-    class Scaled(ThresholdModel):
-        nucleus_diameter = 22.0
+class _Sized(ThresholdModel):
+    """The threshold stand-in, said to be trained on nuclei 34 px across (the blobs are about
+    17): the large path should see the image at twice its size."""
 
-    path = write_blob_tiff(tmp_path / "b.tif", 256, 256, tile=128)
-    with pytest.raises(ValueError, match="scale 1 only"):
-        segment_large(path, LargeOutputs(tmp_path / "o.zarr", tmp_path / "o.csv"),
-                      predictor=Scaled(), tile=128, overlap=32, diameter=11.0, progress=False)
-    assert not (tmp_path / "o.csv").exists()
-    assert math.isclose(Scaled.nucleus_diameter, 22.0)
+    nucleus_diameter = 34.0
+
+
+def test_nuclei_of_another_size_are_predicted_rescaled_and_brought_back(tmp_path):
+    path = write_blob_tiff(tmp_path / "b.tif", 384, 320, tile=128, seed=4)
+    truth = blob_window(0, 0, 384, 320, seed=4) > 1000
+    runs = {}
+    for name, model, diameter in (("as is", ThresholdModel(100.0, 20), None),
+                                  ("estimated", _Sized(100.0, 20), None),
+                                  ("given", _Sized(100.0, 20), 68.0)):  # scale 0.5
+        out = tmp_path / name.replace(" ", "_")
+        runs[name] = segment_large(path, LargeOutputs(out / "b.ome.zarr", out / "b.csv"),
+                                   predictor=model, tile=128, overlap=32, diameter=diameter,
+                                   progress=False)
+    plain, estimated, given = runs["as is"], runs["estimated"], runs["given"]
+    assert plain.scale.source == "model has no nucleus diameter" and plain.scale.scale == 1.0
+    # the estimate: the median equivalent diameter of the nuclei of (up to) 9 tiles
+    whole_median = float(np.median(2 * np.sqrt(plain.areas / np.pi)))
+    assert estimated.scale.source == "estimated"
+    assert estimated.scale.diameter == pytest.approx(whole_median, rel=0.1)
+    assert estimated.scale.scale == pytest.approx(34.0 / estimated.scale.diameter)
+    assert estimated.tile == round(128 / estimated.scale.scale) and estimated.tiles > plain.tiles
+    assert given.scale.source == "given" and given.scale.scale == 0.5 and given.tile == 256
+    for run in runs.values():  # labels at the image's own size, the blobs found in each
+        labels = _read_labels(run.labels)
+        assert labels.shape == (384, 320)
+        assert np.mean((labels > 0) == truth) > 0.97, run.scale
+        assert abs(run.nuclei - plain.nuclei) <= 0.05 * plain.nuclei
+        assert run.nuclei == len(np.unique(labels)) - 1
+
+
+def test_instances_brought_back_from_a_resized_tile_are_resize_labels_of_their_masks():
+    from sharp_fpn.predict.large import back_to_tile
+    from sharp_fpn.predict.scale import resize_labels
+
+    rng = np.random.default_rng(0)
+    seen = (41, 29)
+    masks = np.zeros((4,) + seen, bool)
+    for k, (cy, cx, r) in enumerate([(10, 8, 6), (30, 20, 7), (2, 27, 3), (20, 14, 1)]):
+        ys, xs = np.mgrid[0:seen[0], 0:seen[1]]
+        masks[k] = (ys - cy) ** 2 + (xs - cx) ** 2 <= r * r
+    found = InstanceSet.from_masks(masks, rng.uniform(0.5, 1, 4))
+    for shape in ((20, 15), (83, 57)):
+        back = back_to_tile(found, seen, shape)
+        expected = [resize_labels(m.astype(np.int32), shape) > 0 for m in masks]
+        expected = [(e, s) for e, s in zip(expected, found.scores) if e.any()]
+        assert len(back) == len(expected)
+        for (t, l, b, r), mask, (full, score), got in zip(back.boxes, back.masks, expected,
+                                                          back.scores):
+            canvas = np.zeros(shape, bool)
+            canvas[t:b, l:r] = mask
+            assert np.array_equal(canvas, full) and got == score
 
 
 # ------------------------------------------------------------------ the benchmark
@@ -429,35 +572,40 @@ def test_large_benchmark_records_peak_memory_and_time_per_size(tmp_path):
     for r in figures["results"]:
         assert r["peak_rss_mb"] >= r["rss_after_setup_mb"] > 10
         assert r["nuclei"] > 0.5 * 0.8 * (r["size"] / 32) ** 2 and r["seconds"] > 0
-        assert r["peak_tiles_in_flight"] == len(tile_grid(r["size"], r["size"], 128, 32)) ** 0.5
+        assert 0 < r["peak_chunks_held"] <= r["label_chunk_budget"] + 9
     assert figures["peak_rss_largest_over_smallest"] > 0
     assert not list((tmp_path / "work").iterdir())  # images and outputs removed
 
 
-def test_a_row_buffer_holds_its_rows_through_drops_compactions_and_growth():
-    from sharp_fpn.predict.large import RowBuffer
+def test_a_chunk_store_spills_the_least_recently_used_and_reads_them_back(tmp_path):
+    from sharp_fpn.predict.large import ChunkStore
 
-    rows = RowBuffer(3, np.int64)
-    truth = np.arange(300 * 3).reshape(300, 3)
-    held_from = 0
-    for bottom, top in [(10, 0), (25, 4), (40, 30), (41, 41), (90, 60), (200, 150), (300, 299)]:
-        rows.extend(bottom, truth[rows.bottom:bottom])
-        rows.drop(top)
-        held_from = max(held_from, top)
-        assert rows.base == held_from and rows.bottom == bottom
-        assert np.array_equal(rows.array, truth[held_from:bottom])
-    # moved in place in blocks when fewer rows were dropped than are kept
-    again = RowBuffer(3, np.int64)
-    again.extend(10, truth[:10])  # a buffer of 12 rows
-    again.drop(3)
-    again.extend(13, truth[10:13])  # 3 + 7 + 3 > 12: rows 3..10 move to the start
-    assert np.array_equal(again.array, truth[3:13]) and len(again._buffer) == 12
-    zeros = RowBuffer(2, np.int32)
-    zeros.extend(5)
-    zeros.array[:] = 7
-    zeros.drop(5)
-    zeros.extend(8)  # reused rows come back zero
-    assert zeros.base == 5 and not zeros.array.any()
+    store = ChunkStore((50, 70), 20, budget=2, scratch=tmp_path / "scratch")
+    truth = np.arange(50 * 70, dtype=np.int32).reshape(50, 70)
+    # a box across four chunks: a copy, written back
+    values, shared = store.region((10, 15, 30, 45))
+    assert not shared and not values.any()
+    store.write((10, 15, 30, 45), truth[10:30, 15:45])
+    assert store.held == 6  # chunks (0..1, 0..2)
+    store.settle()
+    assert store.held == 2 and store.spills == 4
+    assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == [
+        "0_0.npy", "0_1.npy", "0_2.npy", "1_0.npy"]
+    # a box in one chunk: a view into it; the spilled chunk comes back from its file
+    view, shared = store.region((2, 22, 8, 30))
+    assert shared and not (tmp_path / "scratch" / "0_1.npy").exists()
+    view[...] = truth[2:8, 22:30]
+    expected = np.zeros((50, 70), np.int32)
+    expected[10:30, 15:45] = truth[10:30, 15:45]
+    expected[2:8, 22:30] = truth[2:8, 22:30]
+    for key in [(y, x) for y in range(3) for x in range(4)]:
+        t, l, b, r = store.bounds(key)
+        assert np.array_equal(store.pop(key), expected[t:b, l:r]), key
+    assert store.held == 0 and not any((tmp_path / "scratch").iterdir())
+    with pytest.raises(ValueError, match="no scratch folder"):
+        nowhere = ChunkStore((50, 70), 20, budget=1)
+        nowhere.region((0, 0, 30, 30))
+        nowhere.settle()
 
 
 def test_an_empty_field_gives_empty_outputs_that_read_back(tmp_path):

@@ -14,8 +14,8 @@ the run itself, in the process that holds the output folder's lock:
   7 bytes per pixel per plane); images larger than memory go tile by tile instead (below).
 * **Large images** (``task.large``, :func:`~.run.route_of`): segmented by
   :meth:`~.run.RunWriter.run_large` in the client, which holds the lock and writes the
-  OME-Zarr labels and tables as the rows of tiles come; each tile is a task
-  (:func:`tile_mapper`), run by the worker's model, so one slide's tiles spread over the
+  OME-Zarr labels and tables as the tiles come; each tile is a task (:func:`tile_mapper`, a
+  bounded number in flight), run by the worker's model, so one slide's tiles spread over the
   cluster. The client builds one model of its own too (the large path reads its
   normalisation and thresholds from it; it predicts nothing). Large images are done after
   the others, one at a time.
@@ -44,7 +44,9 @@ dask.distributed is imported only when a run asks for it.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import logging
 import threading
 import uuid
@@ -135,19 +137,40 @@ def tile_on_worker(factory: Callable[[], Any], key: str, reader, tile):
 
 
 def tile_mapper(client, factory: Callable[[], Any], key: Optional[str] = None,
-                retries: int = DEFAULT_RETRIES) -> Callable:
-    """``map_tiles`` for :func:`~.large.segment_large`: each tile of a row a task on the
-    cluster, run by the worker's own model (built once per worker by ``factory``, as
-    :func:`worker_predictor`), the results in the order of the tiles. Only the tile's reader
-    (the file's path and layout, the image's stretch) travels; the stitching and the writing
-    stay in this process. A worker lost is rescheduled by the scheduler; a tile's failure is
-    the :class:`~.tiling.TileError` it raised."""
+                retries: int = DEFAULT_RETRIES, in_flight: Optional[int] = None) -> Callable:
+    """``map_tiles`` for :func:`~.large.segment_large`: each tile a task on the cluster, run by
+    the worker's own model (built once per worker by ``factory``, as
+    :func:`worker_predictor`), the results yielded in the order of the tiles. At most
+    ``in_flight`` tiles are submitted and not yet handed over (default: twice the cluster's
+    threads), a new one submitted as each is handed over, so the workers stay busy and what
+    waits in this process stays bounded whatever the image. Only the tile's reader (the
+    file's path and layout, the image's stretch) travels; the stitching and the writing stay
+    in this process. A worker lost is rescheduled by the scheduler; a tile's failure is the
+    :class:`~.tiling.TileError` it raised (the tiles still in flight are cancelled)."""
     key = key or uuid.uuid4().hex
 
     def map_tiles(fn, tiles):
-        futures = [client.submit(tile_on_worker, factory, key, fn.reader, t, retries=retries,
-                                 pure=False) for t in tiles]
-        return client.gather(futures)
+        limit = in_flight or max(2, 2 * sum(client.nthreads().values()))
+        todo = iter(tiles)
+        waiting: collections.deque = collections.deque()
+
+        def submit(tile) -> None:
+            waiting.append(client.submit(tile_on_worker, factory, key, fn.reader, tile,
+                                         retries=retries, pure=False))
+
+        for tile in itertools.islice(todo, limit):
+            submit(tile)
+        try:
+            while waiting:
+                future = waiting.popleft()
+                result = future.result()
+                future.release()
+                for tile in itertools.islice(todo, 1):
+                    submit(tile)
+                yield result
+        finally:
+            if waiting:  # a failure, or the stitch stopped: drop what is left
+                client.cancel(list(waiting))
 
     return map_tiles
 
@@ -212,7 +235,7 @@ def predict_on_cluster(tasks: Sequence, settings, factory: Callable[[], Any], wr
         dask, workers: the cluster (:func:`open_client`).
         progress: a tqdm bar over the images.
         retries: of a task whose function raised.
-        large_progress: a tqdm bar over the rows of tiles of each large image.
+        large_progress: a tqdm bar over the tiles of each large image.
 
     Raises:
         OSError: an output could not be written (the tasks left are cancelled), or the

@@ -1,9 +1,9 @@
 """Images larger than memory: read tile by tile, labels written chunk by chunk (OME-Zarr).
 
 :func:`segment_large` labels the nuclei of a 2-D image of any size (a 30,000 x 30,000 px
-slide) with a peak memory that does not grow with the image's height: the pixels, labels and
-instances held at once are those of one row of tiles plus its overlap and the rows of label
-chunks not yet written. Its outputs are those of :func:`sharp_fpn.predict.run.predict_images`
+slide) with a peak memory that does not grow with the image: the pixels held are one tile's,
+the labels at most a fixed budget of chunks (the others wait on disk), and the instances held
+are the undecided ones along the frontier between the tiles done and those to come. Its outputs are those of :func:`sharp_fpn.predict.run.predict_images`
 for one image, as files that never need the whole image in memory:
 
 * the labels as an OME-Zarr image (NGFF 0.4, Zarr v2 format): a group ``<stem>_labels.ome.zarr``
@@ -38,33 +38,38 @@ that same sample window by window (:func:`strided_sample`) and computes both ran
 so the numbers are the whole image's, bit for bit, not an approximation; each tile is then
 stretched and normalised by the two resulting tables.
 
-**Stitching, exactly as the whole-image path** (:class:`BandStitcher`). Tiles are
-:func:`~.tiling.tile_grid`'s, taken one row of tiles at a time; a tile keeps the instances whose
-box centre lies in its core (the core-owned seam-free rule of :mod:`.tiling`). The whole-image
-:func:`~.tiling.stitch_instances` paints instances best score first (ties: tile order, then
-order in the tile), each taking the pixels of its mask no better instance kept, and drops one
-keeping less than ``min_kept_fraction`` of its mask. Whether instance ``i`` is kept and which
-pixels it takes depends only on the better instances whose boxes overlap its box. So an
-instance is *decided* as soon as every instance that could overlap it is known (its box ends
-above the first row a later row of tiles can reach) and every better one overlapping it is
-decided; undecided instances wait for the next row of tiles (and block the worse ones that
-overlap them). Decided instances are painted in that order into a band of label rows, each
-reduced to its largest 8-connected piece (:func:`~.tiling.keep_largest_components`; the other
-pieces stay taken, as background), and its CSV row and outline written. Label rows above every
-undecided instance and every row a later tile can reach are final: their chunks are written
-and dropped from the band. The labels equal the whole-image path's (``NucleiPredictor.predict``
-with the same ``tile`` and ``overlap``) up to a renumbering: ids are given ``1, 2, ...`` in the
-order nuclei are decided (row of tiles by row of tiles, best score first within one), which is
-stable from run to run, where the whole-image path numbers by score over the whole image.
+**Stitching, exactly as the whole-image path** (:class:`GridStitcher`). Tiles are
+:func:`~.tiling.tile_grid`'s, taken one at a time in row-major order; a tile keeps the instances
+whose box centre lies in its core (the core-owned seam-free rule of :mod:`.tiling`). The
+whole-image :func:`~.tiling.stitch_instances` paints instances best score first (ties: tile
+order, then order in the tile), each taking the pixels of its mask no better instance kept,
+and drops one keeping less than ``min_kept_fraction`` of its mask. Whether instance ``i`` is
+kept and which pixels it takes depends only on the better instances whose boxes overlap its
+box. An instance lies inside its tile, so only a tile whose extent meets a box can add an
+instance overlapping it: an instance is *decided* as soon as its box meets no tile still to
+come (the rest of this row of tiles from the next one on, the rows below) and no better
+undecided instance overlaps it; the others wait (and block the worse ones overlapping them).
+So most instances are decided with their own tile, and those in the overlaps with the
+neighbour that completes them. Decided instances are painted in that order, each reduced to
+its largest 8-connected piece (:func:`~.tiling.keep_largest_components`; the other pieces
+stay taken, as background), and their CSV row and outline written. A label chunk no tile still
+to come and no undecided box reaches is final: written once, whole, and forgotten. The labels
+equal the whole-image path's (``NucleiPredictor.predict`` with the same ``tile`` and
+``overlap``) up to a renumbering: ids are given ``1, 2, ...`` in the order nuclei are decided,
+which is stable from run to run, where the whole-image path numbers by score over the whole
+image.
 
-**Memory**: at most one row of tiles is in flight (``map_tiles`` gets one row at a time);
-the band (:class:`RowBuffer`) holds the label rows (int32) and stored pixels of that row of
-tiles plus the rows of unfinished chunks and undecided instances, about ``tile + chunk`` rows
-of the image's full width; the strided sample is at most 16 MP. So the peak does not grow with
-the image's height, and grows with its width by about 20 bytes per pixel of a band row (the
-band is full-width: rows of label chunks are written whole). Figures of a run are in
-:class:`LargeResult` (``peak_band_rows``, ``peak_pending``, ``peak_tiles_in_flight``), and
-``tools/benchmark.py large`` measures peak RSS on 4k, 16k and 30k px images.
+**Memory**, whatever the image's size: one tile in flight by default (``map_tiles`` is
+consumed lazily; a Dask mapper keeps a bounded number in flight); the label chunks being
+painted, at most ``label_memory_mb`` of them in memory (:class:`ChunkStore`: the least
+recently used wait in a scratch folder beside the labels, in the page cache rather than the
+process's memory, and come back when reached); the strided sample, at most 16 MP, read by
+windows of 256 x 4096 px; the undecided instances, each with its mask and the stored pixels
+under its box (a few kB), about the nuclei of one overlap-wide strip across the image: the
+only term that grows, with the width, a few MB at 30,000 px; and the areas and scores of the
+nuclei found, 16 bytes each, for the summary. Figures of a run are in :class:`LargeResult`
+(``peak_chunks_held``, ``chunks_spilled``, ``peak_pending``), and ``tools/benchmark.py large``
+measures peak RSS on 4k, 16k and 30k px images.
 
 **API for the predict tool and Dask** (tiles spread over workers)::
 
@@ -72,29 +77,36 @@ band is full-width: rows of label chunks are written whole). Figures of a run ar
                            predictor=predictor, tile=1024, overlap=64, channel=None,
                            pixel_size=None, diameter=None, progress=True, map_tiles=None)
 
-``map_tiles(fn, tiles)`` runs ``fn`` on each tile of a list (one row of tiles per call) and
-returns the results in the order of ``tiles`` (default: the builtin ``map``). ``fn`` is a
-:class:`TileRunner` (picklable when its model is): it reads its tile's window from the source
-itself (:class:`TileReader`, no model, picklable: a Dask task opens the file and reads its
-window, never the whole image) and returns the tile's :class:`~.tiling.InstanceSet` (boxes,
-cropped masks, scores: small). ``predictor`` is a ``NucleiPredictor`` (wrapped as
-:class:`PredictorModel`) or any tile model with ``instances(rgb, tile) -> InstanceSet``,
+``map_tiles(fn, tiles)`` runs ``fn`` on every tile and yields the results in the order of
+``tiles`` (default: the builtin ``map``). ``fn`` is a :class:`TileRunner` (picklable when its
+model is): it reads its tile's window from the source itself (:class:`TileReader`, no model,
+picklable: a Dask task opens the file and reads its window, never the whole image) and
+returns a :class:`TileFound`: the tile's :class:`~.tiling.InstanceSet` (boxes, cropped masks,
+scores) and the stored pixels under each box (small). ``predictor`` is a
+``NucleiPredictor`` (wrapped as :class:`PredictorModel`) or any tile model with ``instances(rgb, tile) -> InstanceSet``,
 ``normalize`` (``INPUT.NORMALIZE`` percentiles or None) and ``min_kept_fraction``
 (:class:`ThresholdModel`, a cheap stand-in for benchmarks). A Dask run whose workers hold
-their own model can map ``lambda tile: TileRunner(worker_model, fn.reader)(tile)``; results
-gathered by tile must be handed back in the order of ``tiles``.
+their own model can map ``lambda tile: TileRunner(worker_model, fn.reader)(tile)``
+(:func:`~.cluster.tile_mapper`); its results must be yielded in the order of ``tiles``.
+
+**Nucleus size**, as the whole-image path (:mod:`.scale`): with ``diameter`` given, or
+estimated on a few tiles spread over the image (:func:`choose_scale`), each tile is resized by
+the scale for the model (tiles of ``tile / scale`` image pixels, so the model still sees
+about ``tile``), and the instances found are brought back to the tile's own pixels by nearest
+neighbour (:func:`back_to_tile`) before the stitch: labels, tables and outlines are of the
+image at its own size. At a scale other than 1 the result is the whole-image path's in kind
+but not pixel for pixel: that path resizes the whole image, then tiles it.
 
 Not handled (yet): semantic models (a streaming connected-component labelling would be
-needed; they are refused, naming the model); rescaling for ``diameter`` (an image whose nuclei
-need a scale other than 1 is refused with a one-line error: rescale the image first, or give
-no ``diameter``; the large path does not estimate the diameter with a first pass).
+needed; they are refused, naming the model).
 """
 from __future__ import annotations
 
 import csv
 import json
-from array import array
 import math
+from array import array
+from collections import OrderedDict
 import os
 import shutil
 import tempfile
@@ -111,18 +123,18 @@ import tifffile
 from scipy import ndimage
 from tqdm import tqdm
 
-from .formats import PHYSICAL_COLUMNS, QUPATH_CLASS, _UUID_SPACE, _measurements, \
+from .formats import PHYSICAL_COLUMNS, QUPATH_CLASS, FEATURE_ID_NAMESPACE, qupath_measurements, \
     physical_columns
 from .image_io import (
     ChannelSpec,
     ImageReadError,
     PixelSize,
     Stretch,
-    _arrange,
-    _colour_channels,
-    _imagej_pixel_size,
-    _ome_metadata,
-    _stretched,
+    arrange_planes,
+    colour_channels,
+    imagej_pixel_size,
+    ome_channels_and_pixel_size,
+    scale_to_uint8,
     is_zarr,
     percentile_range,
     stretch_range,
@@ -133,16 +145,20 @@ from .tiling import InstanceSet, Tile, TileError, axis_spans, tile_grid
 
 if TYPE_CHECKING:  # detectron2 glue, built by the caller
     from ..d2.predictor import NucleiPredictor
+    from .scale import ScaleChoice
 
 __all__ = [
     "DEFAULT_CHUNK",
-    "BandStitcher",
+    "ChunkStore",
+    "ContiguousArray",
+    "DEFAULT_LABEL_MEMORY_MB",
+    "GridStitcher",
     "LargeOutputs",
     "LargeResult",
     "LargeSource",
     "PredictorModel",
-    "RowBuffer",
     "ThresholdModel",
+    "TileFound",
     "TileReader",
     "TileRunner",
     "normalisation_ranges",
@@ -153,8 +169,13 @@ __all__ = [
 
 #: Side of the label chunks written (px).
 DEFAULT_CHUNK = 512
-#: Rows read at once when a whole-width band is read (the strided sample).
+#: Rows and columns of the windows the strided sample is read by.
 _READ_ROWS = 256
+_READ_COLUMNS = 4096
+#: Tiles along each axis the nucleus diameter is estimated on (:func:`choose_scale`).
+ESTIMATE_GRID = 3
+#: Label memory of the stitch by default (MB): the label chunks held at most (ChunkStore).
+DEFAULT_LABEL_MEMORY_MB = 64
 
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity
 MapTiles = Callable[[Callable[[Tile], InstanceSet], Sequence[Tile]], Iterable[InstanceSet]]
@@ -163,12 +184,50 @@ MapTiles = Callable[[Callable[[Tile], InstanceSet], Sequence[Tile]], Iterable[In
 # --------------------------------------------------------------------------- reading windows
 
 
+class ContiguousArray:
+    """An array stored uncompressed in one piece of a file (a TIFF series whose data is
+    contiguous: tifffile's default for images it writes untiled), read by windows.
+
+    tifffile's Zarr store makes such a series one chunk, so every window would read the whole
+    image. Here the file is memory-mapped, ``array[index]`` copies the window out, and the
+    mapping's pages are then given back (``madvise(MADV_DONTNEED)``: the data stays in the
+    page cache, not in the process), so what the process holds is the window, whatever the
+    file's size.
+    """
+
+    def __init__(self, path: Path, offset: int, shape: Tuple[int, ...], dtype) -> None:
+        import mmap
+
+        self._file = open(path, "rb")
+        try:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            self._file.close()
+            raise
+        self._view = np.ndarray(shape, np.dtype(dtype), buffer=self._map, offset=int(offset))
+        self.shape = tuple(shape)
+        self.dtype = self._view.dtype.newbyteorder("=")
+
+    def __getitem__(self, index) -> np.ndarray:
+        import mmap
+
+        window = np.array(self._view[index], dtype=self.dtype)  # a copy, native byte order
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+        return window
+
+    def close(self) -> None:
+        self._view = None
+        self._map.close()
+        self._file.close()
+
+
 class LargeSource:
     """One 2-D image in a TIFF or OME-Zarr file, read by windows.
 
     The file is checked when opened: an OME-Zarr's chunks must all be stored
     (:func:`~.zarr_check.check_zarr_chunks`, unless ``allow_missing_chunks``), and the layout
-    follows :mod:`.image_io`'s own rule (its ``_arrange``, run on a
+    follows :mod:`.image_io`'s own rule (its ``arrange_planes``, run on a
     one-pixel probe of the file's non-spatial axes): one 2-D gray, gray + alpha, RGB(A) image,
     or one channel of several picked by ``channel``. Pickled, it carries the path and layout
     only and reopens the file where it is unpickled (a Dask worker).
@@ -207,7 +266,7 @@ class LargeSource:
         others = [n for a, n in zip(axes, shape) if a not in "YX"]
         probe_shape = tuple(1 if a in "YX" else n for a, n in zip(axes, shape))
         probe = np.arange(int(np.prod(others, dtype=np.int64)), dtype=np.int64)
-        planes = _arrange(self.path, probe.reshape(probe_shape), axes, photometric, extra,
+        planes = arrange_planes(self.path, probe.reshape(probe_shape), axes, photometric, extra,
                           names, channel)
         if planes.count != 1:
             raise ImageReadError(
@@ -280,9 +339,9 @@ class LargeSource:
                                      f"image per file is read")
             s = series[0]
             page = s.keyframe
-            names, size = _ome_metadata(tif.ome_metadata) if tif.is_ome else ((), None)
+            names, size = ome_channels_and_pixel_size(tif.ome_metadata) if tif.is_ome else ((), None)
             if size is None and tif.is_imagej:
-                size = _imagej_pixel_size(tif, page)
+                size = imagej_pixel_size(tif, page)
             self._kind = "tiff"
             self._bits = int(page.bitspersample)
             return (s.axes, tuple(s.shape), tifffile.PHOTOMETRIC(page.photometric),
@@ -296,14 +355,26 @@ class LargeSource:
                 self._array = zarr.open_group(str(self.path), mode="r")[self._level]
             else:
                 self._handle = tifffile.TiffFile(self.path)
-                store = self._handle.series[0].aszarr()
-                self._array = zarr.open(store, mode="r")
+                series = self._handle.series[0]
+                if (series.dataoffset is not None
+                        and series.keyframe.compression == tifffile.COMPRESSION.NONE):
+                    # stored in one piece: tifffile's store would make it one chunk, read
+                    # whole for every window
+                    stored = np.dtype(series.dtype).newbyteorder(self._handle.byteorder)
+                    self._array = ContiguousArray(self.path, series.dataoffset,
+                                                  tuple(series.shape), stored)
+                    self._handle.close()
+                    self._handle = None
+                else:
+                    self._array = zarr.open(series.aszarr(), mode="r")
         return self._array
 
     def close(self) -> None:
         """Close the file (a later :meth:`window` reopens it)."""
         if self._handle is not None:
             self._handle.close()
+        if isinstance(self._array, ContiguousArray):
+            self._array.close()
         self._array = self._handle = None
 
     def window(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
@@ -348,15 +419,19 @@ def sample_step(height: int, width: int) -> int:
 
 
 def strided_sample(source: LargeSource, step: Optional[int] = None) -> np.ndarray:
-    """``stored[::step, ::step]`` of the whole image, read about ``_READ_ROWS`` rows at a time
-    (default step: :func:`sample_step`; at most ~16 megapixels)."""
+    """``stored[::step, ::step]`` of the whole image, read by windows of about ``_READ_ROWS``
+    rows and ``_READ_COLUMNS`` columns (default step: :func:`sample_step`; at most ~16
+    megapixels): what is read at once does not grow with the image."""
     step = step or sample_step(source.height, source.width)
-    rows = step * max(1, math.ceil(_READ_ROWS / step))  # a multiple of the step
+    rows = step * max(1, math.ceil(_READ_ROWS / step))  # multiples of the step: the windows'
+    columns = step * max(1, math.ceil(_READ_COLUMNS / step))  # samples are the image's
     parts = []
     for top in range(0, source.height, rows):
         bottom = min(top + rows, source.height)
-        # a copy: the strided view would keep the whole window alive until the end
-        parts.append(source.window(top, bottom, 0, source.width)[::step, ::step].copy())
+        # copies: a strided view would keep its whole window alive until the end
+        parts.append(np.concatenate(
+            [source.window(top, bottom, left, min(left + columns, source.width))[::step, ::step]
+             .copy() for left in range(0, source.width, columns)], axis=1))
     return np.concatenate(parts, axis=0)
 
 
@@ -365,11 +440,11 @@ def _rgb_of(colour: np.ndarray, how: Stretch) -> np.ndarray:
     :func:`~.image_io.normalise_with` maps them."""
     if how.mode != "none":
         if colour.dtype.kind == "u" and colour.dtype.itemsize <= 2:
-            table = _stretched(np.arange(np.iinfo(colour.dtype).max + 1, dtype=np.float64),
+            table = scale_to_uint8(np.arange(np.iinfo(colour.dtype).max + 1, dtype=np.float64),
                                how.low, how.high)
             colour = table[colour]
         else:
-            colour = _stretched(colour.astype(np.float64), how.low, how.high)
+            colour = scale_to_uint8(colour.astype(np.float64), how.low, how.high)
     if colour.shape[2] == 1:
         colour = np.repeat(colour, 3, axis=2)
     return np.ascontiguousarray(colour)
@@ -382,7 +457,7 @@ def normalisation_ranges(source: LargeSource, stretch: bool = True,
     ``percentiles`` (``INPUT.NORMALIZE``), its percentile normalisation
     (:func:`~.image_io.percentile_normalise`), both from the strided sample that the
     whole-image functions measure (module docstring): the same numbers."""
-    sample = _colour_channels(strided_sample(source))
+    sample = colour_channels(strided_sample(source))
     # the sample is <= 16 MP, so percentile_range measures it whole (step 1): the image's
     how = stretch_range(sample, stretch)
     if not percentiles:
@@ -398,18 +473,29 @@ class TileReader:
     source: LargeSource
     stretch: Stretch
     normalise: Optional[Stretch] = None
+    scale: float = 1.0  # the model sees each tile resized by this (:func:`~.scale.scale_image`)
 
     def __post_init__(self) -> None:
         self._table = None
         if self.normalise is not None:
-            self._table = _stretched(np.arange(256, dtype=np.float64), self.normalise.low,
+            self._table = scale_to_uint8(np.arange(256, dtype=np.float64), self.normalise.low,
                                      self.normalise.high)
 
+    def read(self, tile: Tile) -> Tuple[np.ndarray, np.ndarray]:
+        """``(colour, rgb)``: the stored colour channels of ``tile`` (``(h, w, 1|3)``, the
+        file's dtype, alpha dropped) and what the model sees of it (``(h', w', 3)`` uint8,
+        resized by ``scale``)."""
+        from .scale import scale_image
+
+        colour = colour_channels(self.source.window(tile.top, tile.bottom, tile.left,
+                                                    tile.right))
+        rgb = _rgb_of(colour, self.stretch)
+        rgb = rgb if self._table is None else self._table[rgb]
+        return colour, scale_image(rgb, self.scale)
+
     def rgb(self, tile: Tile) -> np.ndarray:
-        """``(h, w, 3)`` uint8: what the model sees of ``tile``."""
-        stored = self.source.window(tile.top, tile.bottom, tile.left, tile.right)
-        rgb = _rgb_of(_colour_channels(stored), self.stretch)
-        return rgb if self._table is None else self._table[rgb]
+        """``(h', w', 3)`` uint8: what the model sees of ``tile``."""
+        return self.read(tile)[1]
 
 
 class PredictorModel:
@@ -438,7 +524,7 @@ class PredictorModel:
         if "instances" not in output:
             raise ValueError(f"{self.predictor.cfg.MODEL.META_ARCHITECTURE} returned "
                              f"{sorted(output)}; the large-image path needs instances")
-        return self.predictor._instance_set(output, tile)  # noqa: SLF001
+        return self.predictor.instance_set(output, tile)
 
 
 class ThresholdModel:
@@ -475,8 +561,49 @@ class ThresholdModel:
 TileModel = Union[PredictorModel, ThresholdModel, Any]
 
 
+def back_to_tile(found: InstanceSet, seen: Tuple[int, int],
+                 shape: Tuple[int, int]) -> InstanceSet:
+    """Instances found on a tile resized for the model (``seen``: its ``(h', w')``), brought
+    back to the tile's own ``shape`` by nearest neighbour at pixel centres (the rule of
+    :func:`~.scale.resize_labels`, which the whole-image path brings its labels back with: a
+    pixel of the tile takes the value of the resized pixel its centre falls in); instances
+    left with no pixel are dropped."""
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * seen[0] / shape[0]).astype(np.intp),
+                      seen[0] - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * seen[1] / shape[1]).astype(np.intp),
+                      seen[1] - 1)
+    boxes, masks, scores = [], [], []
+    for (t, l, b, r), mask, score in zip(found.boxes.tolist(), found.masks, found.scores):
+        ys = np.flatnonzero((rows >= t) & (rows < b))  # the tile's rows whose centre is inside
+        xs = np.flatnonzero((cols >= l) & (cols < r))
+        if ys.size == 0 or xs.size == 0:
+            continue
+        back = mask[(rows[ys] - t)[:, None], (cols[xs] - l)[None, :]]
+        kept_rows = np.flatnonzero(back.any(axis=1))
+        if kept_rows.size == 0:
+            continue
+        kept_cols = np.flatnonzero(back.any(axis=0))
+        y0, y1 = int(kept_rows[0]), int(kept_rows[-1]) + 1
+        x0, x1 = int(kept_cols[0]), int(kept_cols[-1]) + 1
+        boxes.append((int(ys[y0]), int(xs[x0]), int(ys[y1 - 1]) + 1, int(xs[x1 - 1]) + 1))
+        masks.append(back[y0:y1, x0:x1])
+        scores.append(score)
+    return InstanceSet(np.asarray(boxes, dtype=np.int64).reshape(-1, 4), masks,
+                       np.asarray(scores, dtype=np.float64))
+
+
+@dataclass
+class TileFound:
+    """What a tile gives the stitch: its instances (tile coordinates) and, per instance, the
+    stored colour channels under its box (``(h, w, C)``, the file's dtype: the table's
+    intensity, measured where the nucleus is decided without reading the image again)."""
+
+    instances: InstanceSet
+    stored: List[np.ndarray]
+
+
 class TileRunner:
-    """``runner(tile) -> InstanceSet``: the model on one tile, read from the source inside the
+    """``runner(tile) -> TileFound``: the model on one tile, read from the source inside the
     call (:class:`TileReader`). Picklable when its model is (a Dask task).
 
     Args:
@@ -493,80 +620,135 @@ class TileRunner:
         self.model = model
         self.reader = reader
 
-    def __call__(self, tile: Tile) -> InstanceSet:
+    def __call__(self, tile: Tile) -> TileFound:
         try:
-            return self.model.instances(self.reader.rgb(tile), tile)
+            colour, rgb = self.reader.read(tile)
+            if rgb.shape[:2] == tile.shape:
+                found = self.model.instances(rgb, tile)
+            else:  # rescaled: the model's tile is the resized one, its masks brought back
+                seen = Tile(0, 0, rgb.shape[0], rgb.shape[1], (0, 0, rgb.shape[0], rgb.shape[1]))
+                found = back_to_tile(self.model.instances(rgb, seen), rgb.shape[:2],
+                                     tile.shape)
         except Exception as e:  # noqa: BLE001  out of memory, a bad chunk: name the tile
             raise TileError(f"{self.reader.source.path}: tile rows {tile.top}-{tile.bottom}, "
                             f"columns {tile.left}-{tile.right}: {type(e).__name__}: "
                             f"{' '.join(str(e).split())}") from e
+        # copies: a view would keep (and a Dask task ship) the whole window
+        stored = [colour[t:b, l:r].copy() for t, l, b, r in found.boxes.tolist()]
+        return TileFound(found, stored)
 
 
 # --------------------------------------------------------------------------- stitching
 
 
-class RowBuffer:
-    """Image rows ``[base, base + rows)`` of a full-width array, kept in one buffer: rows are
-    added at the bottom and forgotten at the top without copying the rows kept (when the
-    bottom reaches the buffer's end the rows are moved to its start in place, and the buffer
-    grows only when the rows held outgrow it), so that holding a band costs about the band,
-    not the band twice.
+def _chunk_keys(box: Tuple[int, int, int, int], chunk: int) -> List[Tuple[int, int]]:
+    """Grid keys ``(cy, cx)`` of the ``chunk``-px chunks a box ``(t, l, b, r)`` reaches."""
+    t, l, b, r = box
+    return [(cy, cx) for cy in range(t // chunk, (b - 1) // chunk + 1)
+            for cx in range(l // chunk, (r - 1) // chunk + 1)]
 
-    ``array`` is the view ``(rows, width, ...)`` of the rows held.
+
+class ChunkStore:
+    """The label chunks of an image being stitched, int32 (``> 0`` an id, ``< 0`` a pixel
+    taken, then pruned), created zero when first reached.
+
+    At most ``budget`` chunks are held in memory: when :meth:`settle` finds more, the least
+    recently used go to ``scratch`` (one ``.npy`` file a chunk, in the page cache rather than
+    the process' memory) and come back when reached again. A chunk is taken out once, when
+    final (:meth:`pop`), and forgotten. So the labels held cost at most about ``budget``
+    chunks whatever the image's size; ``peak_held`` and ``spills`` say what a run held and
+    moved.
     """
 
-    def __init__(self, width: int, dtype, trailing: Tuple[int, ...] = ()) -> None:
-        self.base = 0
-        self.rows = 0
-        self._start = 0
-        self._buffer = np.zeros((0, width) + tuple(trailing), dtype=dtype)
+    def __init__(self, shape: Tuple[int, int], chunk: int, budget: int,
+                 scratch: Optional[Path] = None) -> None:
+        if chunk < 1 or budget < 1:
+            raise ValueError(f"chunk and budget must be >= 1, got {chunk} and {budget}")
+        self.shape = tuple(shape)
+        self.chunk = int(chunk)
+        self.budget = int(budget)
+        self.scratch = scratch
+        self._held: "OrderedDict[Tuple[int, int], np.ndarray]" = OrderedDict()
+        self._spilled: set = set()
+        self.peak_held = 0
+        self.spills = 0
 
-    @property
-    def array(self) -> np.ndarray:
-        return self._buffer[self._start:self._start + self.rows]
+    def bounds(self, key: Tuple[int, int]) -> Tuple[int, int, int, int]:
+        """The pixels ``(t, l, b, r)`` of chunk ``key``."""
+        cy, cx = key
+        c = self.chunk
+        return cy * c, cx * c, min((cy + 1) * c, self.shape[0]), min((cx + 1) * c,
+                                                                      self.shape[1])
 
-    @property
-    def bottom(self) -> int:
-        return self.base + self.rows
+    def _file(self, key: Tuple[int, int]) -> Path:
+        return self.scratch / f"{key[0]}_{key[1]}.npy"
 
-    def extend(self, bottom: int, values: Optional[np.ndarray] = None) -> None:
-        """Hold rows up to ``bottom``: the new rows zero, or ``values`` (``bottom - self.
-        bottom`` rows)."""
-        added = bottom - self.bottom
-        if added <= 0:
-            return
-        if self._start + self.rows + added > len(self._buffer):
-            if self.rows + added <= len(self._buffer):
-                self._compact()
-            else:  # a quarter more than needed: the band's height settles after a few rows
-                grown = np.zeros((max(1, (5 * (self.rows + added)) // 4),)
-                                 + self._buffer.shape[1:], dtype=self._buffer.dtype)
-                grown[:self.rows] = self.array
-                self._buffer = grown
-                self._start = 0
-        new = self._buffer[self._start + self.rows:self._start + self.rows + added]
-        if values is None:
-            new[...] = 0
+    def _get(self, key: Tuple[int, int]) -> np.ndarray:
+        values = self._held.get(key)
+        if values is not None:
+            self._held.move_to_end(key)
+            return values
+        if key in self._spilled:
+            path = self._file(key)
+            values = np.load(path)
+            path.unlink()
+            self._spilled.discard(key)
         else:
-            new[...] = values
-        self.rows += added
+            t, l, b, r = self.bounds(key)
+            values = np.zeros((b - t, r - l), dtype=np.int32)
+        self._held[key] = values
+        self.peak_held = max(self.peak_held, len(self._held))
+        return values
 
-    def _compact(self) -> None:
-        """Move the rows held to the buffer's start in place, in blocks of ``_start`` rows
-        (a block's source and destination never overlap: no temporary copy)."""
-        step = self._start
-        for row in range(0, self.rows, step):
-            end = min(row + step, self.rows)
-            self._buffer[row:end] = self._buffer[step + row:step + end]
-        self._start = 0
+    def region(self, box: Tuple[int, int, int, int]) -> Tuple[np.ndarray, bool]:
+        """The labels of ``box``: ``(values, shared)``, a view into the chunk when the box
+        lies in one (``shared``: edits are the chunk's), else a copy to :meth:`write` back."""
+        t, l, b, r = box
+        keys = _chunk_keys(box, self.chunk)
+        if len(keys) == 1:
+            ct, cl, _, _ = self.bounds(keys[0])
+            return self._get(keys[0])[t - ct:b - ct, l - cl:r - cl], True
+        out = np.empty((b - t, r - l), dtype=np.int32)
+        for key in keys:
+            ct, cl, cb, cr = self.bounds(key)
+            y0, x0, y1, x1 = max(t, ct), max(l, cl), min(b, cb), min(r, cr)
+            out[y0 - t:y1 - t, x0 - l:x1 - l] = self._get(key)[y0 - ct:y1 - ct, x0 - cl:x1 - cl]
+        return out, False
 
-    def drop(self, top: int) -> None:
-        """Forget the rows above ``top``."""
-        if top > self.base:
-            gone = min(top - self.base, self.rows)
-            self._start += gone
-            self.rows -= gone
-            self.base += gone
+    def write(self, box: Tuple[int, int, int, int], values: np.ndarray) -> None:
+        """Put the labels of ``box`` (a copy :meth:`region` gave) back into its chunks."""
+        t, l, b, r = box
+        for key in _chunk_keys(box, self.chunk):
+            ct, cl, cb, cr = self.bounds(key)
+            y0, x0, y1, x1 = max(t, ct), max(l, cl), min(b, cb), min(r, cr)
+            self._get(key)[y0 - ct:y1 - ct, x0 - cl:x1 - cl] = values[y0 - t:y1 - t,
+                                                                     x0 - l:x1 - l]
+
+    def pop(self, key: Tuple[int, int]) -> np.ndarray:
+        """Chunk ``key``'s labels, taken out of the store (zeros if it was never reached)."""
+        if key in self._held or key in self._spilled:
+            values = self._get(key)
+            del self._held[key]
+            return values
+        t, l, b, r = self.bounds(key)
+        return np.zeros((b - t, r - l), dtype=np.int32)
+
+    def settle(self) -> None:
+        """Spill the least recently used chunks beyond the budget to ``scratch``."""
+        while len(self._held) > self.budget:
+            if self.scratch is None:
+                raise ValueError(f"{len(self._held)} label chunks held, over the budget of "
+                                 f"{self.budget}, and no scratch folder to spill them to")
+            key, values = self._held.popitem(last=False)
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            np.save(self._file(key), values, allow_pickle=False)
+            self._spilled.add(key)
+            self.spills += 1
+
+    @property
+    def held(self) -> int:
+        """Chunks in memory now."""
+        return len(self._held)
 
 
 @dataclass
@@ -575,144 +757,221 @@ class _Pending:
     box: Tuple[int, int, int, int]  # image coordinates
     mask: np.ndarray
     score: float
+    stored: Optional[np.ndarray]  # the stored colour channels under the box, or None
 
 
 @dataclass
 class Nucleus:
-    """A finished nucleus: its id, score, tight box (image coordinates) and bool mask."""
+    """A finished nucleus: its id, score, tight box (image coordinates), bool mask and the
+    stored image's colour channels under the box (``(h, w, C)``, or None when not given)."""
 
     label: int
     score: float
     box: Tuple[int, int, int, int]
     mask: np.ndarray
+    stored: Optional[np.ndarray] = None
+
+    @property
+    def intensity(self) -> Optional[np.ndarray]:
+        """``(h, w)`` float64 over the box, as :attr:`~.image_io.LoadedImage.intensity`."""
+        if self.stored is None:
+            return None
+        if self.stored.shape[2] == 1:
+            return self.stored[:, :, 0].astype(np.float64)
+        return self.stored.mean(axis=2, dtype=np.float64)
 
 
-class BandStitcher:
+def _boxes(items: Sequence[Any]) -> np.ndarray:
+    return np.asarray([p.box for p in items], dtype=np.int64).reshape(-1, 4)
+
+
+def _meets(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(len(a), len(b))``: whether box ``a[i]`` and box ``b[j]`` share a pixel."""
+    return ((a[:, None, 0] < b[None, :, 2]) & (a[:, None, 2] > b[None, :, 0])
+            & (a[:, None, 1] < b[None, :, 3]) & (a[:, None, 3] > b[None, :, 1]))
+
+
+class GridStitcher:
     """The streaming form of :func:`~.tiling.stitch_instances` + :func:`~.tiling.
-    keep_largest_components` (module docstring), one row of tiles at a time.
+    keep_largest_components` (module docstring), one tile at a time in row-major order.
 
-    ``add_row(tiles, sets, reach)`` takes a row of tiles, their instance sets and ``reach``:
-    the first image row any later tile reaches (the next row of tiles' top; the height after
-    the last row). It returns the nuclei decided, in id order; :meth:`final_rows` then says
-    up to which image row the labels are final, :meth:`labels` gives final rows (pruned
-    pieces as background) and :meth:`drop` forgets rows once written.
+    :meth:`add` takes the next tile's instances (and the stored pixels under each box) and
+    returns the nuclei it decided, in id order; :meth:`final_chunks` then names the label
+    chunks no later tile or undecided instance can touch, and :meth:`take` hands each one
+    over, once (pruned pieces as background), and forgets it.
 
     Args:
-        shape: ``(H, W)``.
+        shape: ``(H, W)``; tile, overlap: the tiling (:func:`~.tiling.tile_grid`).
+        chunk: side of the label chunks (px); budget: label chunks held in memory at most
+            (:class:`ChunkStore`; ``scratch`` the folder the others wait in).
         min_kept_fraction: as :func:`~.tiling.stitch_instances`.
     """
 
-    def __init__(self, shape: Tuple[int, int], min_kept_fraction: float = 0.0) -> None:
+    def __init__(self, shape: Tuple[int, int], tile: int, overlap: int,
+                 chunk: int = DEFAULT_CHUNK, budget: int = 64,
+                 min_kept_fraction: float = 0.0, scratch: Optional[Path] = None) -> None:
         if not 0.0 <= min_kept_fraction <= 1.0:
             raise ValueError(f"min_kept_fraction must be in [0, 1], got {min_kept_fraction}")
         self.shape = tuple(shape)
         self.min_kept_fraction = float(min_kept_fraction)
-        self._rows = RowBuffer(shape[1], np.int32)  # > 0 id, < 0 taken then pruned
+        self.tiles = tile_grid(self.shape[0], self.shape[1], tile, overlap)
+        self.row_spans = axis_spans(self.shape[0], tile, overlap)
+        self.col_spans = axis_spans(self.shape[1], tile, overlap)
+        self.store = ChunkStore(self.shape, chunk, budget, scratch)
+        self.chunk = int(chunk)
         self.pending: List[_Pending] = []
-        self.reach = 0
-        self.count = 0
-        self._tiles_seen = 0
-        self.peak_band_rows = 0
+        self.taken = 0  # tiles added
+        self.count = 0  # nuclei decided
         self.peak_pending = 0
-
-    def _extend(self, bottom: int) -> None:
-        self._rows.extend(bottom)
-        self.peak_band_rows = max(self.peak_band_rows, self._rows.rows)
-
-    @property
-    def base(self) -> int:
-        """Image row of the first label row held."""
-        return self._rows.base
+        self.chunks_taken = 0
+        self._cover: Dict[Tuple[int, int], int] = {}  # undecided boxes reaching each chunk
+        self._reached: set = set()  # chunks a tile added reaches, not yet taken
 
     @property
-    def band(self) -> np.ndarray:
-        """The label rows held (``> 0`` ids, ``< 0`` pixels taken then pruned)."""
-        return self._rows.array
+    def chunk_count(self) -> int:
+        """Chunks of the label image."""
+        return math.ceil(self.shape[0] / self.chunk) * math.ceil(self.shape[1] / self.chunk)
 
-    def add_row(self, tiles: Sequence[Tile], sets: Sequence[InstanceSet],
-                reach: int) -> List[Nucleus]:
-        """Take one row of tiles (row-major order, after every earlier row); returns the
-        nuclei decided by it, in id order."""
-        if len(tiles) != len(sets):
-            raise ValueError(f"got {len(tiles)} tiles but {len(sets)} instance sets")
-        for tile, found in zip(tiles, sets):
-            index = self._tiles_seen
-            self._tiles_seen += 1
-            self._extend(tile.bottom)
-            if len(found) == 0:
-                continue
+    @property
+    def done(self) -> bool:
+        """Every tile added and every chunk taken."""
+        return self.taken == len(self.tiles) and self.chunks_taken == self.chunk_count
+
+    def _untouched(self, boxes: np.ndarray) -> np.ndarray:
+        """Whether each box lies outside every tile not yet added (so no instance still to
+        come can overlap it)."""
+        if self.taken == len(self.tiles):
+            return np.ones(len(boxes), dtype=bool)
+        r, c = divmod(self.taken, len(self.col_spans))  # the next tile: (r, c)
+        row_top, row_bottom = self.row_spans[r]
+        below = self.row_spans[r + 1][0] if r + 1 < len(self.row_spans) else self.shape[0]
+        left = self.col_spans[c][0]
+        t, l, b, rr = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+        in_row = (t < row_bottom) & (b > row_top) & (rr > left)  # tiles (r, c..) of this row
+        return ~(in_row | (b > below))  # ... or the rows below
+
+    def _cover_add(self, box: Tuple[int, int, int, int], step: int) -> None:
+        for key in _chunk_keys(box, self.chunk):
+            left = self._cover.get(key, 0) + step
+            if left:
+                self._cover[key] = left
+            else:
+                del self._cover[key]
+
+    def add(self, found: InstanceSet,
+            stored: Optional[Sequence[np.ndarray]] = None) -> List[Nucleus]:
+        """Take the next tile's instances (tile coordinates) and, optionally, the stored
+        colour channels under each box (``(h, w, C)`` per instance); returns the nuclei
+        decided, in id order."""
+        if self.taken >= len(self.tiles):
+            raise ValueError(f"all {len(self.tiles)} tiles were already added")
+        index = self.taken
+        tile = self.tiles[index]
+        if len(found):
             height, width = tile.shape
             if (found.boxes[:, :2] < 0).any() or (found.boxes[:, 2] > height).any() or (
                 found.boxes[:, 3] > width
             ).any():
                 raise ValueError(f"instance boxes reach outside their {height}x{width} tile "
                                  f"{tile}")
+            if stored is not None and len(stored) != len(found):
+                raise ValueError(f"{len(stored)} stored windows for {len(found)} instances")
             y, x = found.centres()
-            keep = np.flatnonzero(tile.owns(y + tile.top, x + tile.left))
-            for j in keep:
+            for j in np.flatnonzero(tile.owns(y + tile.top, x + tile.left)):
                 t, l, b, r = (int(v) for v in found.boxes[j])
-                self.pending.append(_Pending(
-                    (-float(found.scores[j]), index, int(j)),
-                    (t + tile.top, l + tile.left, b + tile.top, r + tile.left),
-                    found.masks[j], float(found.scores[j])))
-        self.reach = int(reach)
+                box = (t + tile.top, l + tile.left, b + tile.top, r + tile.left)
+                self.pending.append(_Pending((-float(found.scores[j]), index, int(j)), box,
+                                             found.masks[j], float(found.scores[j]),
+                                             None if stored is None else stored[j]))
+                self._cover_add(box, 1)
+        self.taken += 1
+        self._reached.update(_chunk_keys((tile.top, tile.left, tile.bottom, tile.right),
+                                         self.chunk))
         self.peak_pending = max(self.peak_pending, len(self.pending))
-        return self._decide()
+        decided = self._decide()
+        self.store.settle()
+        return decided
 
     def _decide(self) -> List[Nucleus]:
+        if not self.pending:
+            return []
         self.pending.sort(key=lambda p: p.key)
-        blocked = np.zeros(self.band.shape, dtype=bool)
-        waiting: List[_Pending] = []
+        boxes = _boxes(self.pending)
+        ready = np.flatnonzero(self._untouched(boxes))
+        if ready.size == 0:
+            return []
+        open_ = np.flatnonzero(~self._untouched(boxes))
+        blocked = np.zeros(ready.size, dtype=bool)
+        for start in range(0, ready.size, 512):  # a better undecided box overlapping: wait
+            part = ready[start:start + 512]
+            if open_.size:
+                meets = _meets(boxes[part], boxes[open_]) & (open_[None, :] < part[:, None])
+                blocked[start:start + 512] = meets.any(axis=1)
+        waiting = [self.pending[i] for i in open_]
+        held: List[Tuple[int, int, int, int]] = []  # ready but waiting: block the worse
         decided: List[Nucleus] = []
-        base = self.base
-        for p in self.pending:
-            t, l, b, r = p.box
-            if b > self.reach or blocked[t - base:b - base, l:r].any():
-                blocked[t - base:b - base, l:r] = True
+        for n, i in enumerate(ready):
+            p = self.pending[i]
+            if blocked[n] or (held and _meets(np.asarray([p.box]), np.asarray(held)).any()):
+                held.append(p.box)
                 waiting.append(p)
                 continue
-            region = self.band[t - base:b - base, l:r]
-            free = p.mask & (region == 0)
-            count = int(free.sum())
-            if count == 0 or count < self.min_kept_fraction * p.mask.sum():
-                continue
-            self.count += 1
-            label = self.count
-            pieces, number = ndimage.label(free, structure=_EIGHT)
-            if number > 1:  # the largest 8-connected piece; ties: the first met in raster order
-                flat = pieces.ravel()
-                sizes = np.bincount(flat)
-                found, first = np.unique(flat, return_index=True)
-                order = np.lexsort((first[1:], -sizes[found[1:]]))
-                kept = pieces == found[1:][order[0]]
-                region[free & ~kept] = -label
-                free = kept
-            region[free] = label
-            rows = np.flatnonzero(free.any(axis=1))
-            cols = np.flatnonzero(free.any(axis=0))
-            box = (t + int(rows[0]), l + int(cols[0]), t + int(rows[-1]) + 1,
-                   l + int(cols[-1]) + 1)
-            decided.append(Nucleus(label, p.score, box,
-                                   free[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]))
+            self._cover_add(p.box, -1)
+            nucleus = self._paint(p)
+            if nucleus is not None:
+                decided.append(nucleus)
+        waiting.sort(key=lambda p: p.key)
         self.pending = waiting
         return decided
 
-    def final_rows(self) -> int:
-        """Image rows ``[0, final_rows())`` hold their final labels."""
-        low = min([self.reach] + [p.box[0] for p in self.pending])
-        return min(low, self.shape[0])
+    def _paint(self, p: _Pending) -> Optional[Nucleus]:
+        """Paint one decided instance (best score first: its mask's pixels no better one
+        took, reduced to the largest 8-connected piece); None when it is dropped."""
+        region, shared = self.store.region(p.box)
+        free = p.mask & (region == 0)
+        count = int(free.sum())
+        if count == 0 or count < self.min_kept_fraction * p.mask.sum():
+            return None
+        self.count += 1
+        label = self.count
+        pieces, number = ndimage.label(free, structure=_EIGHT)
+        if number > 1:  # the largest 8-connected piece; ties: the first met in raster order
+            flat = pieces.ravel()
+            sizes = np.bincount(flat)
+            found, first = np.unique(flat, return_index=True)
+            order = np.lexsort((first[1:], -sizes[found[1:]]))
+            kept = pieces == found[1:][order[0]]
+            region[free & ~kept] = -label
+            free = kept
+        region[free] = label
+        if not shared:
+            self.store.write(p.box, region)
+        rows = np.flatnonzero(free.any(axis=1))
+        cols = np.flatnonzero(free.any(axis=0))
+        t, l = p.box[0], p.box[1]
+        box = (t + int(rows[0]), l + int(cols[0]), t + int(rows[-1]) + 1, l + int(cols[-1]) + 1)
+        crop = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        return Nucleus(label, p.score, box, free[crop],
+                       None if p.stored is None else p.stored[crop])
 
-    def labels(self, top: int, bottom: int) -> np.ndarray:
-        """Final labels of image rows ``[top, bottom)`` (within the band), uint32."""
-        if top < self.base or bottom > self.final_rows():
-            raise ValueError(f"rows {top}-{bottom} are not final and held (band from "
-                             f"{self.base}, final to {self.final_rows()})")
+    def final_chunks(self) -> List[Tuple[int, int]]:
+        """Keys of the chunks reached so far whose labels are final (no tile still to come,
+        no undecided instance reaches them), in grid order; each is named once."""
+        if not self._reached:
+            return []
+        keys = sorted(k for k in self._reached if k not in self._cover)
+        if not keys:
+            return []
+        bounds = np.asarray([self.store.bounds(k) for k in keys], dtype=np.int64)
+        final = [k for k, ok in zip(keys, self._untouched(bounds)) if ok]
+        self._reached.difference_update(final)
+        return final
+
+    def take(self, key: Tuple[int, int]) -> np.ndarray:
+        """The final labels of chunk ``key`` (uint32, pruned pieces 0), forgotten here."""
+        self.chunks_taken += 1
         # ids are >= 0 after the maximum: the same bits as uint32
-        return np.maximum(self.band[top - self.base:bottom - self.base], 0).view(np.uint32)
-
-    def drop(self, top: int) -> None:
-        """Forget the rows above ``top`` (written)."""
-        self._rows.drop(top)
+        return np.maximum(self.store.pop(key), 0).view(np.uint32)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -749,13 +1008,19 @@ class LargeResult:
 
     Attributes:
         labels, table, geojson, rois: the files written.
-        shape: ``(H, W)``; tiles: how many; nuclei: how many.
+        shape: ``(H, W)``; tiles: how many; tile: their side in the image's pixels (the
+            tile asked for divided by the scale); nuclei: how many.
+        scale: the :class:`~.scale.ScaleChoice` (the diameter given or estimated, where it
+            came from, the scale the model saw the tiles at).
         pixel_size: µm per pixel (None when unknown); stretch, normalisation: the whole
             image's ranges (:func:`normalisation_ranges`).
         seconds: wall time.
-        peak_band_rows: most label rows held at once; peak_pending: most undecided instances;
-            peak_tiles_in_flight: most tiles given to ``map_tiles`` at once. None of them grows
-            with the image's height (the module docstring).
+        peak_chunks_held: most label chunks in memory at once (:class:`ChunkStore`; at most
+            the budget, plus those one tile's decisions reach); chunks_spilled: chunks moved
+            to the scratch folder and back; peak_pending: most undecided instances (those
+            along the frontier between the tiles done and those to come). The first does not
+            grow with the image, the last with its width only, a few kB per nucleus of one
+            overlap's strip (the module docstring).
         areas, scores: ``(K,)`` int64 pixel areas and float64 scores of nuclei ``1..K`` (for a
             summary row: mean, median, min, max area, mean score, foreground fraction;
             16 bytes a nucleus).
@@ -767,14 +1032,16 @@ class LargeResult:
     rois: Optional[Path]
     shape: Tuple[int, int]
     tiles: int
+    tile: int
+    scale: "ScaleChoice"
     nuclei: int
     pixel_size: Optional[PixelSize]
     stretch: Stretch
     normalisation: Optional[Stretch]
     seconds: float
-    peak_band_rows: int = 0
+    peak_chunks_held: int = 0
+    chunks_spilled: int = 0
     peak_pending: int = 0
-    peak_tiles_in_flight: int = 0
     notes: List[str] = field(default_factory=list)
     areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
@@ -819,8 +1086,10 @@ class _LabelZarr:
 
         self.tmp = _temporary(path)
         group = zarr.open_group(str(self.tmp), mode="w", zarr_format=2)
+        # every chunk stored, empty ones too: a reader (zarr_check) can tell the image whole
         self.array = group.create_array("0", shape=shape, chunks=(chunk, chunk),
-                                        dtype="uint32", fill_value=0)
+                                        dtype="uint32", fill_value=0,
+                                        config={"write_empty_chunks": True})
         axes: List[Dict[str, str]] = [{"name": "y", "type": "space"},
                                       {"name": "x", "type": "space"}]
         scale = [1.0, 1.0]
@@ -837,18 +1106,11 @@ class _LabelZarr:
             "image-label": {"version": "0.4"},
         })
         self.chunk = chunk
-        self.written = 0  # rows written
-        self.height = shape[0]
 
-    def write_final(self, stitcher: BandStitcher) -> None:
-        """Write every whole chunk row that is final (and the last one at the end)."""
-        final = stitcher.final_rows()
-        while self.written < self.height and (self.written + self.chunk <= final
-                                              or final == self.height):
-            bottom = min(self.written + self.chunk, self.height)
-            self.array[self.written:bottom, :] = stitcher.labels(self.written, bottom)
-            self.written = bottom
-            stitcher.drop(bottom)
+    def write(self, key: Tuple[int, int], values: np.ndarray) -> None:
+        """Write chunk ``key`` (grid coordinates), once, whole."""
+        top, left = key[0] * self.chunk, key[1] * self.chunk
+        self.array[top:top + values.shape[0], left:left + values.shape[1]] = values
 
 
 class _Streams:
@@ -883,12 +1145,12 @@ class _Streams:
             colour = OUTLINE_COLOURS[(label - 1) % len(OUTLINE_COLOURS)]
             feature = {
                 "type": "Feature",
-                "id": str(uuid.uuid5(_UUID_SPACE, f"{self.outputs.stem}/{label}")),
+                "id": str(uuid.uuid5(FEATURE_ID_NAMESPACE, f"{self.outputs.stem}/{label}")),
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
                 "properties": {
                     "objectType": "detection", "name": str(label),
                     "classification": {"name": QUPATH_CLASS, "color": [int(c) for c in colour]},
-                    "isLocked": False, "measurements": _measurements(row),
+                    "isLocked": False, "measurements": qupath_measurements(row),
                 },
             }
             self.geojson.write((", " if self.features else "") + json.dumps(feature))
@@ -979,34 +1241,57 @@ def _outline(nucleus: Nucleus) -> Optional[np.ndarray]:
     return found[1] + np.array([nucleus.box[1], nucleus.box[0]], dtype=np.float64)
 
 
-class _IntensityBand:
-    """The stored image's colour channels (for :attr:`~.image_io.LoadedImage.intensity`) of the
-    rows the stitcher holds, read by whole-width windows as rows of tiles come."""
+def choose_scale(runner: TileRunner, shape: Tuple[int, int], tile: int, overlap: int,
+                 trained: float, diameter: Optional[float] = None) -> Tuple["ScaleChoice", int]:
+    """The scale the tiles are predicted at, as :func:`~.scale.predict_at_scale` chooses it,
+    and how many tiles were run to choose it.
 
-    def __init__(self, source: LargeSource) -> None:
-        self.source = source
-        self._rows: Optional[RowBuffer] = None
+    A model that does not know its nucleus diameter (``trained`` 0): scale 1. A ``diameter``
+    given: ``trained / diameter``, clamped. Else the diameter is estimated from a first pass
+    at scale 1 over at most ``ESTIMATE_GRID`` x ``ESTIMATE_GRID`` tiles spread evenly over
+    the image (rows and columns of the tiling, first and last included; the whole image when
+    it has no more tiles than that): the median equivalent diameter of the instances each
+    tile owns. The whole-image path measures it on every nucleus of the whole image after the
+    stitch; this is a sample of it (at most 9 tiles, run twice), the price of never holding
+    the image. Fewer than :data:`~.scale.MIN_NUCLEI_TO_ESTIMATE` nuclei, or a scale within
+    :data:`~.scale.KEEP_RANGE`: scale 1."""
+    from .scale import (ESTIMATED, GIVEN, KEEP_RANGE, MIN_NUCLEI_TO_ESTIMATE, TOO_FEW,
+                        UNKNOWN, ScaleChoice, clamp_scale)
 
-    def extend(self, bottom: int) -> None:
-        have = 0 if self._rows is None else self._rows.bottom
-        if bottom <= have:
-            return
-        part = _colour_channels(self.source.window(have, bottom, 0, self.source.width))
-        if self._rows is None:
-            self._rows = RowBuffer(part.shape[1], part.dtype, part.shape[2:])
-        self._rows.extend(bottom, part)
+    if not trained:
+        return ScaleChoice(None, UNKNOWN, 1.0), 0
+    if diameter is not None:
+        return ScaleChoice(float(diameter), GIVEN, clamp_scale(trained / diameter)), 0
+    rows = axis_spans(shape[0], tile, overlap)
+    cols = axis_spans(shape[1], tile, overlap)
+    grid = tile_grid(shape[0], shape[1], tile, overlap)
+    spread = [np.unique(np.linspace(0, n - 1, ESTIMATE_GRID).round().astype(int))
+              for n in (len(rows), len(cols))]
+    picked = [grid[r * len(cols) + c] for r in spread[0].tolist() for c in spread[1].tolist()]
+    areas: List[int] = []
+    for t in picked:
+        found = runner(t).instances
+        if len(found):
+            y, x = found.centres()
+            areas.extend(int(found.masks[j].sum())
+                         for j in np.flatnonzero(t.owns(y + t.top, x + t.left)))
+    if len(areas) < MIN_NUCLEI_TO_ESTIMATE:
+        return ScaleChoice(None, TOO_FEW, 1.0), len(picked)
+    estimate = float(np.median(2.0 * np.sqrt(np.asarray(areas, dtype=np.float64) / np.pi)))
+    needed = trained / estimate
+    scale = 1.0 if KEEP_RANGE[0] <= needed <= KEEP_RANGE[1] else clamp_scale(needed)
+    return ScaleChoice(estimate, ESTIMATED, scale, passes=2 if scale != 1.0 else 1), len(picked)
 
-    def crop(self, box: Tuple[int, int, int, int]) -> np.ndarray:
-        t, l, b, r = box
-        base = self._rows.base
-        part = self._rows.array[t - base:b - base, l:r]
-        if part.shape[2] == 1:
-            return part[:, :, 0].astype(np.float64)
-        return part.mean(axis=2, dtype=np.float64)
 
-    def drop(self, top: int) -> None:
-        if self._rows is not None:
-            self._rows.drop(top)
+def tiling_at_scale(tile: int, overlap: int, scale: float) -> Tuple[int, int]:
+    """``(tile, overlap)`` in the image's pixels for a model that sees them resized by
+    ``scale``: the tile the model sees is about ``tile`` px, its overlap at least
+    ``overlap`` px of the model's (so the seam-free rule holds for the nuclei as it sees
+    them)."""
+    if scale == 1.0:
+        return tile, overlap
+    at = max(16, round(tile / scale))
+    return at, min(math.ceil(overlap / scale), at - 1)
 
 
 def segment_large(
@@ -1023,6 +1308,7 @@ def segment_large(
     progress: bool = True,
     map_tiles: Optional[MapTiles] = None,
     allow_missing_chunks: bool = False,
+    label_memory_mb: float = DEFAULT_LABEL_MEMORY_MB,
 ) -> LargeResult:
     """Label the nuclei of an image larger than memory (module docstring).
 
@@ -1035,14 +1321,17 @@ def segment_large(
         tile, overlap: tiling in pixels, as ``NucleiPredictor.predict`` (``tile > 0``).
         channel, pixel_size: as :func:`~.run.predict_images` (``--channel``,
             ``--pixel-size``).
-        diameter: the nuclei's diameter in px; only a diameter asking for scale 1 (or None:
-            no estimation, scale 1) is handled (module docstring).
+        diameter: the nuclei's diameter in px (``--diameter``); None: estimated on a few
+            tiles when the model knows its own (:func:`choose_scale`).
         stretch: the stretch of non-8-bit images (``--no-stretch`` is False).
-        progress: a tqdm bar over the rows of tiles.
-        map_tiles: ``map_tiles(fn, tiles) -> results in tiles' order`` (default ``map``),
-            called once per row of tiles.
+        progress: a tqdm bar over the tiles.
+        map_tiles: ``map_tiles(fn, tiles)``: an iterable of ``fn(tile)`` for every tile, in
+            the order of ``tiles``, consumed one at a time as it goes (default: the builtin
+            ``map``, lazy: one tile in flight); called once.
         allow_missing_chunks: read an OME-Zarr with chunks missing as zarr does (fill value;
             ``--allow-missing-chunks``).
+        label_memory_mb: the label chunks held in memory at most (int32, ``4 chunk²`` bytes
+            each; more wait in a scratch folder beside the labels, removed at the end).
 
     Returns:
         :class:`LargeResult`.
@@ -1053,18 +1342,12 @@ def segment_large(
         ValueError: a semantic model, a tiling or diameter out of range.
     """
     started = time.perf_counter()
-    from .scale import check_diameter, clamp_scale
+    from .scale import check_diameter
 
     model = PredictorModel(predictor) if hasattr(predictor, "run_model") else predictor
     trained = float(getattr(model, "nucleus_diameter", 0.0) or 0.0)
     check_diameter(diameter, trained)
     notes: List[str] = []
-    if diameter is not None and clamp_scale(trained / diameter) != 1.0:
-        raise ValueError(f"--diameter {diameter:g} asks for scale {trained / diameter:.3g}; "
-                         f"the large-image path predicts at scale 1 only: rescale the image "
-                         f"first, or leave --diameter out")
-    if trained and diameter is None:
-        notes.append("diameter not estimated (large image): predicted at scale 1")
     if tile <= 0:
         raise ValueError(f"tile must be > 0 for a large image, got {tile}")
     if pixel_size is not None and not (0 < float(pixel_size) < float("inf")):
@@ -1074,35 +1357,42 @@ def segment_large(
     height, width = image.height, image.width
     axis_spans(height, tile, overlap)  # checks the overlap
     how, normalised = normalisation_ranges(image, stretch, getattr(model, "normalize", None))
-    runner = TileRunner(model, TileReader(image, how, normalised))
-    tiles = tile_grid(height, width, tile, overlap)
-    row_spans = axis_spans(height, tile, overlap)
-    per_row = len(axis_spans(width, tile, overlap))
-    stitcher = BandStitcher((height, width), getattr(model, "min_kept_fraction", 0.0))
-    intensity = _IntensityBand(image)
+    choice, sampled = choose_scale(TileRunner(model, TileReader(image, how, normalised)),
+                                   (height, width), tile, overlap, trained, diameter)
+    if sampled:
+        notes.append(f"diameter estimated on {sampled} tiles spread over the image")
+    runner = TileRunner(model, TileReader(image, how, normalised, choice.scale))
+    tile, overlap = tiling_at_scale(tile, overlap, choice.scale)
+    chunk = outputs.chunk
+    budget = max(1, int(label_memory_mb * 2 ** 20 // (4 * chunk * chunk)))
+    scratch = _temporary(outputs.labels.parent / f"{outputs.labels.name}.scratch")
+    stitcher = GridStitcher((height, width), tile, overlap, chunk, budget,
+                            getattr(model, "min_kept_fraction", 0.0), scratch)
+    tiles = stitcher.tiles
     columns = list(TABLE_COLUMNS) + (list(PHYSICAL_COLUMNS) if image.pixel_size else [])
     want_outlines = outputs.geojson is not None or outputs.rois is not None
     labels = streams = None
-    peak_tiles = 0
     areas = array("q")  # 8 bytes a nucleus, not a Python int's 36
     scores = array("d")
+    bar = tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress)
     try:
-        labels = _LabelZarr(outputs.labels, (height, width), outputs.chunk, image.pixel_size)
+        labels = _LabelZarr(outputs.labels, (height, width), chunk, image.pixel_size)
         streams = _Streams(outputs, columns)
-        apply = map_tiles or map
-        for r in tqdm(range(len(row_spans)), desc="tile rows", unit="row", disable=not progress):
-            row_tiles = tiles[r * per_row:(r + 1) * per_row]
-            peak_tiles = max(peak_tiles, len(row_tiles))
-            sets = list(apply(runner, row_tiles))
-            reach = row_spans[r + 1][0] if r + 1 < len(row_spans) else height
-            intensity.extend(row_spans[r][1])
-            for nucleus in stitcher.add_row(row_tiles, sets, reach):
+        for found in (map_tiles or map)(runner, tiles):
+            if stitcher.taken == len(tiles):
+                raise ValueError(f"map_tiles gave more results than the {len(tiles)} tiles")
+            for nucleus in stitcher.add(found.instances, found.stored):
                 areas.append(int(nucleus.mask.sum()))
                 scores.append(nucleus.score)
-                streams.add(_row(nucleus, intensity.crop(nucleus.box), image.pixel_size),
+                streams.add(_row(nucleus, nucleus.intensity, image.pixel_size),
                             _outline(nucleus) if want_outlines else None)
-            labels.write_final(stitcher)
-            intensity.drop(stitcher.base)
+            for key in stitcher.final_chunks():
+                labels.write(key, stitcher.take(key))
+            bar.update()
+        if not stitcher.done:
+            raise ValueError(f"map_tiles gave {stitcher.taken} results for {len(tiles)} tiles "
+                             f"({stitcher.chunks_taken} of {stitcher.chunk_count} label "
+                             f"chunks final)")
         streams.finish((labels.tmp, outputs.labels))
     except BaseException:
         if streams is not None:
@@ -1111,11 +1401,15 @@ def segment_large(
             _remove(labels.tmp)
         raise
     finally:
+        bar.close()
+        _remove(scratch)
         if not isinstance(source, LargeSource):
             image.close()
     return LargeResult(outputs.labels, outputs.table, outputs.geojson, outputs.rois,
-                       (height, width), len(tiles), stitcher.count, image.pixel_size, how,
+                       (height, width), len(tiles), tile, choice, stitcher.count,
+                       image.pixel_size, how,
                        normalised, round(time.perf_counter() - started, 3),
-                       stitcher.peak_band_rows, stitcher.peak_pending, peak_tiles, notes,
+                       stitcher.store.peak_held, stitcher.store.spills, stitcher.peak_pending,
+                       notes,
                        np.frombuffer(areas, np.int64).copy(),
                        np.frombuffer(scores, np.float64).copy())

@@ -110,31 +110,32 @@ if TYPE_CHECKING:  # the predictor is detectron2 glue (sharp_fpn.d2), imported w
 __all__ = [
     "DEFAULT_LARGE_THRESHOLD",
     "DEFAULT_TILE",
-    "LARGE_LABELS_SUFFIX",
-    "NATIVE_TILE",
-    "default_tile",
-    "MAX_TILE",
-    "MIN_TILE",
-    "OUTPUT_SUFFIXES",
-    "SUMMARY_COLUMNS",
-    "SUMMARY_NAME",
-    "TOOL",
     "Failure",
     "ImageEvent",
     "ImageOpened",
     "ImageResult",
     "ImageSettings",
     "ImageTask",
+    "LARGE_LABELS_SUFFIX",
+    "MAX_TILE",
+    "MIN_TILE",
+    "NATIVE_TILE",
+    "OUTPUT_SUFFIXES",
     "PlaneOutcome",
     "PredictionReport",
     "RunWriter",
+    "SUMMARY_COLUMNS",
+    "SUMMARY_NAME",
+    "TOOL",
     "check_options",
+    "default_tile",
     "model_diameter",
     "output_names",
     "plane_stem",
     "predict_images",
     "route_of",
     "segment_image",
+    "tile_for",
 ]
 
 #: The kind of writer predict is in an output folder's record (:mod:`sharp_fpn.outdir`).
@@ -182,10 +183,10 @@ _FINGERPRINT_VERSION = 2  # 2: the --diameter option
 #: the model saw it, rescaled). ``route``: ``large`` for an image segmented by the large-image
 #: path (:mod:`.large`: read by windows, labels an OME-Zarr folder, no overlay), empty for the
 #: whole-image path (the column is absent from summaries of earlier versions). ``diameter``:
-#: the nucleus diameter (px, in the image) the image was rescaled for (on the large path, the
-#: one given), ``diameter_source``: ``given`` (--diameter), ``estimated`` (from a first
-#: pass), or why neither (too few nuclei, a model with no INPUT.NUCLEUS_DIAMETER; ``not
-#: estimated (large image)``: the large path predicts at scale 1);
+#: the nucleus diameter (px, in the image) the image was rescaled for, ``diameter_source``:
+#: ``given`` (--diameter), ``estimated`` (from a first pass; on the large path a pass over at
+#: most 9 tiles spread over the image), or why neither (too few nuclei, a model with no
+#: INPUT.NUCLEUS_DIAMETER);
 #: ``scale``: the image was predicted at ``scale`` times its size (:mod:`.scale`), the labels
 #: and measurements are of the image at its own size. Areas in pixels;
 #: ``foreground_fraction`` = nucleus pixels / image pixels. ``fingerprint``: what a rerun
@@ -572,7 +573,7 @@ def default_tile(cfg: CfgNode) -> int:
     return NATIVE_TILE if native else DEFAULT_TILE
 
 
-def _tile_for(cfg: CfgNode, shape: Tuple[int, int], tile: int) -> Tuple[int, Optional[str]]:
+def tile_for(cfg: CfgNode, shape: Tuple[int, int], tile: int) -> Tuple[int, Optional[str]]:
     """The tile to use for an image (``tile=0``'s fallback, module docstring) and a note."""
     if tile:
         return tile, None
@@ -668,7 +669,7 @@ def _large_row(task: ImageTask, source, result, tile: int, settings: ImageSettin
                  "max_area": int(areas.max())}
     else:
         stats = {"mean_area": "", "median_area": "", "min_area": "", "max_area": ""}
-    given = settings.diameter is not None
+    choice = result.scale
     return {
         "image": str(task.path),
         "status": "ok",
@@ -696,10 +697,9 @@ def _large_row(task: ImageTask, source, result, tile: int, settings: ImageSettin
         "tile": tile,
         "tiles": result.tiles,
         "route": "large",
-        "diameter": round(float(settings.diameter), 2) if given else "",
-        "diameter_source": "given" if given else (
-            "not estimated (large image)" if settings.trained_diameter else ""),
-        "scale": 1.0,
+        "diameter": "" if choice.diameter is None else round(float(choice.diameter), 2),
+        "diameter_source": choice.source,
+        "scale": round(choice.scale, 4),
         "nuclei": count,
         **stats,
         "mean_score": round(float(result.scores.mean()), 4) if count else "",
@@ -846,7 +846,7 @@ def segment_image(task: ImageTask, settings: ImageSettings,
             used: Dict[str, Any] = {}
 
             def run_model(rgb: np.ndarray):
-                used["tile"], used["note"] = _tile_for(predictor.cfg, rgb.shape[:2],
+                used["tile"], used["note"] = tile_for(predictor.cfg, rgb.shape[:2],
                                                        settings.tile)
                 return predictor.predict(rgb, tile=used["tile"], overlap=settings.overlap,
                                          progress=settings.progress)
@@ -1036,9 +1036,9 @@ class RunWriter:
         Args:
             task: the input (``task.large``).
             predictor: a ``NucleiPredictor`` or a tile model (:mod:`.large`).
-            map_tiles: runs each row of tiles (:func:`~.cluster.tile_mapper` on a cluster);
+            map_tiles: runs the tiles (:func:`~.cluster.tile_mapper` on a cluster);
                 None: here, one tile after the other.
-            progress: a bar over the rows of tiles (default: the settings' ``progress``).
+            progress: a bar over the tiles (default: the settings' ``progress``).
 
         Returns:
             True (the run goes on). A failure of the image (unreadable, several planes, a tile

@@ -8,7 +8,8 @@ from a generator of tiles (:func:`write_blob_tiff`), never whole in memory. A ch
 (``python -m sharp_fpn.perf.benchmarks.large``) segments it and reports its own peak resident
 memory (``getrusage(RUSAGE_SELF).ru_maxrss``), its resident memory once the model is loaded
 and before the image is touched, the wall time, and :class:`~sharp_fpn.predict.large.
-LargeResult`'s counters (label rows, undecided instances and tiles held at most).
+LargeResult`'s counters (label chunks held at most and spilled to disk, undecided instances
+held at most).
 
 ``--model threshold`` (default) segments with :class:`~sharp_fpn.predict.large.ThresholdModel`
 (the outputs' and memory's shape at a threshold's speed: a 30k image in minutes on 2 cores);
@@ -90,22 +91,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 30000],
                         help="square image sides in px (%(default)s)")
     parser.add_argument("--width", type=int, default=None,
-                        help="image width in px; default square images. The band of label rows "
-                        "and pixels held is as wide as the image: with --width fixed the sizes "
-                        "are heights, and the peak should stay flat")
+                        help="image width in px; default square images (with --width the sizes "
+                        "are heights)")
     parser.add_argument("--model", choices=("threshold", "zoo"), default="threshold",
                         help="threshold: a cheap stand-in (ThresholdModel); zoo: the shipped "
                         "default model (%(default)s)")
     parser.add_argument("--tile", type=int, default=1024, help="tile side (%(default)s)")
     parser.add_argument("--overlap", type=int, default=64, help="tile overlap (%(default)s)")
     parser.add_argument("--chunk", type=int, default=512, help="label chunk side (%(default)s)")
+    parser.add_argument("--label-memory-mb", type=float, default=None,
+                        help="label chunks held in memory at most, MB (default: segment_large's)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where the images and outputs go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the images and outputs")
 
 
 def _child(image: Path, out: Path, model_name: str, tile: int, overlap: int,
-           chunk: int) -> Dict[str, Any]:
+           chunk: int, label_memory_mb: float) -> Dict[str, Any]:
     """One measurement, in this (fresh) process."""
     from ...predict.large import LargeOutputs, ThresholdModel, segment_large
 
@@ -125,15 +127,17 @@ def _child(image: Path, out: Path, model_name: str, tile: int, overlap: int,
     started = time.perf_counter()
     result = segment_large(image, LargeOutputs(out / "labels.ome.zarr", out / "nuclei.csv",
                                                chunk=chunk),
-                           predictor=model, tile=tile, overlap=overlap, progress=False)
+                           predictor=model, tile=tile, overlap=overlap, progress=False,
+                           label_memory_mb=label_memory_mb)
     seconds = time.perf_counter() - started
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "tiles": result.tiles, "nuclei": result.nuclei, "seconds": round(seconds, 1),
         "megapixels_per_s": round(result.shape[0] * result.shape[1] / 1e6 / seconds, 3),
         "rss_after_setup_mb": round(setup_kb / 1024, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
-        "peak_band_rows": result.peak_band_rows, "peak_pending": result.peak_pending,
-        "peak_tiles_in_flight": result.peak_tiles_in_flight,
+        "label_chunk_budget": int(label_memory_mb * 2 ** 20 // (4 * chunk * chunk)),
+        "peak_chunks_held": result.peak_chunks_held, "chunks_spilled": result.chunks_spilled,
+        "peak_pending": result.peak_pending,
     }
 
 
@@ -141,6 +145,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Per size: the image's writing time, and the child's figures (module docstring)."""
     import shutil
 
+    from ...predict.large import DEFAULT_LABEL_MEMORY_MB
+
+    memory = args.label_memory_mb or DEFAULT_LABEL_MEMORY_MB
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="sharp_fpn_large_"))
     work.mkdir(parents=True, exist_ok=True)
     results = []
@@ -154,7 +161,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             write_blob_tiff(image, size, width)
             written_s = time.perf_counter() - started
             command = [sys.executable, "-m", "sharp_fpn.perf.benchmarks.large", str(image),
-                       str(out), args.model, str(args.tile), str(args.overlap), str(args.chunk)]
+                       str(out), args.model, str(args.tile), str(args.overlap), str(args.chunk), str(memory)]
             started = time.perf_counter()
             done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
             wall = time.perf_counter() - started
@@ -168,7 +175,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                       **figures}
             print(f"{size:6d} x {width:6d} px: {figures['seconds']:8.1f} s, peak RSS "
                   f"{figures['peak_rss_mb']:8.1f} MB (after setup {figures['rss_after_setup_mb']}"
-                  f" MB), {figures['nuclei']} nuclei, band rows {figures['peak_band_rows']}")
+                  f" MB), {figures['nuclei']} nuclei, label chunks held {figures['peak_chunks_held']}, "
+                  f"spilled {figures['chunks_spilled']}, undecided {figures['peak_pending']}")
             results.append(record)
             if not args.keep:
                 image.unlink()
@@ -178,11 +186,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
     peaks = [r["peak_rss_mb"] for r in results]
     return {"model": args.model, "tile": args.tile, "overlap": args.overlap,
-            "chunk": args.chunk, "results": results,
+            "chunk": args.chunk, "label_memory_mb": memory, "results": results,
             "peak_rss_largest_over_smallest": round(max(peaks) / min(peaks), 3) if peaks else None}
 
 
-if __name__ == "__main__":  # the child: image out model tile overlap chunk
-    image_arg, out_arg, model_arg, tile_arg, overlap_arg, chunk_arg = sys.argv[1:7]
+if __name__ == "__main__":  # the child: image out model tile overlap chunk label-memory-mb
+    image_arg, out_arg, model_arg, tile_arg, overlap_arg, chunk_arg, memory_arg = sys.argv[1:8]
     print(json.dumps(_child(Path(image_arg), Path(out_arg), model_arg, int(tile_arg),
-                            int(overlap_arg), int(chunk_arg))))
+                            int(overlap_arg), int(chunk_arg), float(memory_arg))))
