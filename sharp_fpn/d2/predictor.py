@@ -300,7 +300,7 @@ class NucleiPredictor:
         """The model's output for one ``(h, w, 3)`` uint8 RGB image (or tile), at its size.
 
         A Mask R-CNN's instances keep their ``M x M`` mask probabilities (``pred_masks``
-        ``(N, 1, M, M)``, boxes in the tile's pixels): :meth:`_instance_set` pastes each into
+        ``(N, 1, M, M)``, boxes in the tile's pixels): :meth:`instance_set` pastes each into
         its box only, never ``N`` full-tile masks (``sharp_fpn.predict.tiling.paste_in_boxes``).
         Other models return what their ``forward`` returns.
         """
@@ -349,7 +349,7 @@ class NucleiPredictor:
             try:
                 output = self.run_model(rgb[t.slices])
                 if "instances" in output and not maps:
-                    sets.append(self._instance_set(output, t))
+                    sets.append(self.instance_set(output, t))
                 elif "sem_seg" in output and not sets:
                     maps.append(self._probabilities(output, t))
                 else:
@@ -368,7 +368,10 @@ class NucleiPredictor:
         labels, scores = semantic_labels(stitch_cores(shape, tiles, maps))
         return Prediction(labels, scores, "semantic", len(tiles))
 
-    def _instance_set(self, output: Dict[str, Any], tile: Tile) -> InstanceSet:
+    def instance_set(self, output: Dict[str, Any], tile: Tile) -> InstanceSet:
+        """The model's output on one tile (:meth:`run_model`) as the tile's
+        :class:`~sharp_fpn.predict.tiling.InstanceSet`: kept to the score threshold, masks
+        pasted per box (what :meth:`predict` stitches, and the large-image path too)."""
         instances = output["instances"].to("cpu")
         if not instances.has("pred_masks"):
             raise ValueError(

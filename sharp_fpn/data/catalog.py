@@ -171,7 +171,9 @@ def datasets_root() -> Path:
 
 
 @contextmanager
-def _locked(folder: Path) -> Iterator[None]:
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s ``.sharp_fpn.lock`` (an exclusive ``flock``, waiting for it) while
+    the block runs: one process at a time writes a data set there."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".sharp_fpn.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -233,7 +235,7 @@ def prepare(name: str, datasets: Optional[Path] = None) -> Path:
     target = spec.json_file(datasets)
     if target.is_file():
         return target
-    with _locked(root):
+    with folder_lock(root):
         if target.is_file():  # another process made it while we waited
             return target
         _ensure_source(name, spec, root)

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from ..predict.image_io import LoadedImage, StoredImage, _loaded
+from ..predict.image_io import LoadedImage, StoredImage, loaded_image
 from ..predict.outputs import MAX_LABELS, nuclei_table
 from ..predict.run import (
     DEFAULT_TILE,
-    _tile_for,
+    tile_for,
     check_options,
     default_tile,
     model_diameter,
@@ -198,7 +198,7 @@ def image_plane(data: Any, rgb: bool, position: Optional[Sequence[float]] = None
 def _loaded_image(pixels: np.ndarray, name: str, stretch: bool) -> LoadedImage:
     """The pixels as predict's reader gives an image file's (image_io's normalisation)."""
     colour = "gray" if pixels.ndim == 2 else ("RGB" if pixels.shape[2] == 3 else "RGBA")
-    return _loaded(Path(name), StoredImage(pixels, colour, "YX" if pixels.ndim == 2 else "YXS"),
+    return loaded_image(Path(name), StoredImage(pixels, colour, "YX" if pixels.ndim == 2 else "YXS"),
                    stretch)
 
 
@@ -238,7 +238,7 @@ def segment(predictor: "NucleiPredictor", pixels: np.ndarray, *,
     used: Dict[str, Any] = {}
 
     def run_model(rgb: np.ndarray):
-        used["tile"], used["note"] = _tile_for(cfg, rgb.shape[:2], tile)
+        used["tile"], used["note"] = tile_for(cfg, rgb.shape[:2], tile)
         return predictor.predict(rgb, tile=used["tile"], overlap=overlap, progress=False)
 
     scaled = predict_at_scale(run_model, image.rgb, trained, diameter)

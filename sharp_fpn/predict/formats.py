@@ -39,9 +39,11 @@ from .image_io import PixelSize
 from .outputs import MAX_LABELS, OUTLINE_COLOURS
 
 __all__ = [
+    "FEATURE_ID_NAMESPACE",
     "PHYSICAL_COLUMNS",
     "nucleus_outlines",
     "physical_columns",
+    "qupath_measurements",
     "write_geojson",
     "write_ome_labels",
     "write_roi_zip",
@@ -53,7 +55,9 @@ __all__ = [
 PHYSICAL_COLUMNS = ("area_um2", "centroid_y_um", "centroid_x_um", "equivalent_diameter_um")
 #: The QuPath class of every nucleus.
 QUPATH_CLASS = "Nucleus"
-_UUID_SPACE = uuid.UUID("0b1c6b52-5d0e-4c52-9a55-1f2a6c1e3f70")
+#: The namespace of the GeoJSON features' ids: ``uuid5(namespace, "<stem>/<label>")``, the same
+#: id for the same nucleus of the same image on every run.
+FEATURE_ID_NAMESPACE = uuid.UUID("0b1c6b52-5d0e-4c52-9a55-1f2a6c1e3f70")
 
 
 def nucleus_outlines(labels: np.ndarray) -> Dict[int, np.ndarray]:
@@ -102,7 +106,8 @@ def write_roi_zip(path: PathLike, outlines: Mapping[int, np.ndarray]) -> None:
         f.write(buffer.getbuffer())
 
 
-def _measurements(row: Mapping[str, Any]) -> Dict[str, float]:
+def qupath_measurements(row: Mapping[str, Any]) -> Dict[str, float]:
+    """A table row's numeric, finite values but the label: a QuPath feature's measurements."""
     return {k: float(v) for k, v in row.items()
             if k != "label" and isinstance(v, (int, float)) and math.isfinite(float(v))}
 
@@ -124,7 +129,7 @@ def write_geojson(path: PathLike, outlines: Mapping[int, np.ndarray],
         colour = OUTLINE_COLOURS[(label - 1) % len(OUTLINE_COLOURS)]
         features.append({
             "type": "Feature",
-            "id": str(uuid.uuid5(_UUID_SPACE, f"{stem}/{label}")),
+            "id": str(uuid.uuid5(FEATURE_ID_NAMESPACE, f"{stem}/{label}")),
             "geometry": {"type": "Polygon", "coordinates": [ring]},
             "properties": {
                 "objectType": "detection",
@@ -132,7 +137,7 @@ def write_geojson(path: PathLike, outlines: Mapping[int, np.ndarray],
                 "classification": {"name": QUPATH_CLASS,
                                    "color": [int(c) for c in colour]},
                 "isLocked": False,
-                "measurements": _measurements(by_label.get(label, {})),
+                "measurements": qupath_measurements(by_label.get(label, {})),
             },
         })
     text = json.dumps({"type": "FeatureCollection", "features": features})

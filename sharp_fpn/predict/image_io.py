@@ -70,29 +70,35 @@ import tifffile
 from ..outdir import LOCK_NAME, RECORD_NAME, recorded_outputs
 
 __all__ = [
+    "ChannelSpec",
     "IMAGE_SUFFIXES",
-    "MIN_SPAN_NOISE",
-    "STRETCH_PERCENTILES",
     "ImageError",
     "ImageReadError",
     "Inputs",
     "LoadedImage",
-    "StoredImage",
-    "Stretch",
-    "expand_inputs",
-    "ChannelSpec",
+    "MIN_SPAN_NOISE",
     "PixelSize",
     "Planes",
+    "STRETCH_PERCENTILES",
+    "StoredImage",
+    "Stretch",
+    "arrange_planes",
+    "colour_channels",
+    "expand_inputs",
+    "imagej_pixel_size",
     "is_zarr",
     "load_image",
     "load_planes",
-    "read_planes",
+    "loaded_image",
     "noise_sigma",
     "normalise",
+    "ome_channels_and_pixel_size",
     "percentile_normalise",
     "percentile_range",
     "read_image",
     "read_pixels",
+    "read_planes",
+    "scale_to_uint8",
     "stretch_range",
 ]
 
@@ -287,7 +293,7 @@ def _to_um(value, unit) -> Optional[float]:
     return value * factor
 
 
-def _ome_metadata(xml: Optional[str]) -> Tuple[Tuple[str, ...], Optional[PixelSize]]:
+def ome_channels_and_pixel_size(xml: Optional[str]) -> Tuple[Tuple[str, ...], Optional[PixelSize]]:
     """Channel names and pixel size of an OME-XML's first image."""
     if not xml:
         return (), None
@@ -307,7 +313,9 @@ def _ome_metadata(xml: Optional[str]) -> Tuple[Tuple[str, ...], Optional[PixelSi
     return names, size
 
 
-def _imagej_pixel_size(tif, page) -> Optional[PixelSize]:
+def imagej_pixel_size(tif, page) -> Optional[PixelSize]:
+    """The pixel size of an ImageJ TIFF (its resolution tags in its ``unit``), in µm; None
+    when the file gives no unit or no resolution."""
     meta = tif.imagej_metadata or {}
     unit = meta.get("unit")
     if not unit:
@@ -348,7 +356,7 @@ def _channel_list(count: int, names: Sequence[str]) -> str:
     return f"{count} channel{'s' if count != 1 else ''}: " + ", ".join(items)
 
 
-def _arrange(path: Path, pixels: np.ndarray, axes: str, photometric, extra: tuple,
+def arrange_planes(path: Path, pixels: np.ndarray, axes: str, photometric, extra: tuple,
              names: Sequence[str], channel: ChannelSpec) -> Planes:
     """A stored array of ``axes`` -> :class:`Planes` (the module docstring's rule)."""
     shape = tuple(pixels.shape)
@@ -441,11 +449,11 @@ def _read_tiff(path: Path, channel: ChannelSpec = None) -> Planes:
             photometric = tifffile.PHOTOMETRIC(page.photometric)
             extra = tuple(page.extrasamples)
             bits = int(page.bitspersample)
-            names, pixel_size = _ome_metadata(tif.ome_metadata) if tif.is_ome else ((), None)
+            names, pixel_size = ome_channels_and_pixel_size(tif.ome_metadata) if tif.is_ome else ((), None)
             if pixel_size is None and tif.is_imagej:
-                pixel_size = _imagej_pixel_size(tif, page)
+                pixel_size = imagej_pixel_size(tif, page)
             # refuse what cannot be read before reading all of it
-            _arrange(path, np.broadcast_to(np.uint8(0), shape), axes, photometric, extra,
+            arrange_planes(path, np.broadcast_to(np.uint8(0), shape), axes, photometric, extra,
                      names, channel)
             pixels = np.asarray(s.asarray()).reshape(shape)
     except ImageReadError:
@@ -454,7 +462,7 @@ def _read_tiff(path: Path, channel: ChannelSpec = None) -> Planes:
         raise ImageReadError(
             f"{path}: not a readable TIFF ({type(e).__name__}: {' '.join(str(e).split())})"
         ) from e
-    planes = _arrange(path, pixels, axes, photometric, extra, names, channel)
+    planes = arrange_planes(path, pixels, axes, photometric, extra, names, channel)
     planes.pixel_size = pixel_size
     if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
         if planes.pixels.dtype.kind != "u":
@@ -534,7 +542,7 @@ def _read_zarr(path: Path, channel: ChannelSpec = None) -> Planes:
     try:
         head = zarr_header(path, f"; {_NOT_YET}")
         array, axes, pixel_size, names = head.array, head.axes, head.pixel_size, head.names
-        _arrange(path, np.broadcast_to(np.uint8(0), array.shape), axes,
+        arrange_planes(path, np.broadcast_to(np.uint8(0), array.shape), axes,
                  tifffile.PHOTOMETRIC.MINISBLACK, (), names, channel)
         pixels = np.asarray(array[...])
     except ImageReadError:
@@ -543,7 +551,7 @@ def _read_zarr(path: Path, channel: ChannelSpec = None) -> Planes:
         raise ImageReadError(
             f"{path}: not a readable OME-Zarr image ({type(e).__name__}: "
             f"{' '.join(str(e).split())})") from e
-    planes = _arrange(path, pixels, axes, tifffile.PHOTOMETRIC.MINISBLACK, (), names, channel)
+    planes = arrange_planes(path, pixels, axes, tifffile.PHOTOMETRIC.MINISBLACK, (), names, channel)
     planes.pixel_size = pixel_size
     return planes
 
@@ -591,7 +599,7 @@ def read_planes(path: Path, channel: ChannelSpec = None) -> Planes:
                        else tifffile.PHOTOMETRIC.MINISBLACK)
         extra = (tifffile.EXTRASAMPLE.UNASSALPHA,) if stored.colour.endswith(
             ("alpha", "RGBA")) else ()
-        planes = _arrange(path, stored.pixels, axes, photometric, extra, (), channel)
+        planes = arrange_planes(path, stored.pixels, axes, photometric, extra, (), channel)
         planes.axes = stored.axes
     return _checked(path, planes)
 
@@ -744,17 +752,17 @@ def normalise(
 
 def normalise_with(pixels: np.ndarray, stretch: bool = True) -> Tuple[np.ndarray, Stretch]:
     """:func:`normalise`, returning the whole :class:`Stretch` (mode, range, noise)."""
-    colour = _colour_channels(pixels)  # (H, W, 1) or (H, W, 3)
+    colour = colour_channels(pixels)  # (H, W, 1) or (H, W, 3)
     how = stretch_range(colour, stretch)
     if how.mode != "none":
         low, high = how.low, how.high
         if colour.dtype.kind == "u" and colour.dtype.itemsize <= 2:
             # one table entry per possible value: no float copy of a large image
-            table = _stretched(np.arange(np.iinfo(colour.dtype).max + 1, dtype=np.float64),
+            table = scale_to_uint8(np.arange(np.iinfo(colour.dtype).max + 1, dtype=np.float64),
                                low, high)
             colour = table[colour]
         else:
-            colour = _stretched(colour.astype(np.float64), low, high)
+            colour = scale_to_uint8(colour.astype(np.float64), low, high)
     if colour.shape[2] == 1:
         colour = np.repeat(colour, 3, axis=2)
     return np.ascontiguousarray(colour), how
@@ -774,11 +782,11 @@ def percentile_normalise(
     if rgb.ndim != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, C) uint8 image, got {rgb.shape} {rgb.dtype}")
     how = percentile_range(rgb, percentiles)
-    table = _stretched(np.arange(256, dtype=np.float64), how.low, how.high)
+    table = scale_to_uint8(np.arange(256, dtype=np.float64), how.low, how.high)
     return table[rgb], how
 
 
-def _stretched(values: np.ndarray, low: float, high: float) -> np.ndarray:
+def scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """``values`` mapped linearly from ``[low, high]`` to ``[0, 255]``, clipped, rounded, uint8;
     all 0 when ``high <= low`` (a constant image)."""
     if high <= low:
@@ -786,7 +794,7 @@ def _stretched(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.rint(np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _colour_channels(pixels: np.ndarray) -> np.ndarray:
+def colour_channels(pixels: np.ndarray) -> np.ndarray:
     """``(H, W, 1)`` gray or ``(H, W, 3)`` RGB view of the samples, alpha dropped."""
     if pixels.ndim == 2:
         return pixels[:, :, None]
@@ -796,10 +804,12 @@ def _colour_channels(pixels: np.ndarray) -> np.ndarray:
     return pixels[:, :, :3]  # RGB, RGBA
 
 
-def _loaded(path: Path, stored: StoredImage, stretch: bool) -> LoadedImage:
+def loaded_image(path: Path, stored: StoredImage, stretch: bool) -> LoadedImage:
+    """A plane read (:class:`StoredImage`) as the model and the table see it: the 8-bit RGB
+    (:func:`normalise_with`), the intensity in stored units and the stretch used."""
     pixels = stored.pixels
     rgb, how = normalise_with(pixels, stretch)
-    colour = _colour_channels(pixels)
+    colour = colour_channels(pixels)
     if colour.shape[2] == 1:
         intensity = colour[:, :, 0].astype(np.float64)
     else:
@@ -815,7 +825,7 @@ def load_image(path: Path, stretch: bool = True) -> LoadedImage:
     Raises:
         ImageReadError: naming the file and the reason it cannot be used.
     """
-    return _loaded(path, read_image(path), stretch)
+    return loaded_image(path, read_image(path), stretch)
 
 
 def load_planes(path: Path, stretch: bool = True, channel: ChannelSpec = None,
@@ -833,7 +843,7 @@ def load_planes(path: Path, stretch: bool = True, channel: ChannelSpec = None,
         size = PixelSize(float(pixel_size), float(pixel_size), "--pixel-size")
     loaded = []
     for k in range(planes.count):
-        image = _loaded(path, planes.plane(k), stretch)
+        image = loaded_image(path, planes.plane(k), stretch)
         image.plane = k if planes.count > 1 else None
         image.planes = planes.count
         image.plane_axes = planes.plane_axes

@@ -133,10 +133,10 @@ def prepare_medical(name: str, datasets: Optional[Path] = None) -> Path:
             f"dataset {name!r}: {folder} holds no converted data set (no dataset.json). "
             + missing_dataset_message(spec.module, Path("ROOT"), where, layout)
         )
-    from ..catalog import _locked
+    from ..catalog import folder_lock
     from . import dataset_module
 
-    with _locked(root / "quick"):
+    with folder_lock(root / "quick"):
         if not _converted(folder):  # another process may have made it while we waited
             module = dataset_module(spec.module)
             raw = root / "quick" / f"{spec.module}_raw"
