@@ -62,7 +62,7 @@ def zoo(tmp_path_factory):
     tifffile.imwrite(images / "frame.tif", frame, tile=(64, 64), photometric="minisblack")
     config, weights = model_zoo.resolve()
     predictor = NucleiPredictor(config, weights)
-    diameter = model_diameter(predictor.cfg)  # scale 1: the large route does not rescale
+    diameter = model_diameter(predictor.cfg)  # the model's own: scale 1 on both routes
     assert diameter > 0
     run = dict(OPTIONS, predictor=predictor, diameter=diameter)
     whole = predict_images(None, None, [images / "frame.tif"], folder / "whole", **run)
@@ -210,6 +210,53 @@ def test_a_failure_inside_the_large_route_fails_that_image_only(zoo, tmp_path):
     assert [p.name for p in again.skipped] == ["c_crop.tif"]
     assert sorted(Path(f.image).name for f in again.failures) == ["b_stack.tif", "d_photo.png"]
     assert (out / "a_frame_labels.ome.zarr").is_dir()
+
+
+def test_a_full_disk_on_the_large_route_stops_the_run_and_the_rerun_resumes(zoo, tmp_path):
+    """A real write failure (the file size limit, as a full disk gives) while the large route
+    streams an image's GeoJSON: the run stops naming it, nothing of it is left, the image
+    before it stays done, and the same command with room again finishes the batch."""
+    import resource
+    import signal
+
+    frame = zoo["frame"]
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "a_crop.tif", frame[:48, :48], photometric="minisblack")
+    tifffile.imwrite(images / "b_frame.tif", frame, tile=(64, 64), photometric="minisblack")
+    tifffile.imwrite(images / "c_crop.tif", frame[48:96, :48], photometric="minisblack")
+    out = tmp_path / "out"
+    run = dict(zoo["run"], large=True, geojson=True, rois=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+    # a's files are a few kB each; b's GeoJSON is about 75 kB
+    resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, hard))
+    try:
+        with pytest.raises(OSError, match="the outputs of .*b_frame.tif cannot be written") as e:
+            predict_images(None, None, [images], out, **run)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert "the run stops here" in str(e.value)
+    rows = {Path(r["image"]).name: r for r in _summary(out)}
+    assert rows["a_crop.tif"]["status"] == "ok" and rows["a_crop.tif"]["route"] == "large"
+    assert rows["b_frame.tif"]["status"] == "failed"
+    assert rows["b_frame.tif"]["error"].startswith("outputs not written")
+    assert rows["c_crop.tif"]["status"] == "pending"
+    assert _leftovers(out) == [] and not list(out.glob("b_frame*")) and not list(
+        out.glob("c_crop*"))
+    # room again: a is skipped, b and c are done, as one uninterrupted run does them
+    again = predict_images(None, None, [images], out, **run)
+    assert [p.name for p in again.skipped] == ["a_crop.tif"]
+    rows = {Path(r["image"]).name: r for r in _summary(out)}
+    assert {n: r["status"] for n, r in rows.items()} == {
+        "a_crop.tif": "skipped (done)", "b_frame.tif": "ok", "c_crop.tif": "ok"}
+    predict_images(None, None, [images], tmp_path / "once", **run)
+    for name in ("b_frame_nuclei.csv", "b_frame_nuclei.geojson", "c_crop_nuclei.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "once" / name).read_bytes(), name
+    assert np.array_equal(zarr.open_group(str(out / "b_frame_labels.ome.zarr"), mode="r")["0"][:],
+                          zarr.open_group(str(tmp_path / "once" / "b_frame_labels.ome.zarr"),
+                                          mode="r")["0"][:])
 
 
 def test_the_cli_takes_the_large_route_end_to_end(zoo, tmp_path, capsys):

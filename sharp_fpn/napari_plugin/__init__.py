@@ -7,7 +7,9 @@
   Labels layer ``<layer>_labels`` and a Points layer ``<layer>_nuclei`` (the per-nucleus table
   as features, scores included).
 * :mod:`.reader`: opens predict's outputs (an output folder, ``*_labels.tif``,
-  ``*_labels.ome.tif`` with its pixel size, ``*_nuclei.csv``).
+  ``*_labels.ome.tif`` with its pixel size, ``*_nuclei.csv``; the large-image path's
+  ``*_labels.ome.zarr`` lazily, as a strided pyramid when large; the outlines of
+  ``*_nuclei.geojson`` and ``*_rois.zip`` as Shapes layers).
 * :mod:`.segment`: the widget's work without Qt: a layer's data in, labels, scores and table out.
 
 Importing this package imports neither napari, Qt nor torch; napari imports the modules the

@@ -1360,7 +1360,8 @@ def segment_large(
     choice, sampled = choose_scale(TileRunner(model, TileReader(image, how, normalised)),
                                    (height, width), tile, overlap, trained, diameter)
     if sampled:
-        notes.append(f"diameter estimated on {sampled} tiles spread over the image")
+        notes.append(f"diameter estimated on {sampled} tile{'s' if sampled > 1 else ''} "
+                     f"spread over the image")
     runner = TileRunner(model, TileReader(image, how, normalised, choice.scale))
     tile, overlap = tiling_at_scale(tile, overlap, choice.scale)
     chunk = outputs.chunk
