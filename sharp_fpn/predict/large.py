@@ -85,7 +85,10 @@ returns a :class:`TileFound`: the tile's :class:`~.tiling.InstanceSet` (boxes, c
 scores) and the stored pixels under each box (small). ``predictor`` is a
 ``NucleiPredictor`` (wrapped as :class:`PredictorModel`) or any tile model with ``instances(rgb, tile) -> InstanceSet``,
 ``normalize`` (``INPUT.NORMALIZE`` percentiles or None) and ``min_kept_fraction``
-(:class:`ThresholdModel`, a cheap stand-in for benchmarks). A Dask run whose workers hold
+(:class:`ThresholdModel`, a cheap stand-in for benchmarks); a semantic model's tile
+(``kind = "semantic"``, ``probabilities(rgb, tile)``: a semantic ``NucleiPredictor``,
+:class:`ProbabilityModel`) returns a :class:`TileMap` instead: the tile's probability map
+and its stored pixels. A Dask run whose workers hold
 their own model can map ``lambda tile: TileRunner(worker_model, fn.reader)(tile)``
 (:func:`~.cluster.tile_mapper`); its results must be yielded in the order of ``tiles``.
 
@@ -97,8 +100,20 @@ neighbour (:func:`back_to_tile`) before the stitch: labels, tables and outlines 
 image at its own size. At a scale other than 1 the result is the whole-image path's in kind
 but not pixel for pixel: that path resizes the whole image, then tiles it.
 
-Not handled (yet): semantic models (a streaming connected-component labelling would be
-needed; they are refused, naming the model).
+**Semantic models** (a nucleus probability map per tile, ``sem_seg``): the whole-image path
+takes every pixel from the tile whose core holds it (:func:`~.tiling.stitch_cores`) and
+labels the 8-connected components of ``probabilities > SEMANTIC_THRESHOLD`` over the whole
+map, each scored by its mean probability. Here each tile gives its map (:class:`TileMap`) and
+:class:`~.components.ComponentStitcher` finds the same components streaming: the pixels each
+tile's core owns are labelled on their own, joined with their neighbours across the cores'
+edges by a union-find, and a component is finished when no tile still to come can touch it
+(:mod:`.components`). The labels equal the whole-image path's up to a renumbering (ids in the
+order components are finished), the scores to the last bits of a float64 sum; the table's
+mean intensity is the component's sum of intensities over its area (the same numbers summed
+in another order). At a scale other than 1 the map the model gives for the resized tile is
+brought back to the tile's own pixels by nearest neighbour at pixel centres
+(:func:`map_back_to_tile`, the rule of :func:`~.scale.resize_labels`) before the stitch.
+:class:`ProbabilityModel` is a cheap stand-in semantic model for tests and benchmarks.
 """
 from __future__ import annotations
 
@@ -157,10 +172,13 @@ __all__ = [
     "LargeResult",
     "LargeSource",
     "PredictorModel",
+    "ProbabilityModel",
     "ThresholdModel",
     "TileFound",
+    "TileMap",
     "TileReader",
     "TileRunner",
+    "map_back_to_tile",
     "normalisation_ranges",
     "sample_step",
     "segment_large",
@@ -499,20 +517,35 @@ class TileReader:
 
 
 class PredictorModel:
-    """A trained instance model (``NucleiPredictor``) as a tile model: ``instances(rgb, tile)``
-    is what ``NucleiPredictor.predict`` does on one tile (the model's output, kept to its
-    score threshold, masks pasted per box); ``normalize`` its ``INPUT.NORMALIZE``
-    percentiles, ``min_kept_fraction`` its own.
+    """A trained model (``NucleiPredictor``) as a tile model. ``kind`` says which:
+
+    * ``"instances"`` (Mask R-CNN): ``instances(rgb, tile)`` is what ``NucleiPredictor.predict``
+      does on one tile (the model's output, kept to its score threshold, masks pasted per box);
+    * ``"semantic"`` (the semantic meta-architecture, ``is_semantic(cfg)``):
+      ``probabilities(rgb, tile)`` is the tile's ``(h, w)`` nucleus probability map, as
+      ``NucleiPredictor.predict`` takes it from ``sem_seg``; ``threshold`` is
+      ``SEMANTIC_THRESHOLD``.
+
+    ``normalize`` is its ``INPUT.NORMALIZE`` percentiles, ``min_kept_fraction`` its own.
 
     Raises:
-        ValueError: a semantic model (the large path stitches instances only).
+        ValueError: a model of another meta-architecture (a volume model), naming it.
     """
 
     def __init__(self, predictor: "NucleiPredictor") -> None:
+        from ..d2.semantic import is_semantic
+
         arch = predictor.cfg.MODEL.META_ARCHITECTURE
-        if arch != "GeneralizedRCNN":
+        if is_semantic(predictor.cfg):
+            from ..d2.predictor import SEMANTIC_THRESHOLD
+
+            self.kind = "semantic"
+            self.threshold = SEMANTIC_THRESHOLD
+        elif arch == "GeneralizedRCNN":
+            self.kind = "instances"
+        else:
             raise ValueError(f"{arch}: the large-image path takes instance models (Mask R-CNN) "
-                             f"only; a semantic model's components need the whole map")
+                             f"and semantic models only")
         self.predictor = predictor
         self.normalize = predictor.normalize
         self.min_kept_fraction = predictor.min_kept_fraction
@@ -525,6 +558,13 @@ class PredictorModel:
             raise ValueError(f"{self.predictor.cfg.MODEL.META_ARCHITECTURE} returned "
                              f"{sorted(output)}; the large-image path needs instances")
         return self.predictor.instance_set(output, tile)
+
+    def probabilities(self, rgb: np.ndarray, tile: Tile) -> np.ndarray:
+        output = self.predictor.run_model(rgb)
+        if "sem_seg" not in output:
+            raise ValueError(f"{self.predictor.cfg.MODEL.META_ARCHITECTURE} returned "
+                             f"{sorted(output)}; a semantic model gives 'sem_seg'")
+        return self.predictor._probabilities(output, tile)  # noqa: SLF001  predict's own
 
 
 class ThresholdModel:
@@ -558,7 +598,50 @@ class ThresholdModel:
                            np.ones(len(masks), dtype=np.float64))
 
 
-TileModel = Union[PredictorModel, ThresholdModel, Any]
+class ProbabilityModel:
+    """A cheap stand-in for a semantic model (tests, benchmarks): the nucleus probability of
+    a pixel is a logistic function of its mean over the channels (0..255, on the normalised
+    tile), ``1 / (1 + exp(-(mean - level) / spread))`` as float32, so the foreground is about
+    the pixels above ``level``. Not a nucleus segmenter: it gives the semantic route's
+    outputs and memory at the speed of a threshold."""
+
+    kind = "semantic"
+    threshold = 0.5  # SEMANTIC_THRESHOLD
+    normalize: Optional[Tuple[float, float]] = None
+    nucleus_diameter = 0.0
+    min_kept_fraction = 0.0
+
+    def __init__(self, level: float = 128.0, spread: float = 16.0) -> None:
+        if not spread > 0:
+            raise ValueError(f"spread must be > 0, got {spread}")
+        self.level = float(level)
+        self.spread = float(spread)
+
+    def probabilities(self, rgb: np.ndarray, tile: Tile) -> np.ndarray:
+        mean = rgb.mean(axis=2, dtype=np.float64)
+        with np.errstate(over="ignore"):  # exp -> inf: a probability of 0, as it should be
+            return (1.0 / (1.0 + np.exp(-(mean - self.level) / self.spread))).astype(np.float32)
+
+
+TileModel = Union[PredictorModel, ThresholdModel, ProbabilityModel, Any]
+
+
+def _kind(model: Any) -> str:
+    """``"semantic"`` for a model giving probability maps, else ``"instances"``."""
+    kind = getattr(model, "kind", "instances")
+    if kind not in ("instances", "semantic"):
+        raise ValueError(f"tile model kind {kind!r}: expected 'instances' or 'semantic'")
+    return kind
+
+
+def map_back_to_tile(values: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
+    """A map the model gave for a tile resized for it, brought back to the tile's own
+    ``shape`` by nearest neighbour at pixel centres (the rule of
+    :func:`~.scale.resize_labels`: a pixel of the tile takes the value of the resized pixel
+    its centre falls in)."""
+    from .scale import resize_labels
+
+    return resize_labels(values, shape)
 
 
 def back_to_tile(found: InstanceSet, seen: Tuple[int, int],
@@ -602,13 +685,39 @@ class TileFound:
     stored: List[np.ndarray]
 
 
+@dataclass
+class TileMap:
+    """What a tile of a semantic model gives the stitch: its ``(h, w)`` nucleus probability
+    map (the tile's own pixels) and the stored colour channels of the tile (``(h, w, C)``,
+    the file's dtype: the table's intensity)."""
+
+    probabilities: np.ndarray
+    colour: np.ndarray
+
+    @property
+    def intensity(self) -> np.ndarray:
+        """``(h, w)`` float64, as :attr:`~.image_io.LoadedImage.intensity`."""
+        return _intensity(self.colour)
+
+
+def _intensity(stored: np.ndarray) -> np.ndarray:
+    """``(h, w)`` float64 intensity of stored colour channels ``(h, w, C)``, as
+    :attr:`~.image_io.LoadedImage.intensity` computes it."""
+    if stored.shape[2] == 1:
+        return stored[:, :, 0].astype(np.float64)
+    return stored.mean(axis=2, dtype=np.float64)
+
+
 class TileRunner:
-    """``runner(tile) -> TileFound``: the model on one tile, read from the source inside the
-    call (:class:`TileReader`). Picklable when its model is (a Dask task).
+    """``runner(tile) -> TileFound`` (an instance model) or :class:`TileMap` (a semantic
+    one): the model on one tile, read from the source inside the call
+    (:class:`TileReader`). Picklable when its model is (a Dask task).
 
     Args:
         model: anything with ``instances(rgb, tile) -> InstanceSet`` (:class:`PredictorModel`,
-            :class:`ThresholdModel`).
+            :class:`ThresholdModel`), or with ``kind = "semantic"`` and
+            ``probabilities(rgb, tile) -> (h, w)`` (:class:`PredictorModel` of a semantic
+            model, :class:`ProbabilityModel`).
         reader: the tile's pixels.
 
     Raises:
@@ -620,7 +729,9 @@ class TileRunner:
         self.model = model
         self.reader = reader
 
-    def __call__(self, tile: Tile) -> TileFound:
+    def __call__(self, tile: Tile) -> Union[TileFound, TileMap]:
+        if _kind(self.model) == "semantic":
+            return self._map(tile)
         try:
             colour, rgb = self.reader.read(tile)
             if rgb.shape[:2] == tile.shape:
@@ -636,6 +747,27 @@ class TileRunner:
         # copies: a view would keep (and a Dask task ship) the whole window
         stored = [colour[t:b, l:r].copy() for t, l, b, r in found.boxes.tolist()]
         return TileFound(found, stored)
+
+    def _map(self, tile: Tile) -> TileMap:
+        try:
+            colour, rgb = self.reader.read(tile)
+            if rgb.shape[:2] == tile.shape:
+                values = np.asarray(self.model.probabilities(rgb, tile))
+            else:  # rescaled: the model's map is of the resized tile, brought back
+                seen = Tile(0, 0, rgb.shape[0], rgb.shape[1], (0, 0, rgb.shape[0], rgb.shape[1]))
+                values = np.asarray(self.model.probabilities(rgb, seen))
+                if values.shape != rgb.shape[:2]:
+                    raise ValueError(f"a probability map of {values.shape} for a tile of "
+                                     f"{rgb.shape[:2]}")
+                values = map_back_to_tile(values, tile.shape)
+            if values.shape != tile.shape:
+                raise ValueError(f"a probability map of {values.shape} for a tile of "
+                                 f"{tile.shape}")
+        except Exception as e:  # noqa: BLE001  out of memory, a bad chunk: name the tile
+            raise TileError(f"{self.reader.source.path}: tile rows {tile.top}-{tile.bottom}, "
+                            f"columns {tile.left}-{tile.right}: {type(e).__name__}: "
+                            f"{' '.join(str(e).split())}") from e
+        return TileMap(values, colour)
 
 
 # --------------------------------------------------------------------------- stitching
@@ -715,6 +847,19 @@ class ChunkStore:
             out[y0 - t:y1 - t, x0 - l:x1 - l] = self._get(key)[y0 - ct:y1 - ct, x0 - cl:x1 - cl]
         return out, False
 
+    def read(self, box: Tuple[int, int, int, int]) -> np.ndarray:
+        """A copy of the labels of ``box``, its chunks not in the store (never reached, or
+        taken out) read as zeros and not created."""
+        t, l, b, r = box
+        out = np.zeros((b - t, r - l), dtype=np.int32)
+        for key in _chunk_keys(box, self.chunk):
+            if key not in self._held and key not in self._spilled:
+                continue
+            ct, cl, cb, cr = self.bounds(key)
+            y0, x0, y1, x1 = max(t, ct), max(l, cl), min(b, cb), min(r, cr)
+            out[y0 - t:y1 - t, x0 - l:x1 - l] = self._get(key)[y0 - ct:y1 - ct, x0 - cl:x1 - cl]
+        return out
+
     def write(self, box: Tuple[int, int, int, int], values: np.ndarray) -> None:
         """Put the labels of ``box`` (a copy :meth:`region` gave) back into its chunks."""
         t, l, b, r = box
@@ -776,9 +921,7 @@ class Nucleus:
         """``(h, w)`` float64 over the box, as :attr:`~.image_io.LoadedImage.intensity`."""
         if self.stored is None:
             return None
-        if self.stored.shape[2] == 1:
-            return self.stored[:, :, 0].astype(np.float64)
-        return self.stored.mean(axis=2, dtype=np.float64)
+        return _intensity(self.stored)
 
 
 def _boxes(items: Sequence[Any]) -> np.ndarray:
@@ -1020,7 +1163,10 @@ class LargeResult:
             to the scratch folder and back; peak_pending: most undecided instances (those
             along the frontier between the tiles done and those to come). The first does not
             grow with the image, the last with its width only, a few kB per nucleus of one
-            overlap's strip (the module docstring).
+            overlap's strip (the module docstring); peak_open: a semantic model's most
+            components held open (:class:`~.components.ComponentStitcher`, those along the
+            same frontier).
+        kind: the model's output, ``"instances"`` or ``"semantic"``.
         areas, scores: ``(K,)`` int64 pixel areas and float64 scores of nuclei ``1..K`` (for a
             summary row: mean, median, min, max area, mean score, foreground fraction;
             16 bytes a nucleus).
@@ -1045,6 +1191,8 @@ class LargeResult:
     notes: List[str] = field(default_factory=list)
     areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    kind: str = "instances"
+    peak_open: int = 0
 
 
 def _temporary(path: Path) -> Path:
@@ -1194,7 +1342,7 @@ class _Streams:
             _remove(tmp)
 
 
-def _row(nucleus: Nucleus, intensity: np.ndarray,
+def _row(nucleus: Nucleus, intensity: Union[np.ndarray, float, None],
          pixel_size: Optional[PixelSize]) -> Dict[str, Any]:
     """The per-nucleus table row of :func:`~.outputs.nuclei_table`, its values computed by
     ``skimage.measure.regionprops``' own formulas on the nucleus' mask (centroid: the mean of
@@ -1202,7 +1350,11 @@ def _row(nucleus: Nucleus, intensity: np.ndarray,
     second central moments; mean intensity: the mean of the intensities under the mask, in
     the same order) with numpy, about 50 µs a nucleus where a ``RegionProperties`` takes 4 ms
     (its moments go through ``einsum``): a slide's half a million nuclei in seconds, not half
-    an hour. ``tests/test_predict_large.py`` checks the rows against ``nuclei_table``."""
+    an hour. ``tests/test_predict_large.py`` checks the rows against ``nuclei_table``.
+
+    ``intensity``: the ``(h, w)`` intensities under the nucleus' box, or its mean intensity
+    already measured (a float: a semantic component's, :class:`~.components.Component`), or
+    None (the column left empty)."""
     top, left, bottom, right = nucleus.box
     ys, xs = np.nonzero(nucleus.mask)
     area = ys.size
@@ -1223,7 +1375,8 @@ def _row(nucleus: Nucleus, intensity: np.ndarray,
         "bbox_min_col": int(left),
         "bbox_max_row": int(bottom),
         "bbox_max_col": int(right),
-        "mean_intensity": round(float(np.mean(intensity[nucleus.mask])), 4),
+        "mean_intensity": "" if intensity is None else round(float(
+            intensity if np.ndim(intensity) == 0 else np.mean(intensity[nucleus.mask])), 4),
         "eccentricity": round(float(eccentricity), 4),
     }
     if pixel_size is not None:
@@ -1251,7 +1404,8 @@ def choose_scale(runner: TileRunner, shape: Tuple[int, int], tile: int, overlap:
     at scale 1 over at most ``ESTIMATE_GRID`` x ``ESTIMATE_GRID`` tiles spread evenly over
     the image (rows and columns of the tiling, first and last included; the whole image when
     it has no more tiles than that): the median equivalent diameter of the instances each
-    tile owns. The whole-image path measures it on every nucleus of the whole image after the
+    tile owns (a semantic model's: the 8-connected components of the tile's thresholded map
+    whose box centre lies in its core). The whole-image path measures it on every nucleus of the whole image after the
     stitch; this is a sample of it (at most 9 tiles, run twice), the price of never holding
     the image. Fewer than :data:`~.scale.MIN_NUCLEI_TO_ESTIMATE` nuclei, or a scale within
     :data:`~.scale.KEEP_RANGE`: scale 1."""
@@ -1270,7 +1424,12 @@ def choose_scale(runner: TileRunner, shape: Tuple[int, int], tile: int, overlap:
     picked = [grid[r * len(cols) + c] for r in spread[0].tolist() for c in spread[1].tolist()]
     areas: List[int] = []
     for t in picked:
-        found = runner(t).instances
+        found = runner(t)
+        if isinstance(found, TileMap):
+            areas.extend(_owned_areas(found.probabilities > getattr(runner.model, "threshold",
+                                                                    0.5), t))
+            continue
+        found = found.instances
         if len(found):
             y, x = found.centres()
             areas.extend(int(found.masks[j].sum())
@@ -1281,6 +1440,21 @@ def choose_scale(runner: TileRunner, shape: Tuple[int, int], tile: int, overlap:
     needed = trained / estimate
     scale = 1.0 if KEEP_RANGE[0] <= needed <= KEEP_RANGE[1] else clamp_scale(needed)
     return ScaleChoice(estimate, ESTIMATED, scale, passes=2 if scale != 1.0 else 1), len(picked)
+
+
+def _owned_areas(foreground: np.ndarray, tile: Tile) -> List[int]:
+    """Areas of the 8-connected components of a tile's foreground whose box centre lies in
+    the tile's core."""
+    pieces, _ = ndimage.label(foreground, structure=_EIGHT)
+    areas = []
+    for k, where in enumerate(ndimage.find_objects(pieces), 1):
+        if where is None:
+            continue
+        y = tile.top + (where[0].start + where[0].stop) / 2
+        x = tile.left + (where[1].start + where[1].stop) / 2
+        if tile.owns(np.asarray(y), np.asarray(x)):
+            areas.append(int((pieces[where] == k).sum()))
+    return areas
 
 
 def tiling_at_scale(tile: int, overlap: int, scale: float) -> Tuple[int, int]:
@@ -1315,9 +1489,11 @@ def segment_large(
     Args:
         source: a TIFF or OME-Zarr file (or a :class:`LargeSource` already open).
         outputs: where to write (:class:`LargeOutputs`).
-        predictor: an instance model (``NucleiPredictor``; its score threshold and
-            ``min_kept_fraction`` apply), or a tile model (``instances(rgb, tile)``,
-            ``normalize``, ``min_kept_fraction``: :class:`ThresholdModel`).
+        predictor: a ``NucleiPredictor``, an instance model (its score threshold and
+            ``min_kept_fraction`` apply) or a semantic one (:class:`PredictorModel`), or a
+            tile model (``instances(rgb, tile)``, ``normalize``, ``min_kept_fraction``:
+            :class:`ThresholdModel`; or ``kind = "semantic"``, ``probabilities(rgb, tile)``,
+            ``threshold``, ``normalize``: :class:`ProbabilityModel`).
         tile, overlap: tiling in pixels, as ``NucleiPredictor.predict`` (``tile > 0``).
         channel, pixel_size: as :func:`~.run.predict_images` (``--channel``,
             ``--pixel-size``).
@@ -1339,12 +1515,14 @@ def segment_large(
     Raises:
         ImageReadError: the file cannot be read as a large image (one line naming it).
         TileError: a tile failed (naming the file and the tile); nothing is left written.
-        ValueError: a semantic model, a tiling or diameter out of range.
+        ValueError: a model neither of instances nor semantic, a tiling or diameter out of
+            range.
     """
     started = time.perf_counter()
     from .scale import check_diameter
 
     model = PredictorModel(predictor) if hasattr(predictor, "run_model") else predictor
+    kind = _kind(model)
     trained = float(getattr(model, "nucleus_diameter", 0.0) or 0.0)
     check_diameter(diameter, trained)
     notes: List[str] = []
@@ -1367,8 +1545,14 @@ def segment_large(
     chunk = outputs.chunk
     budget = max(1, int(label_memory_mb * 2 ** 20 // (4 * chunk * chunk)))
     scratch = _temporary(outputs.labels.parent / f"{outputs.labels.name}.scratch")
-    stitcher = GridStitcher((height, width), tile, overlap, chunk, budget,
-                            getattr(model, "min_kept_fraction", 0.0), scratch)
+    if kind == "semantic":
+        from .components import ComponentStitcher
+
+        stitcher = ComponentStitcher((height, width), tile, overlap, chunk, budget,
+                                     getattr(model, "threshold", 0.5), scratch)
+    else:
+        stitcher = GridStitcher((height, width), tile, overlap, chunk, budget,
+                                getattr(model, "min_kept_fraction", 0.0), scratch)
     tiles = stitcher.tiles
     columns = list(TABLE_COLUMNS) + (list(PHYSICAL_COLUMNS) if image.pixel_size else [])
     want_outlines = outputs.geojson is not None or outputs.rois is not None
@@ -1382,10 +1566,19 @@ def segment_large(
         for found in (map_tiles or map)(runner, tiles):
             if stitcher.taken == len(tiles):
                 raise ValueError(f"map_tiles gave more results than the {len(tiles)} tiles")
-            for nucleus in stitcher.add(found.instances, found.stored):
+            if kind == "semantic":
+                if not isinstance(found, TileMap):
+                    raise ValueError(f"a semantic model's tile gave {type(found).__name__}, "
+                                     f"not a TileMap")
+                finished = stitcher.add(found.probabilities, found.intensity)
+            else:
+                finished = stitcher.add(found.instances, found.stored)
+            for nucleus in finished:
                 areas.append(int(nucleus.mask.sum()))
                 scores.append(nucleus.score)
-                streams.add(_row(nucleus, nucleus.intensity, image.pixel_size),
+                measured = (nucleus.mean_intensity if kind == "semantic"
+                            else nucleus.intensity)
+                streams.add(_row(nucleus, measured, image.pixel_size),
                             _outline(nucleus) if want_outlines else None)
             for key in stitcher.final_chunks():
                 labels.write(key, stitcher.take(key))
@@ -1410,7 +1603,8 @@ def segment_large(
                        (height, width), len(tiles), tile, choice, stitcher.count,
                        image.pixel_size, how,
                        normalised, round(time.perf_counter() - started, 3),
-                       stitcher.store.peak_held, stitcher.store.spills, stitcher.peak_pending,
-                       notes,
+                       stitcher.store.peak_held, stitcher.store.spills,
+                       getattr(stitcher, "peak_pending", 0), notes,
                        np.frombuffer(areas, np.int64).copy(),
-                       np.frombuffer(scores, np.float64).copy())
+                       np.frombuffer(scores, np.float64).copy(),
+                       kind=kind, peak_open=getattr(stitcher, "peak_open", 0))

@@ -693,7 +693,7 @@ def _large_row(task: ImageTask, source, result, tile: int, settings: ImageSettin
         "stretch_low": "" if how.low is None else how.low,
         "stretch_high": "" if how.high is None else how.high,
         "noise": "" if getattr(how, "noise", None) is None else round(how.noise, 4),
-        "model_output": "instances",
+        "model_output": result.kind,
         "tile": tile,
         "tiles": result.tiles,
         "route": "large",
