@@ -5,6 +5,7 @@ a renumbering, and ``segment_large`` with a semantic model equals the whole-imag
 Files are written by tifffile and zarr and read back by zarr, csv and the project's reader.
 """
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ from sharp_fpn.predict.large import (
     LargeOutputs,
     LargeSource,
     ProbabilityModel,
-    ThresholdModel,
     TileMap,
     TileReader,
     TileRunner,
@@ -285,8 +285,37 @@ def test_segment_large_with_a_semantic_stand_in_equals_the_whole_image_path(tmp_
     _check_table(result.table, labels, scores, load_image(path).intensity, mapping)
     planes = read_planes(result.labels)  # the project's OME-Zarr reader
     assert np.array_equal(planes.pixels[0], got)
+    from sharp_fpn.predict.formats import nucleus_outlines
+
+    expected = {mapping[k]: v for k, v in nucleus_outlines(labels).items()}
+    features = json.loads(result.geojson.read_text())["features"]
+    assert len(features) == len(expected)
+    for feature in features:
+        ring = np.asarray(feature["geometry"]["coordinates"][0])[:-1]
+        assert np.allclose(ring, expected[int(feature["properties"]["name"])], atol=1e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "b.geojson", "b.tif", "b_labels.ome.zarr", "b_nuclei.csv"]
+
+
+@pytest.mark.parametrize("tile", [96, 512])  # several tiles, and one holding the image
+def test_an_empty_map_gives_empty_outputs_and_one_tile_the_whole_maps_components(tmp_path,
+                                                                                  tile):
+    path = write_blob_tiff(tmp_path / "b.tif", 200, 180, tile=128, seed=5)
+    empty = segment_large(path, LargeOutputs(tmp_path / f"e{tile}.ome.zarr",
+                                             tmp_path / f"e{tile}.csv", chunk=64),
+                          predictor=ProbabilityModel(400.0, 4.0), tile=tile, overlap=24,
+                          progress=False)
+    assert empty.nuclei == 0 and empty.kind == "semantic"
+    assert not _read_labels(empty.labels).any()
+    with open(empty.table, newline="") as f:
+        assert list(csv.DictReader(f)) == []
+    model = ProbabilityModel(100.0, 8.0)
+    labels, _ = _whole_image_semantic(path, model, tile, 24)
+    found = segment_large(path, LargeOutputs(tmp_path / f"f{tile}.ome.zarr",
+                                             tmp_path / f"f{tile}.csv", chunk=64),
+                          predictor=model, tile=tile, overlap=24, progress=False)
+    assert found.nuclei == labels.max() > 10
+    _bijection(labels, _read_labels(found.labels))
 
 
 class _SizedMap(ProbabilityModel):

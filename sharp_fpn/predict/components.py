@@ -44,7 +44,11 @@ store), the open components' statistics (those along the frontier between the bl
 and those to come: ``peak_open`` does not grow with the image's height, only with its
 width), two rows of provisional ids of the image's width, and the union-find: 12 bytes per
 piece of the whole image (its parent and, for a root, its final id), the one term that
-grows with the image: a few MB for a slide's half a million nuclei.
+grows with the image: a few MB for a slide's half a million nuclei. One component is held
+whole when it completes (its box's provisional ids, then its mask): a nucleus' few kB, but a
+component spanning much of the image (a model that takes the background for nuclei) costs
+its box's pixels, and the chunks under an open component's box wait (spilled) until it
+completes; the whole-image path holds the whole map in any case.
 """
 from __future__ import annotations
 
