@@ -578,7 +578,7 @@ def test_large_benchmark_records_peak_memory_and_time_per_size(tmp_path):
 
 
 def test_a_chunk_store_spills_the_least_recently_used_and_reads_them_back(tmp_path):
-    from sharp_fpn.predict.large import ChunkStore
+    from sharp_fpn.predict.chunks import ChunkStore
 
     store = ChunkStore((50, 70), 20, budget=2, scratch=tmp_path / "scratch")
     truth = np.arange(50 * 70, dtype=np.int32).reshape(50, 70)

@@ -351,7 +351,7 @@ class NucleiPredictor:
                 if "instances" in output and not maps:
                     sets.append(self.instance_set(output, t))
                 elif "sem_seg" in output and not sets:
-                    maps.append(self._probabilities(output, t))
+                    maps.append(self.probability_map(output, t))
                 else:
                     raise ValueError(
                         f"{self.cfg.MODEL.META_ARCHITECTURE} returned {sorted(output)}; expected "
@@ -388,7 +388,10 @@ class NucleiPredictor:
             raise ValueError(f"pred_masks are {masks.shape[1:]} for a tile of {tile.shape}")
         return InstanceSet.from_masks(masks[keep], scores[keep])
 
-    def _probabilities(self, output: Dict[str, Any], tile: Tile) -> np.ndarray:
+    def probability_map(self, output: Dict[str, Any], tile: Tile) -> np.ndarray:
+        """A semantic model's output on one tile (:meth:`run_model`) as the tile's ``(h, w)``
+        nucleus probabilities (what :meth:`predict` stitches by cores, and the large-image
+        path too)."""
         probabilities = output["sem_seg"].to("cpu", torch.float32).numpy()
         if probabilities.shape != (1,) + tile.shape:
             raise ValueError(

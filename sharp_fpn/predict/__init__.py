@@ -12,8 +12,10 @@ label TIFF, outline overlay and per-nucleus table out (SPEC section 5).
 * :mod:`.run`: :func:`predict_images`, the whole run (``tools/predict.py``, ``make demo``), with
   a trained model as :class:`sharp_fpn.d2.predictor.NucleiPredictor` runs it tile by tile;
   outputs through :class:`sharp_fpn.outdir.OutputDir`, incremental and resumable.
-* :mod:`.large`: images larger than memory, read by windows, one row of tiles at a time, labels
-  written chunk by chunk as OME-Zarr (``--large``, ``--large-threshold``).
+* :mod:`.large`: images larger than memory, read by windows, one tile at a time, labels
+  written chunk by chunk as OME-Zarr (``--large``, ``--large-threshold``), for instance and
+  semantic models; :mod:`.components` finds a semantic model's components as the tiles come,
+  :mod:`.chunks` holds the label chunks being painted in bounded memory.
 * :mod:`.cluster`: the run on a dask.distributed cluster (``--dask``): one task per image, or
   per tile of a large image; the workers segment, the run writes.
 * :mod:`.zarr_check`: an OME-Zarr's missing chunks found before zarr reads them as fill.

@@ -14,7 +14,7 @@ tiles share their block rows, the columns their block columns), taken in row-maj
 
 **Pieces.** A block's foreground (``> threshold``) is labelled on its own (8-connected,
 ``scipy.ndimage.label``); each piece gets the next *provisional* id, written into the label
-chunks (:class:`~.large.ChunkStore`), with its additive statistics: area, sum of
+chunks (:class:`~.chunks.ChunkStore`), with its additive statistics: area, sum of
 probabilities, sum of intensities, bounding box. Two pieces of neighbouring blocks are one
 component when a pixel of one is among the 8 neighbours of a pixel of the other: the
 block's first row is compared with the image row just above it (kept from the previous row
@@ -60,8 +60,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .large import DEFAULT_CHUNK, ChunkStore, _chunk_keys
-from .tiling import axis_spans, tile_grid
+from .chunks import DEFAULT_CHUNK, ChunkedStitch
+from .tiling import axis_spans
 
 __all__ = ["Component", "ComponentStitcher", "DEFAULT_THRESHOLD"]
 
@@ -101,7 +101,7 @@ def _block_bounds(tiles) -> List[Tuple[int, int, int, int]]:
     return out
 
 
-class ComponentStitcher:
+class ComponentStitcher(ChunkedStitch):
     """The streaming form of ``semantic_labels(stitch_cores(...))`` (module docstring), one
     tile's probability map at a time in row-major order.
 
@@ -113,7 +113,7 @@ class ComponentStitcher:
     Args:
         shape: ``(H, W)``; tile, overlap: the tiling (:func:`~.tiling.tile_grid`).
         chunk: side of the label chunks (px); budget: label chunks held in memory at most
-            (:class:`~.large.ChunkStore`; ``scratch`` the folder the others wait in).
+            (:class:`~.chunks.ChunkStore`; ``scratch`` the folder the others wait in).
         threshold: a pixel is foreground where its probability is above this.
 
     Attributes:
@@ -128,9 +128,8 @@ class ComponentStitcher:
     def __init__(self, shape: Tuple[int, int], tile: int, overlap: int,
                  chunk: int = DEFAULT_CHUNK, budget: int = 64,
                  threshold: float = DEFAULT_THRESHOLD, scratch: Optional[Path] = None) -> None:
-        self.shape = (int(shape[0]), int(shape[1]))
+        super().__init__(shape, tile, overlap, chunk, budget, scratch)
         self.threshold = float(threshold)
-        self.tiles = tile_grid(self.shape[0], self.shape[1], tile, overlap)
         self.blocks = _block_bounds(self.tiles)
         self.columns = len(axis_spans(self.shape[1], tile, overlap))
         self.rows = len(self.tiles) // self.columns
@@ -140,13 +139,9 @@ class ComponentStitcher:
         if any(a >= b for a, b in zip(self.ys[:-1], self.ys[1:])) or any(
                 a >= b for a, b in zip(self.xs[:-1], self.xs[1:])):
             raise ValueError(f"tiling {tile}/{overlap} of {self.shape} has empty tile cores")
-        self.store = ChunkStore(self.shape, chunk, budget, scratch)
-        self.chunk = int(chunk)
-        self.taken = 0
         self.count = 0
         self.pieces = 0
         self.peak_open = 0
-        self.chunks_taken = 0
         self._parent = np.arange(1024, dtype=np.int64)  # union-find over provisional ids
         self._final = np.zeros(1024, dtype=np.uint32)  # a complete root's final id
         # per open root: [area, probability sum, intensity sum, top, left, bottom, right]
@@ -154,23 +149,12 @@ class ComponentStitcher:
         self._above = np.zeros(self.shape[1], dtype=np.int64)  # ids of the row above
         self._next_above = np.zeros(self.shape[1], dtype=np.int64)
         self._left = np.zeros(0, dtype=np.int64)  # ids of the column left of the block
-        self._reached: set = set()
         self._lit: Optional[bool] = None  # whether the tiles come with intensities
 
     @property
     def open(self) -> int:
         """Components held open now."""
         return len(self._open)
-
-    @property
-    def chunk_count(self) -> int:
-        """Chunks of the label image."""
-        return math.ceil(self.shape[0] / self.chunk) * math.ceil(self.shape[1] / self.chunk)
-
-    @property
-    def done(self) -> bool:
-        """Every tile added and every chunk taken."""
-        return self.taken == len(self.tiles) and self.chunks_taken == self.chunk_count
 
     # ------------------------------------------------------------------ union-find
 
@@ -298,7 +282,7 @@ class ComponentStitcher:
             self._above, self._next_above = self._next_above, self._above
             self._next_above[:] = 0
         self.taken += 1
-        self._reached.update(_chunk_keys((y0, x0, y1, x1), self.chunk))
+        self._reach((y0, x0, y1, x1))
         self.peak_open = max(self.peak_open, len(self._open))
         completed = self._complete()
         self.store.settle()

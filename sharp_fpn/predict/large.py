@@ -61,7 +61,7 @@ image.
 
 **Memory**, whatever the image's size: one tile in flight by default (``map_tiles`` is
 consumed lazily; a Dask mapper keeps a bounded number in flight); the label chunks being
-painted, at most ``label_memory_mb`` of them in memory (:class:`ChunkStore`: the least
+painted, at most ``label_memory_mb`` of them in memory (:class:`~.chunks.ChunkStore`: the least
 recently used wait in a scratch folder beside the labels, in the page cache rather than the
 process's memory, and come back when reached); the strided sample, at most 16 MP, read by
 windows of 256 x 4096 px; the undecided instances, each with its mask and the stored pixels
@@ -121,7 +121,6 @@ import csv
 import json
 import math
 from array import array
-from collections import OrderedDict
 import os
 import shutil
 import tempfile
@@ -138,6 +137,7 @@ import tifffile
 from scipy import ndimage
 from tqdm import tqdm
 
+from .chunks import DEFAULT_CHUNK, ChunkedStitch, chunk_keys
 from .formats import PHYSICAL_COLUMNS, QUPATH_CLASS, FEATURE_ID_NAMESPACE, qupath_measurements, \
     physical_columns
 from .image_io import (
@@ -164,7 +164,6 @@ if TYPE_CHECKING:  # detectron2 glue, built by the caller
 
 __all__ = [
     "DEFAULT_CHUNK",
-    "ChunkStore",
     "ContiguousArray",
     "DEFAULT_LABEL_MEMORY_MB",
     "GridStitcher",
@@ -185,14 +184,12 @@ __all__ = [
     "strided_sample",
 ]
 
-#: Side of the label chunks written (px).
-DEFAULT_CHUNK = 512
 #: Rows and columns of the windows the strided sample is read by.
 _READ_ROWS = 256
 _READ_COLUMNS = 4096
 #: Tiles along each axis the nucleus diameter is estimated on (:func:`choose_scale`).
 ESTIMATE_GRID = 3
-#: Label memory of the stitch by default (MB): the label chunks held at most (ChunkStore).
+#: Label memory of the stitch by default (MB): the label chunks held at most (chunks.ChunkStore).
 DEFAULT_LABEL_MEMORY_MB = 64
 
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity
@@ -564,7 +561,7 @@ class PredictorModel:
         if "sem_seg" not in output:
             raise ValueError(f"{self.predictor.cfg.MODEL.META_ARCHITECTURE} returned "
                              f"{sorted(output)}; a semantic model gives 'sem_seg'")
-        return self.predictor._probabilities(output, tile)  # noqa: SLF001  predict's own
+        return self.predictor.probability_map(output, tile)
 
 
 class ThresholdModel:
@@ -773,129 +770,6 @@ class TileRunner:
 # --------------------------------------------------------------------------- stitching
 
 
-def _chunk_keys(box: Tuple[int, int, int, int], chunk: int) -> List[Tuple[int, int]]:
-    """Grid keys ``(cy, cx)`` of the ``chunk``-px chunks a box ``(t, l, b, r)`` reaches."""
-    t, l, b, r = box
-    return [(cy, cx) for cy in range(t // chunk, (b - 1) // chunk + 1)
-            for cx in range(l // chunk, (r - 1) // chunk + 1)]
-
-
-class ChunkStore:
-    """The label chunks of an image being stitched, int32 (``> 0`` an id, ``< 0`` a pixel
-    taken, then pruned), created zero when first reached.
-
-    At most ``budget`` chunks are held in memory: when :meth:`settle` finds more, the least
-    recently used go to ``scratch`` (one ``.npy`` file a chunk, in the page cache rather than
-    the process' memory) and come back when reached again. A chunk is taken out once, when
-    final (:meth:`pop`), and forgotten. So the labels held cost at most about ``budget``
-    chunks whatever the image's size; ``peak_held`` and ``spills`` say what a run held and
-    moved.
-    """
-
-    def __init__(self, shape: Tuple[int, int], chunk: int, budget: int,
-                 scratch: Optional[Path] = None) -> None:
-        if chunk < 1 or budget < 1:
-            raise ValueError(f"chunk and budget must be >= 1, got {chunk} and {budget}")
-        self.shape = tuple(shape)
-        self.chunk = int(chunk)
-        self.budget = int(budget)
-        self.scratch = scratch
-        self._held: "OrderedDict[Tuple[int, int], np.ndarray]" = OrderedDict()
-        self._spilled: set = set()
-        self.peak_held = 0
-        self.spills = 0
-
-    def bounds(self, key: Tuple[int, int]) -> Tuple[int, int, int, int]:
-        """The pixels ``(t, l, b, r)`` of chunk ``key``."""
-        cy, cx = key
-        c = self.chunk
-        return cy * c, cx * c, min((cy + 1) * c, self.shape[0]), min((cx + 1) * c,
-                                                                      self.shape[1])
-
-    def _file(self, key: Tuple[int, int]) -> Path:
-        return self.scratch / f"{key[0]}_{key[1]}.npy"
-
-    def _get(self, key: Tuple[int, int]) -> np.ndarray:
-        values = self._held.get(key)
-        if values is not None:
-            self._held.move_to_end(key)
-            return values
-        if key in self._spilled:
-            path = self._file(key)
-            values = np.load(path)
-            path.unlink()
-            self._spilled.discard(key)
-        else:
-            t, l, b, r = self.bounds(key)
-            values = np.zeros((b - t, r - l), dtype=np.int32)
-        self._held[key] = values
-        self.peak_held = max(self.peak_held, len(self._held))
-        return values
-
-    def region(self, box: Tuple[int, int, int, int]) -> Tuple[np.ndarray, bool]:
-        """The labels of ``box``: ``(values, shared)``, a view into the chunk when the box
-        lies in one (``shared``: edits are the chunk's), else a copy to :meth:`write` back."""
-        t, l, b, r = box
-        keys = _chunk_keys(box, self.chunk)
-        if len(keys) == 1:
-            ct, cl, _, _ = self.bounds(keys[0])
-            return self._get(keys[0])[t - ct:b - ct, l - cl:r - cl], True
-        out = np.empty((b - t, r - l), dtype=np.int32)
-        for key in keys:
-            ct, cl, cb, cr = self.bounds(key)
-            y0, x0, y1, x1 = max(t, ct), max(l, cl), min(b, cb), min(r, cr)
-            out[y0 - t:y1 - t, x0 - l:x1 - l] = self._get(key)[y0 - ct:y1 - ct, x0 - cl:x1 - cl]
-        return out, False
-
-    def read(self, box: Tuple[int, int, int, int]) -> np.ndarray:
-        """A copy of the labels of ``box``, its chunks not in the store (never reached, or
-        taken out) read as zeros and not created."""
-        t, l, b, r = box
-        out = np.zeros((b - t, r - l), dtype=np.int32)
-        for key in _chunk_keys(box, self.chunk):
-            if key not in self._held and key not in self._spilled:
-                continue
-            ct, cl, cb, cr = self.bounds(key)
-            y0, x0, y1, x1 = max(t, ct), max(l, cl), min(b, cb), min(r, cr)
-            out[y0 - t:y1 - t, x0 - l:x1 - l] = self._get(key)[y0 - ct:y1 - ct, x0 - cl:x1 - cl]
-        return out
-
-    def write(self, box: Tuple[int, int, int, int], values: np.ndarray) -> None:
-        """Put the labels of ``box`` (a copy :meth:`region` gave) back into its chunks."""
-        t, l, b, r = box
-        for key in _chunk_keys(box, self.chunk):
-            ct, cl, cb, cr = self.bounds(key)
-            y0, x0, y1, x1 = max(t, ct), max(l, cl), min(b, cb), min(r, cr)
-            self._get(key)[y0 - ct:y1 - ct, x0 - cl:x1 - cl] = values[y0 - t:y1 - t,
-                                                                     x0 - l:x1 - l]
-
-    def pop(self, key: Tuple[int, int]) -> np.ndarray:
-        """Chunk ``key``'s labels, taken out of the store (zeros if it was never reached)."""
-        if key in self._held or key in self._spilled:
-            values = self._get(key)
-            del self._held[key]
-            return values
-        t, l, b, r = self.bounds(key)
-        return np.zeros((b - t, r - l), dtype=np.int32)
-
-    def settle(self) -> None:
-        """Spill the least recently used chunks beyond the budget to ``scratch``."""
-        while len(self._held) > self.budget:
-            if self.scratch is None:
-                raise ValueError(f"{len(self._held)} label chunks held, over the budget of "
-                                 f"{self.budget}, and no scratch folder to spill them to")
-            key, values = self._held.popitem(last=False)
-            self.scratch.mkdir(parents=True, exist_ok=True)
-            np.save(self._file(key), values, allow_pickle=False)
-            self._spilled.add(key)
-            self.spills += 1
-
-    @property
-    def held(self) -> int:
-        """Chunks in memory now."""
-        return len(self._held)
-
-
 @dataclass
 class _Pending:
     key: Tuple[float, int, int]  # (-score, tile index, index in tile): the whole path's rank
@@ -934,7 +808,7 @@ def _meets(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             & (a[:, None, 1] < b[None, :, 3]) & (a[:, None, 3] > b[None, :, 1]))
 
 
-class GridStitcher:
+class GridStitcher(ChunkedStitch):
     """The streaming form of :func:`~.tiling.stitch_instances` + :func:`~.tiling.
     keep_largest_components` (module docstring), one tile at a time in row-major order.
 
@@ -946,7 +820,7 @@ class GridStitcher:
     Args:
         shape: ``(H, W)``; tile, overlap: the tiling (:func:`~.tiling.tile_grid`).
         chunk: side of the label chunks (px); budget: label chunks held in memory at most
-            (:class:`ChunkStore`; ``scratch`` the folder the others wait in).
+            (:class:`~.chunks.ChunkStore`; ``scratch`` the folder the others wait in).
         min_kept_fraction: as :func:`~.tiling.stitch_instances`.
     """
 
@@ -955,30 +829,14 @@ class GridStitcher:
                  min_kept_fraction: float = 0.0, scratch: Optional[Path] = None) -> None:
         if not 0.0 <= min_kept_fraction <= 1.0:
             raise ValueError(f"min_kept_fraction must be in [0, 1], got {min_kept_fraction}")
-        self.shape = tuple(shape)
+        super().__init__(shape, tile, overlap, chunk, budget, scratch)
         self.min_kept_fraction = float(min_kept_fraction)
-        self.tiles = tile_grid(self.shape[0], self.shape[1], tile, overlap)
         self.row_spans = axis_spans(self.shape[0], tile, overlap)
         self.col_spans = axis_spans(self.shape[1], tile, overlap)
-        self.store = ChunkStore(self.shape, chunk, budget, scratch)
-        self.chunk = int(chunk)
         self.pending: List[_Pending] = []
-        self.taken = 0  # tiles added
         self.count = 0  # nuclei decided
         self.peak_pending = 0
-        self.chunks_taken = 0
         self._cover: Dict[Tuple[int, int], int] = {}  # undecided boxes reaching each chunk
-        self._reached: set = set()  # chunks a tile added reaches, not yet taken
-
-    @property
-    def chunk_count(self) -> int:
-        """Chunks of the label image."""
-        return math.ceil(self.shape[0] / self.chunk) * math.ceil(self.shape[1] / self.chunk)
-
-    @property
-    def done(self) -> bool:
-        """Every tile added and every chunk taken."""
-        return self.taken == len(self.tiles) and self.chunks_taken == self.chunk_count
 
     def _untouched(self, boxes: np.ndarray) -> np.ndarray:
         """Whether each box lies outside every tile not yet added (so no instance still to
@@ -994,7 +852,7 @@ class GridStitcher:
         return ~(in_row | (b > below))  # ... or the rows below
 
     def _cover_add(self, box: Tuple[int, int, int, int], step: int) -> None:
-        for key in _chunk_keys(box, self.chunk):
+        for key in chunk_keys(box, self.chunk):
             left = self._cover.get(key, 0) + step
             if left:
                 self._cover[key] = left
@@ -1028,8 +886,7 @@ class GridStitcher:
                                              None if stored is None else stored[j]))
                 self._cover_add(box, 1)
         self.taken += 1
-        self._reached.update(_chunk_keys((tile.top, tile.left, tile.bottom, tile.right),
-                                         self.chunk))
+        self._reach((tile.top, tile.left, tile.bottom, tile.right))
         self.peak_pending = max(self.peak_pending, len(self.pending))
         decided = self._decide()
         self.store.settle()
@@ -1158,7 +1015,7 @@ class LargeResult:
         pixel_size: µm per pixel (None when unknown); stretch, normalisation: the whole
             image's ranges (:func:`normalisation_ranges`).
         seconds: wall time.
-        peak_chunks_held: most label chunks in memory at once (:class:`ChunkStore`; at most
+        peak_chunks_held: most label chunks in memory at once (:class:`~.chunks.ChunkStore`; at most
             the budget, plus those one tile's decisions reach); chunks_spilled: chunks moved
             to the scratch folder and back; peak_pending: most undecided instances (those
             along the frontier between the tiles done and those to come). The first does not
