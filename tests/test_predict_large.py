@@ -42,18 +42,7 @@ from sharp_fpn.predict.tiling import (
     tile_grid,
 )
 
-
-def _read_labels(folder: Path) -> np.ndarray:
-    return zarr.open_group(str(folder), mode="r")["0"][...]
-
-
-def _bijection(a: np.ndarray, b: np.ndarray) -> dict:
-    """``{id in a: id in b}`` when the two label images are one renumbering of each other."""
-    assert a.shape == b.shape
-    assert np.array_equal(a > 0, b > 0), f"{int(((a > 0) != (b > 0)).sum())} pixels differ"
-    pairs = np.unique(np.stack([a[a > 0].astype(np.int64), b[a > 0].astype(np.int64)]), axis=1)
-    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
-    return {int(x): int(y) for x, y in pairs.T}
+from support import bijection, zarr_labels
 
 
 # ------------------------------------------------------------------ the stitch, without a model
@@ -121,7 +110,7 @@ def test_tile_by_tile_stitch_equals_the_whole_image_stitch(seed, tmp_path):
     for budget in (10_000, 3):
         stitcher, out, scores = _stitch_tile_by_tile(shape, 64, 24, sets, 32, budget,
                                                      tmp_path / f"scratch{budget}")
-        mapping = _bijection(expected, out)
+        mapping = bijection(expected, out)
         assert stitcher.count == len(whole.scores) == len(mapping)
         for old, new in mapping.items():
             assert scores[new] == whole.scores[old - 1]
@@ -202,9 +191,9 @@ def test_large_path_labels_equal_the_whole_image_path(zoo_run):
     loaded, whole, result = zoo_run
     assert result.tiles == whole.tiles == 9
     assert whole.count > 50  # a real segmentation, not an empty one
-    labels = _read_labels(result.labels)
+    labels = zarr_labels(result.labels)
     assert labels.dtype == np.uint32
-    mapping = _bijection(whole.labels, labels)
+    mapping = bijection(whole.labels, labels)
     assert result.nuclei == whole.count == len(mapping)
     # the summary's figures, kept per nucleus
     areas = np.bincount(whole.labels.ravel())[1:]
@@ -215,8 +204,8 @@ def test_large_path_labels_equal_the_whole_image_path(zoo_run):
 
 def test_large_path_table_rows_agree_with_nuclei_table(zoo_run):
     loaded, whole, result = zoo_run
-    labels = _read_labels(result.labels)
-    mapping = _bijection(whole.labels, labels)
+    labels = zarr_labels(result.labels)
+    mapping = bijection(whole.labels, labels)
     with open(result.table, newline="") as f:
         rows = {int(r["label"]): r for r in csv.DictReader(f)}
     expected = nuclei_table(whole.labels, whole.scores, loaded.intensity)
@@ -236,8 +225,8 @@ def test_large_path_outlines_are_the_whole_images(zoo_run):
     from roifile import roiread
 
     loaded, whole, result = zoo_run
-    labels = _read_labels(result.labels)
-    mapping = _bijection(whole.labels, labels)
+    labels = zarr_labels(result.labels)
+    mapping = bijection(whole.labels, labels)
     expected = {mapping[k]: v for k, v in nucleus_outlines(whole.labels).items()}
     features = json.loads(Path(result.geojson).read_text())["features"]
     assert len(features) == len(expected)
@@ -314,7 +303,7 @@ def test_memory_held_does_not_grow_with_the_image(tmp_path):
     assert wide_peak < 1.15 * small_peak, (small_peak, wide_peak)
     # the labels are the blobs' (a stand-in model, but the stitch is the real one), every
     # chunk stored (empty ones too), and the scratch folder gone
-    labels = _read_labels(wide.labels)
+    labels = zarr_labels(wide.labels)
     truth = blob_window(0, 0, 640, 1152, seed=1)
     assert wide.nuclei == len(np.unique(labels)) - 1
     assert np.mean((labels > 0) == (truth > 1000)) > 0.99
@@ -367,7 +356,7 @@ def test_a_contiguous_tiff_is_read_by_windows_not_whole(tmp_path):
                                           tmp_path / p.stem / "t.csv"),
                           predictor=ThresholdModel(100.0, 20), tile=128, overlap=32,
                           progress=False) for p in (path, tiled)]
-    assert np.array_equal(_read_labels(runs[0].labels), _read_labels(runs[1].labels))
+    assert np.array_equal(zarr_labels(runs[0].labels), zarr_labels(runs[1].labels))
     assert runs[0].table.read_bytes() == runs[1].table.read_bytes()
 
 
@@ -393,7 +382,7 @@ def test_a_missing_chunk_is_refused_naming_it(tmp_path):
     result = segment_large(store, LargeOutputs(out / "s.ome.zarr", out / "s.csv"),
                            predictor=ThresholdModel(100.0, 20), tile=128, overlap=32,
                            progress=False, allow_missing_chunks=True)
-    assert not _read_labels(result.labels)[200:300, 100:200].any()
+    assert not zarr_labels(result.labels)[200:300, 100:200].any()
 
 
 class _FailsLow(ThresholdModel):
@@ -517,7 +506,7 @@ def test_nuclei_of_another_size_are_predicted_rescaled_and_brought_back(tmp_path
     assert estimated.tile == round(128 / estimated.scale.scale) and estimated.tiles > plain.tiles
     assert given.scale.source == "given" and given.scale.scale == 0.5 and given.tile == 256
     for run in runs.values():  # labels at the image's own size, the blobs found in each
-        labels = _read_labels(run.labels)
+        labels = zarr_labels(run.labels)
         assert labels.shape == (384, 320)
         assert np.mean((labels > 0) == truth) > 0.97, run.scale
         assert abs(run.nuclei - plain.nuclei) <= 0.05 * plain.nuclei
@@ -617,7 +606,7 @@ def test_an_empty_field_gives_empty_outputs_that_read_back(tmp_path):
                            predictor=ThresholdModel(100.0, 20), tile=128, overlap=32,
                            progress=False)
     assert result.nuclei == 0 and result.areas.size == 0
-    assert not _read_labels(result.labels).any()
+    assert not zarr_labels(result.labels).any()
     assert (out / "e.csv").read_text().splitlines() == [",".join(
         ["label", "score", "area", "centroid_y", "centroid_x", "bbox_min_row", "bbox_min_col",
          "bbox_max_row", "bbox_max_col", "mean_intensity", "eccentricity"])]

@@ -19,6 +19,8 @@ from PIL import Image
 from sharp_fpn.outdir import OutputConflict
 from sharp_fpn.predict.run import SUMMARY_COLUMNS, model_diameter, predict_images, route_of
 
+from support import bijection
+
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = dict(tile=128, overlap=32, progress=False)
 
@@ -31,15 +33,6 @@ def _summary(folder: Path) -> list:
 def _table(path: Path) -> dict:
     with open(path, newline="") as f:
         return {int(r["label"]): r for r in csv.DictReader(f)}
-
-
-def _bijection(a: np.ndarray, b: np.ndarray) -> dict:
-    """``{id in a: id in b}`` when the two label images are one renumbering of each other."""
-    assert a.shape == b.shape
-    assert np.array_equal(a > 0, b > 0), f"{int(((a > 0) != (b > 0)).sum())} pixels differ"
-    pairs = np.unique(np.stack([a[a > 0].astype(np.int64), b[a > 0].astype(np.int64)]), axis=1)
-    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
-    return {int(x): int(y) for x, y in pairs.T}
 
 
 def _leftovers(folder: Path) -> list:
@@ -84,7 +77,7 @@ def test_the_large_route_gives_the_whole_routes_nuclei(zoo):
     expected = tifffile.imread(whole.results[0].labels)
     got = zarr.open_group(str(result.labels), mode="r")["0"][...]
     assert got.dtype == np.uint32
-    mapping = _bijection(expected, got)
+    mapping = bijection(expected, got)
     assert len(mapping) == whole.results[0].nuclei == result.nuclei > 20
     # the per-nucleus rows agree, up to the renumbering
     rows_whole, rows_large = _table(whole.results[0].table), _table(result.table)

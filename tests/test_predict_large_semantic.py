@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import zarr
 from scipy import ndimage
 
 from sharp_fpn.perf.benchmarks.large import write_blob_tiff
@@ -30,24 +29,13 @@ from sharp_fpn.predict.large import (
 from sharp_fpn.predict.outputs import nuclei_table
 from sharp_fpn.predict.tiling import stitch_cores, tile_grid
 
+from support import bijection, zarr_labels
+
 
 def _semantic_labels(probabilities):
     from sharp_fpn.d2.predictor import semantic_labels
 
     return semantic_labels(probabilities)
-
-
-def _read_labels(folder: Path) -> np.ndarray:
-    return zarr.open_group(str(folder), mode="r")["0"][...]
-
-
-def _bijection(a: np.ndarray, b: np.ndarray) -> dict:
-    """``{id in a: id in b}`` when the two label images are one renumbering of each other."""
-    assert a.shape == b.shape
-    assert np.array_equal(a > 0, b > 0), f"{int(((a > 0) != (b > 0)).sum())} pixels differ"
-    pairs = np.unique(np.stack([a[a > 0].astype(np.int64), b[a > 0].astype(np.int64)]), axis=1)
-    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
-    return {int(x): int(y) for x, y in pairs.T}
 
 
 # ------------------------------------------------------------------ the stitch, without a model
@@ -148,7 +136,7 @@ def test_streaming_components_equal_the_whole_maps_components(seed, tmp_path):
     for budget in (10_000, 3):
         stitcher, out, found = _stitch_tile_by_tile(shape, tile, overlap, maps, lights, 32,
                                                     budget, tmp_path / f"scratch{budget}")
-        mapping = _bijection(labels, out)
+        mapping = bijection(labels, out)
         assert stitcher.count == labels.max() == len(mapping) == len(found)
         assert sorted(found) == list(range(1, stitcher.count + 1))
         for old, new in mapping.items():
@@ -274,9 +262,9 @@ def test_segment_large_with_a_semantic_stand_in_equals_the_whole_image_path(tmp_
                            progress=False, label_memory_mb=4 * 32 * 32 * 3 / 2 ** 20)
     assert result.kind == "semantic" and result.chunks_spilled > 0
     assert 0 < result.peak_open < labels.max() and result.peak_pending == 0
-    got = _read_labels(result.labels)
+    got = zarr_labels(result.labels)
     assert got.dtype == np.uint32
-    mapping = _bijection(labels, got)
+    mapping = bijection(labels, got)
     assert result.nuclei == labels.max() == len(mapping)
     areas = np.bincount(labels.ravel())[1:]
     for old, new in mapping.items():
@@ -306,7 +294,7 @@ def test_an_empty_map_gives_empty_outputs_and_one_tile_the_whole_maps_components
                           predictor=ProbabilityModel(400.0, 4.0), tile=tile, overlap=24,
                           progress=False)
     assert empty.nuclei == 0 and empty.kind == "semantic"
-    assert not _read_labels(empty.labels).any()
+    assert not zarr_labels(empty.labels).any()
     with open(empty.table, newline="") as f:
         assert list(csv.DictReader(f)) == []
     model = ProbabilityModel(100.0, 8.0)
@@ -315,7 +303,7 @@ def test_an_empty_map_gives_empty_outputs_and_one_tile_the_whole_maps_components
                                              tmp_path / f"f{tile}.csv", chunk=64),
                           predictor=model, tile=tile, overlap=24, progress=False)
     assert found.nuclei == labels.max() > 10
-    _bijection(labels, _read_labels(found.labels))
+    bijection(labels, zarr_labels(found.labels))
 
 
 class _SizedMap(ProbabilityModel):
@@ -344,7 +332,7 @@ def test_a_semantic_map_at_another_scale_is_brought_back_by_nearest_neighbour(tm
     assert result.scale.source == "estimated" and result.scale.scale == pytest.approx(
         34.0 / result.scale.diameter)
     assert result.scale.scale > 1.5
-    labels = _read_labels(result.labels)
+    labels = zarr_labels(result.labels)
     truth = load_image(path).intensity > 1000
     assert labels.shape == (256, 224) and np.mean((labels > 0) == truth) > 0.97
 
@@ -407,7 +395,7 @@ def test_a_real_semantic_model_on_the_large_path_equals_its_whole_image_predicti
                                               chunk=32),
                            predictor=tiny_semantic, tile=64, overlap=16, progress=False)
     assert result.kind == "semantic" and result.tiles == whole.tiles == 9
-    mapping = _bijection(whole.labels, _read_labels(result.labels))
+    mapping = bijection(whole.labels, zarr_labels(result.labels))
     assert result.nuclei == whole.count == len(mapping)
     for old, new in mapping.items():
         assert result.scores[new - 1] == pytest.approx(whole.scores[old - 1], rel=1e-9)
@@ -427,7 +415,7 @@ def test_a_real_semantic_model_on_the_large_path_equals_its_whole_image_predicti
                                               chunk=32),
                            predictor=tiny_semantic, tile=64, overlap=16, progress=False,
                            map_tiles=on_workers)
-    np.testing.assert_array_equal(_read_labels(spread.labels), _read_labels(result.labels))
+    np.testing.assert_array_equal(zarr_labels(spread.labels), zarr_labels(result.labels))
     assert (tmp_path / "d.csv").read_text() == (tmp_path / "t.csv").read_text()
 
 
@@ -450,5 +438,5 @@ def test_predict_sends_a_semantic_model_down_the_large_route(tiny_semantic, tmp_
     with open(tmp_path / "large" / "summary.csv", newline="") as f:
         assert [r["model_output"] for r in csv.DictReader(f)] == ["semantic"]
     labels = tifffile.imread(whole.results[0].labels)
-    _bijection(labels, _read_labels(large.results[0].labels))
+    bijection(labels, zarr_labels(large.results[0].labels))
     assert large.results[0].nuclei == whole.results[0].nuclei > 3
