@@ -281,6 +281,19 @@ def test_the_cli_takes_the_large_route_end_to_end(zoo, tmp_path, capsys):
     with pytest.raises(SystemExit):
         tool.main(argv + ["--large-threshold", "0"])
     assert "--large-threshold" in capsys.readouterr().err
+    # --large-memory is taken (this one-chunk image never spills; spilling itself is tested
+    # in test_predict_large.py) and the outputs do not depend on it
+    low = tmp_path / "low"
+    assert tool.main([a if a != str(out) else str(low) for a in argv]
+                     + ["--large-memory", "0.015625"]) == 0
+    assert np.array_equal(zarr.open_group(str(low / "crop_labels.ome.zarr"), mode="r")["0"][:],
+                          group["0"][:])
+    for name in ("crop_nuclei.csv", "crop_nuclei.geojson"):
+        assert (low / name).read_bytes() == (out / name).read_bytes()
+    assert _leftovers(low) == []
+    with pytest.raises(SystemExit):
+        tool.main(argv + ["--large-memory", "0"])
+    assert "--large-memory" in capsys.readouterr().err
 
 
 def test_on_a_dask_cluster_a_large_images_tiles_go_to_the_workers(zoo, tmp_path):

@@ -53,9 +53,11 @@ input with --large, is read window by window and segmented tile by tile (the sam
 stitch; labels equal to the whole-image path's up to their numbering), its labels written chunk
 by chunk: <stem>_labels.ome.zarr (an OME-Zarr folder, uint32, with the pixel size) instead of
 the label TIFF, <stem>_nuclei.csv, and --rois / --geojson as asked; no overlay (view the labels
-in napari). Peak memory is about one row of tiles, whatever the image's height. It is
-predicted at scale 1 (no diameter estimate; a --diameter needing a rescale fails it), and a
-file of several planes or channels left unpicked there fails, named. PNG/JPEG files are read
+in napari). Peak memory does not grow with the image: one tile, at most --large-memory MB of
+label chunks (the others wait in a scratch folder in --output), the nuclei not yet decided.
+Its nuclei are rescaled as on the whole-image path (--diameter, or estimated on up to 9 tiles
+spread over the image); instance and semantic models both work; a file of several planes or
+channels left unpicked there fails, named. PNG/JPEG files are read
 whole whatever their size (a note says so above the threshold). Its summary.csv row says
 route "large"; with --dask its tiles are the workers' tasks.
 
@@ -120,6 +122,16 @@ def _megapixels(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of megapixels: {text!r}") from None
     if not value > 0:  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be > 0 megapixels, got {text}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of megabytes: {text!r}") from None
+    if not value > 0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be > 0 MB, got {text}")
     return value
 
 
@@ -229,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--large-threshold", type=_megapixels, default=DEFAULT_LARGE_THRESHOLD,
                         metavar="MP", help="a TIFF / OME-Zarr plane of more megapixels takes the "
                         "large-image path (%(default)s)")
+    parser.add_argument("--large-memory", type=_megabytes, default=None, metavar="MB",
+                        help="label memory of the large-image path: the label chunks held at "
+                        "once, the others waiting in a scratch folder in --output (default 64); "
+                        "the results are the same")
     parser.add_argument("--dask", nargs="?", const="", default=None, metavar="ADDRESS",
                         help="segment the images on a dask.distributed cluster: the scheduler "
                         "at ADDRESS (tcp://host:8786), or a LocalCluster started for the run "
@@ -286,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         pixel_size=args.pixel_size, rois=args.rois, geojson=args.geojson,
         ome_tiff=args.ome_tiff, allow_missing_chunks=args.allow_missing_chunks,
         dask=args.dask, dask_workers=args.dask_workers, large=args.large,
-        large_threshold=args.large_threshold,
+        large_threshold=args.large_threshold, large_memory_mb=args.large_memory,
     )
     nuclei = sum(r.nuclei for r in report.results)
     done = f", {len(report.skipped)} skipped (done earlier)" if report.skipped else ""

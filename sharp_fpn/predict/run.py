@@ -754,6 +754,7 @@ class ImageSettings:
     progress: bool = False
     debug: bool = False
     large_tile: int = NATIVE_TILE
+    large_memory_mb: Optional[float] = None
 
     @property
     def outputs_asked(self) -> Dict[str, bool]:
@@ -1074,7 +1075,9 @@ class RunWriter:
                 diameter=settings.diameter, stretch=settings.stretch,
                 progress=settings.progress if progress is None else progress,
                 map_tiles=map_tiles,
-                allow_missing_chunks=settings.allow_missing_chunks)
+                allow_missing_chunks=settings.allow_missing_chunks,
+                **({} if settings.large_memory_mb is None
+                   else {"label_memory_mb": settings.large_memory_mb}))
         except Exception as e:  # noqa: BLE001  one image's failure never ends the batch
             if isinstance(e, OSError) and not isinstance(e, ImageError):
                 # writing (reads fail as ImageReadError / TileError): the run cannot go on
@@ -1146,6 +1149,7 @@ def predict_images(
     predictor_factory: Optional[Callable[[], Any]] = None,
     large: bool = False,
     large_threshold: float = DEFAULT_LARGE_THRESHOLD,
+    large_memory_mb: Optional[float] = None,
 ) -> PredictionReport:
     """Label the nuclei of every input image and write the outputs to ``out_dir``, by the
     rules of the module docstring.
@@ -1197,15 +1201,19 @@ def predict_images(
         large: every TIFF and OME-Zarr input through the large-image path (``--large``).
         large_threshold: megapixels per plane above which a TIFF or OME-Zarr input takes the
             large-image path without ``large`` (``--large-threshold``; :func:`route_of`).
+        large_memory_mb: the label chunks the large-image path holds in memory at most
+            (``--large-memory``; None: :data:`~.large.DEFAULT_LABEL_MEMORY_MB`); the others
+            wait in a scratch folder in ``out_dir``. The results do not depend on it.
 
     **Large images** (:mod:`.large`): an input :func:`route_of` sends there is read window by
     window and written as it goes, in this process (with ``dask``, its tiles run on the
     workers, :func:`~.cluster.tile_mapper`): ``<stem>_labels.ome.zarr`` (an OME-Zarr folder,
     uint32 labels) instead of the label TIFF, ``<stem>_nuclei.csv``, ``--rois`` and
     ``--geojson`` as asked, no overlay; its ``summary.csv`` row says ``route`` ``large``.
-    Its labels are the whole-image path's up to a renumbering (:mod:`.large`); it is
-    predicted at scale 1 (no diameter estimate; a ``diameter`` asking for another scale fails
-    the image), with ``tile`` (``tile=0``: the model's :func:`default_tile`). A file of several
+    Its labels are the whole-image path's up to a renumbering (:mod:`.large`; at scale 1);
+    its nuclei are rescaled by ``diameter``, or by a diameter estimated on up to 9 of its
+    tiles (:func:`~.large.choose_scale`), with ``tile`` (``tile=0``: the model's
+    :func:`default_tile`). A file of several
     planes sent there fails, naming it (the large path reads one 2-D image per file).
 
     Files of several planes (z-stacks, time series, multi-page TIFFs) are segmented plane by
@@ -1253,6 +1261,9 @@ def predict_images(
     if not threshold_ok:  # NaN fails too
         raise ValueError(f"--large-threshold must be a number of megapixels > 0, got "
                          f"{large_threshold}")
+    if large_memory_mb is not None and not float(large_memory_mb) > 0:  # NaN fails too
+        raise ValueError(f"--large-memory must be a number of megabytes > 0, got "
+                         f"{large_memory_mb}")
     outputs_asked = {"rois": bool(rois), "geojson": bool(geojson), "ome_tiff": bool(ome_tiff)}
     formats = {**outputs_asked, "channel": channel,
                "pixel_size": None if pixel_size is None else float(pixel_size)}
@@ -1304,6 +1315,7 @@ def predict_images(
             ome_tiff=bool(ome_tiff), allow_missing_chunks=bool(allow_missing_chunks),
             progress=progress and dask is None, debug=debug,
             large_tile=default_tile(model_cfg),
+            large_memory_mb=None if large_memory_mb is None else float(large_memory_mb),
         )
 
         failed_inputs = [Failure(spec, f"{spec}: {reason}") for spec, reason in found.problems]
