@@ -195,11 +195,13 @@ def test_large_path_labels_equal_the_whole_image_path(zoo_run):
     assert labels.dtype == np.uint32
     mapping = bijection(whole.labels, labels)
     assert result.nuclei == whole.count == len(mapping)
-    # the summary's figures, kept per nucleus
+    # the summary's figures, summed up as the nuclei came: the whole image's
     areas = np.bincount(whole.labels.ravel())[1:]
-    for old, new in mapping.items():
-        assert result.areas[new - 1] == areas[old - 1]
-        assert result.scores[new - 1] == whole.scores[old - 1]
+    summary = result.summary
+    assert summary.count == whole.count and summary.total_area == areas.sum()
+    assert summary.median_area == np.median(areas) and summary.mean_area == areas.mean()
+    assert (summary.min_area, summary.max_area) == (areas.min(), areas.max())
+    assert summary.mean_score == pytest.approx(whole.scores.mean(), rel=1e-12)
 
 
 def test_large_path_table_rows_agree_with_nuclei_table(zoo_run):
@@ -499,7 +501,9 @@ def test_nuclei_of_another_size_are_predicted_rescaled_and_brought_back(tmp_path
     plain, estimated, given = runs["as is"], runs["estimated"], runs["given"]
     assert plain.scale.source == "model has no nucleus diameter" and plain.scale.scale == 1.0
     # the estimate: the median equivalent diameter of the nuclei of (up to) 9 tiles
-    whole_median = float(np.median(2 * np.sqrt(plain.areas / np.pi)))
+    with open(plain.table, newline="") as f:
+        plain_areas = np.array([int(r["area"]) for r in csv.DictReader(f)])
+    whole_median = float(np.median(2 * np.sqrt(plain_areas / np.pi)))
     assert estimated.scale.source == "estimated"
     assert estimated.scale.diameter == pytest.approx(whole_median, rel=0.1)
     assert estimated.scale.scale == pytest.approx(34.0 / estimated.scale.diameter)
@@ -605,10 +609,28 @@ def test_an_empty_field_gives_empty_outputs_that_read_back(tmp_path):
                                               geojson=out / "e.geojson", rois=out / "e.zip"),
                            predictor=ThresholdModel(100.0, 20), tile=128, overlap=32,
                            progress=False)
-    assert result.nuclei == 0 and result.areas.size == 0
+    assert result.nuclei == 0 and result.summary.count == 0
+    assert result.summary.median_area is None and result.summary.mean_score is None
     assert not zarr_labels(result.labels).any()
     assert (out / "e.csv").read_text().splitlines() == [",".join(
         ["label", "score", "area", "centroid_y", "centroid_x", "bbox_min_row", "bbox_min_col",
          "bbox_max_row", "bbox_max_col", "mean_intensity", "eccentricity"])]
     assert json.loads((out / "e.geojson").read_text()) == {"type": "FeatureCollection",
                                                          "features": []}
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 500])
+def test_a_nucleus_summary_gives_numpys_figures_without_keeping_the_nuclei(count):
+    from sharp_fpn.predict.large import NucleusSummary
+
+    rng = np.random.default_rng(count)
+    areas = rng.integers(1, 3000, count)  # some past the histogram's first 1024 bins
+    scores = rng.uniform(0.5, 1.0, count)
+    summary = NucleusSummary()
+    for a, s in zip(areas, scores):
+        summary.add(int(a), float(s))
+    assert summary.count == count and summary.total_area == areas.sum()
+    assert summary.median_area == np.median(areas)
+    assert summary.mean_area == pytest.approx(areas.mean(), rel=1e-12)
+    assert (summary.min_area, summary.max_area) == (areas.min(), areas.max())
+    assert summary.mean_score == pytest.approx(scores.mean(), rel=1e-12)

@@ -66,10 +66,10 @@ recently used wait in a scratch folder beside the labels, in the page cache rath
 process's memory, and come back when reached); the strided sample, at most 16 MP, read by
 windows of 256 x 4096 px; the undecided instances, each with its mask and the stored pixels
 under its box (a few kB), about the nuclei of one overlap-wide strip across the image: the
-only term that grows, with the width, a few MB at 30,000 px; and the areas and scores of the
-nuclei found, 16 bytes each, for the summary. Figures of a run are in :class:`LargeResult`
-(``peak_chunks_held``, ``chunks_spilled``, ``peak_pending``), and ``tools/benchmark.py large``
-measures peak RSS on 4k, 16k and 30k px images.
+only term that grows, with the width, a few MB at 30,000 px; the nuclei found are summed up
+for the summary row as they come (:class:`NucleusSummary`). Figures of a run are in
+:class:`LargeResult` (``peak_chunks_held``, ``chunks_spilled``, ``peak_pending``), and
+``tools/benchmark.py large`` measures peak RSS on 4k, 16k and 30k px images.
 
 **API for the predict tool and Dask** (tiles spread over workers)::
 
@@ -120,7 +120,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from array import array
 import os
 import shutil
 import tempfile
@@ -170,6 +169,7 @@ __all__ = [
     "LargeOutputs",
     "LargeResult",
     "LargeSource",
+    "NucleusSummary",
     "PredictorModel",
     "ProbabilityModel",
     "ThresholdModel",
@@ -1002,6 +1002,56 @@ class LargeOutputs:
             raise ValueError(f"chunk must be at least 16 px, got {self.chunk}")
 
 
+class NucleusSummary:
+    """The summary row's figures of the nuclei of an image, kept as they are found, in memory
+    that does not grow with their number: the count, the area's sum, least and largest, the
+    areas' histogram (one count per area in pixels, so the median is exact) and the score's
+    sum.
+
+    ``mean_area``, ``median_area`` (as ``numpy.median`` of the areas), ``min_area``,
+    ``max_area``, ``total_area``, ``mean_score``: None when there is no nucleus.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total_area = 0
+        self._score_sum = 0.0
+        self._histogram = np.zeros(1024, dtype=np.int64)
+        self.min_area: Optional[int] = None
+        self.max_area: Optional[int] = None
+
+    def add(self, area: int, score: float) -> None:
+        """Count one nucleus of ``area`` px and ``score``."""
+        area = int(area)
+        if area >= len(self._histogram):
+            grown = np.zeros(max(2 * len(self._histogram), area + 1), dtype=np.int64)
+            grown[:len(self._histogram)] = self._histogram
+            self._histogram = grown
+        self._histogram[area] += 1
+        self.count += 1
+        self.total_area += area
+        self._score_sum += float(score)
+        self.min_area = area if self.min_area is None else min(self.min_area, area)
+        self.max_area = area if self.max_area is None else max(self.max_area, area)
+
+    @property
+    def mean_area(self) -> Optional[float]:
+        return self.total_area / self.count if self.count else None
+
+    @property
+    def mean_score(self) -> Optional[float]:
+        return self._score_sum / self.count if self.count else None
+
+    @property
+    def median_area(self) -> Optional[float]:
+        if not self.count:
+            return None
+        cumulative = np.cumsum(self._histogram)
+        low = int(np.searchsorted(cumulative, (self.count - 1) // 2 + 1))  # the middle one(s)
+        high = int(np.searchsorted(cumulative, self.count // 2 + 1))
+        return (low + high) / 2
+
+
 @dataclass
 class LargeResult:
     """What :func:`segment_large` did.
@@ -1024,9 +1074,9 @@ class LargeResult:
             components held open (:class:`~.components.ComponentStitcher`, those along the
             same frontier).
         kind: the model's output, ``"instances"`` or ``"semantic"``.
-        areas, scores: ``(K,)`` int64 pixel areas and float64 scores of nuclei ``1..K`` (for a
-            summary row: mean, median, min, max area, mean score, foreground fraction;
-            16 bytes a nucleus).
+        summary: the nuclei's areas and scores summed up as they were found
+            (:class:`NucleusSummary`: the summary row's figures; the per-nucleus values are in
+            the table).
     """
 
     labels: Path
@@ -1046,8 +1096,7 @@ class LargeResult:
     chunks_spilled: int = 0
     peak_pending: int = 0
     notes: List[str] = field(default_factory=list)
-    areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    summary: "NucleusSummary" = field(default_factory=lambda: NucleusSummary())
     kind: str = "instances"
     peak_open: int = 0
 
@@ -1414,8 +1463,7 @@ def segment_large(
     columns = list(TABLE_COLUMNS) + (list(PHYSICAL_COLUMNS) if image.pixel_size else [])
     want_outlines = outputs.geojson is not None or outputs.rois is not None
     labels = streams = None
-    areas = array("q")  # 8 bytes a nucleus, not a Python int's 36
-    scores = array("d")
+    summary = NucleusSummary()
     bar = tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not progress)
     try:
         labels = _LabelZarr(outputs.labels, (height, width), chunk, image.pixel_size)
@@ -1431,8 +1479,7 @@ def segment_large(
             else:
                 finished = stitcher.add(found.instances, found.stored)
             for nucleus in finished:
-                areas.append(int(nucleus.mask.sum()))
-                scores.append(nucleus.score)
+                summary.add(int(nucleus.mask.sum()), nucleus.score)
                 measured = (nucleus.mean_intensity if kind == "semantic"
                             else nucleus.intensity)
                 streams.add(_row(nucleus, measured, image.pixel_size),
@@ -1461,7 +1508,4 @@ def segment_large(
                        image.pixel_size, how,
                        normalised, round(time.perf_counter() - started, 3),
                        stitcher.store.peak_held, stitcher.store.spills,
-                       getattr(stitcher, "peak_pending", 0), notes,
-                       np.frombuffer(areas, np.int64).copy(),
-                       np.frombuffer(scores, np.float64).copy(),
-                       kind=kind, peak_open=getattr(stitcher, "peak_open", 0))
+                       getattr(stitcher, "peak_pending", 0), notes, summary, kind=kind, peak_open=getattr(stitcher, "peak_open", 0))

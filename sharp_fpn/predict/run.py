@@ -661,12 +661,12 @@ def _large_row(task: ImageTask, source, result, tile: int, settings: ImageSettin
     :class:`~.large.LargeSource` and :class:`~.large.LargeResult` (the columns of
     :func:`_image_row`; ``route`` ``large``)."""
     height, width = result.shape
-    how, size, areas = result.stretch, result.pixel_size, result.areas
+    how, size, found = result.stretch, result.pixel_size, result.summary
     count = int(result.nuclei)
     if count:
-        stats = {"mean_area": round(float(areas.mean()), 2),
-                 "median_area": float(np.median(areas)), "min_area": int(areas.min()),
-                 "max_area": int(areas.max())}
+        stats = {"mean_area": round(float(found.mean_area), 2),
+                 "median_area": float(found.median_area), "min_area": int(found.min_area),
+                 "max_area": int(found.max_area)}
     else:
         stats = {"mean_area": "", "median_area": "", "min_area": "", "max_area": ""}
     choice = result.scale
@@ -702,8 +702,8 @@ def _large_row(task: ImageTask, source, result, tile: int, settings: ImageSettin
         "scale": round(choice.scale, 4),
         "nuclei": count,
         **stats,
-        "mean_score": round(float(result.scores.mean()), 4) if count else "",
-        "foreground_fraction": round(float(areas.sum()) / float(height * width), 4),
+        "mean_score": round(float(found.mean_score), 4) if count else "",
+        "foreground_fraction": round(float(found.total_area) / float(height * width), 4),
         "seconds": round(seconds, 2),
         "fingerprint": task.fingerprint,
     }
