@@ -8,7 +8,9 @@ killed mid-run): a real LocalCluster of 2 worker processes, shared by the module
   are ``skipped (done)``, the rest segmented on the cluster, the outputs those of one run;
 * a worker process that dies (``os._exit``) on its first try of an image: the image is
   rescheduled, the outputs equal the serial run's, nothing half-written; a task that kills
-  every worker it runs on fails its image only (``KilledWorker``), the batch goes on.
+  every worker it runs on fails its image only (``KilledWorker``), the batch goes on;
+* the tiles of one large image on the workers (a bounded number in flight): the outputs of
+  one process, also when a worker dies on one of its tiles.
 
 The killing tests use a thresholding stand-in model (bright pixels, connected components,
 no torch): a restarted worker then starts in a second or two instead of importing torch and
@@ -293,3 +295,53 @@ def test_a_large_images_tiles_on_the_cluster_give_the_outputs_of_one_process(tmp
     assert (tmp_path / "one" / "big.csv").read_bytes() == (
         tmp_path / "dask" / "big.csv").read_bytes()
     assert results["dask"].nuclei == results["one"].nuclei
+
+
+class DiesOnATile:
+    """The thresholding tile model of the large path, whose process dies (``os._exit``) the
+    first time it is given the tile at ``(top, left)`` (it leaves ``marker``)."""
+
+    def __init__(self, at, marker):
+        from sharp_fpn.predict.large import ThresholdModel
+
+        self.inner, self.at, self.marker = ThresholdModel(150.0), tuple(at), marker
+        self.normalize, self.nucleus_diameter, self.min_kept_fraction = None, 0.0, 0.0
+
+    def instances(self, rgb, tile):
+        if (tile.top, tile.left) == self.at and not Path(self.marker).exists():
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return self.inner.instances(rgb, tile)
+
+
+def test_a_worker_killed_on_a_tile_of_a_large_image_is_retried_and_nothing_is_lost(
+        tmp_path, client):
+    import zarr
+
+    from sharp_fpn.predict.cluster import tile_mapper
+    from sharp_fpn.predict.large import LargeOutputs, ThresholdModel, segment_large
+    from sharp_fpn.predict.tiling import tile_grid
+
+    rng = np.random.default_rng(5)
+    pixels = np.rint(gaussian(rng.integers(0, 65535, (200, 180)).astype(np.float64), sigma=2,
+                              preserve_range=True)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "big.tif", pixels, tile=(64, 64))
+    victim = tile_grid(200, 180, 64, 16)[5]  # a tile in the middle of the run
+    marker = tmp_path / "died-once"
+    runs = {}
+    for name, map_tiles in (("one", None), ("dask", tile_mapper(
+            client, partial(DiesOnATile, (victim.top, victim.left), str(marker)),
+            in_flight=4))):
+        out = tmp_path / name
+        runs[name] = segment_large(
+            tmp_path / "big.tif", LargeOutputs(out / "big_labels.ome.zarr", out / "big.csv",
+                                               chunk=64),
+            predictor=ThresholdModel(150.0), tile=64, overlap=16, progress=False,
+            map_tiles=map_tiles)
+    assert marker.exists()  # a worker did die on that tile
+    one, on_dask = (zarr.open_group(str(tmp_path / n / "big_labels.ome.zarr"), mode="r")["0"][:]
+                    for n in ("one", "dask"))
+    np.testing.assert_array_equal(one, on_dask)
+    assert (tmp_path / "one" / "big.csv").read_bytes() == (
+        tmp_path / "dask" / "big.csv").read_bytes()
+    assert runs["dask"].nuclei == runs["one"].nuclei > 5
