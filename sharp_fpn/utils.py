@@ -88,6 +88,34 @@ def available_cpus() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+_MALLOC_TRIM: Any = None
+
+
+def release_free_memory() -> bool:
+    """Give the heap's free pages back to the OS (glibc's ``malloc_trim(0)``); False where
+    there is no glibc (a no-op).
+
+    A model run on tile after tile frees its hundreds of MB of activations each time, but
+    glibc keeps freed memory mapped when small, long-lived allocations (the stitch's masks
+    and label chunks) sit between the freed blocks: measured on the shipped model, the
+    resident memory of a tiled run climbed from 1,090 to 1,622 MB over 36 tiles of 1024 px,
+    and stayed between 808 and 837 MB with this called after each tile. Dask's documentation
+    gives the same remedy for its workers. It costs milliseconds."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            pass
+    if _MALLOC_TRIM is False:
+        return False
+    _MALLOC_TRIM(0)
+    return True
+
+
 def worker_count(requested: Optional[int] = None) -> int:
     """How many worker processes to use: ``requested``, or every available core when None.
 

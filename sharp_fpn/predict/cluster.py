@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 from tqdm import tqdm
 
-from ..utils import available_cpus, silence_warnings, worker_count
+from ..utils import available_cpus, release_free_memory, silence_warnings, worker_count
 
 __all__ = [
     "DEFAULT_RETRIES",
@@ -133,7 +133,10 @@ def tile_on_worker(factory: Callable[[], Any], key: str, reader, tile):
     model = worker_predictor(factory, key)
     if hasattr(model, "run_model"):  # a NucleiPredictor: the large path's tile model of it
         model = PredictorModel(model)
-    return TileRunner(model, reader)(tile)
+    try:
+        return TileRunner(model, reader)(tile)
+    finally:
+        release_free_memory()  # the model's freed activations, before the next tile
 
 
 def tile_mapper(client, factory: Callable[[], Any], key: Optional[str] = None,

@@ -155,6 +155,7 @@ from .image_io import (
     zarr_header,
 )
 from .outputs import OUTLINE_COLOURS, TABLE_COLUMNS
+from ..utils import release_free_memory
 from .tiling import InstanceSet, Tile, TileError, axis_spans, tile_grid
 
 if TYPE_CHECKING:  # detectron2 glue, built by the caller
@@ -1486,6 +1487,7 @@ def segment_large(
                             _outline(nucleus) if want_outlines else None)
             for key in stitcher.final_chunks():
                 labels.write(key, stitcher.take(key))
+            release_free_memory()  # the model's freed activations back to the OS
             bar.update()
         if not stitcher.done:
             raise ValueError(f"map_tiles gave {stitcher.taken} results for {len(tiles)} tiles "
