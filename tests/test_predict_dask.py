@@ -269,32 +269,45 @@ def test_dask_needs_weights_every_worker_can_load(tmp_path, cfg):
 def test_a_large_images_tiles_on_the_cluster_give_the_outputs_of_one_process(tmp_path, client):
     """segment_large's map_tiles spread over the workers (each its own model): the same
     OME-Zarr labels and the same CSV as the builtin map."""
+    from sharp_fpn.predict.cluster import tile_mapper
+    from sharp_fpn.predict.large import ThresholdModel
+
+    pixels = _smooth_uint16(np.random.default_rng(3), (230, 170))
+    # 3 tiles in flight at most: a new one is submitted as each is handed over
+    results = _large_image_both_ways(tmp_path, pixels, tile_mapper(
+        client, partial(ThresholdModel, 150.0), in_flight=3))
+    assert results["one"].tiles > 6 and results["one"].nuclei > 5
+
+
+def _smooth_uint16(rng, shape):
+    """16-bit noise smoothed into blobs: bright ones are the stand-in's nuclei."""
+    noise = rng.integers(0, 65535, shape).astype(np.float64)
+    return np.rint(gaussian(noise, sigma=2, preserve_range=True)).astype(np.uint16)
+
+
+def _large_image_both_ways(folder, pixels, mapper):
+    """``pixels`` as a tiled TIFF segmented by the large path in this process and with
+    ``mapper`` (a cluster's ``map_tiles``): the same labels and the same CSV; both results."""
     import zarr
 
-    from sharp_fpn.predict.cluster import tile_mapper
     from sharp_fpn.predict.large import LargeOutputs, ThresholdModel, segment_large
 
-    rng = np.random.default_rng(3)
-    pixels = np.rint(gaussian(rng.integers(0, 65535, (230, 170)).astype(np.float64), sigma=2,
-                              preserve_range=True)).astype(np.uint16)
-    tifffile.imwrite(tmp_path / "big.tif", pixels, tile=(64, 64))
+    tifffile.imwrite(folder / "big.tif", pixels, tile=(64, 64))
     results = {}
-    # 3 tiles in flight at most: a new one is submitted as each is handed over
-    mapper = tile_mapper(client, partial(ThresholdModel, 150.0), in_flight=3)
     for name, map_tiles in (("one", None), ("dask", mapper)):
-        out = tmp_path / name
+        out = folder / name
         results[name] = segment_large(
-            tmp_path / "big.tif", LargeOutputs(out / "big_labels.ome.zarr", out / "big.csv",
-                                               chunk=64),
+            folder / "big.tif", LargeOutputs(out / "big_labels.ome.zarr", out / "big.csv",
+                                             chunk=64),
             predictor=ThresholdModel(150.0), tile=64, overlap=16, progress=False,
             map_tiles=map_tiles)
-    one, on_dask = (zarr.open_group(str(tmp_path / n / "big_labels.ome.zarr"), mode="r")["0"][:]
+    one, on_dask = (zarr.open_group(str(folder / n / "big_labels.ome.zarr"), mode="r")["0"][:]
                     for n in ("one", "dask"))
-    assert results["one"].tiles > 6 and results["one"].nuclei > 5
     np.testing.assert_array_equal(one, on_dask)
-    assert (tmp_path / "one" / "big.csv").read_bytes() == (
-        tmp_path / "dask" / "big.csv").read_bytes()
+    assert (folder / "one" / "big.csv").read_bytes() == (
+        folder / "dask" / "big.csv").read_bytes()
     assert results["dask"].nuclei == results["one"].nuclei
+    return results
 
 
 class DiesOnATile:
@@ -316,32 +329,13 @@ class DiesOnATile:
 
 def test_a_worker_killed_on_a_tile_of_a_large_image_is_retried_and_nothing_is_lost(
         tmp_path, client):
-    import zarr
-
     from sharp_fpn.predict.cluster import tile_mapper
-    from sharp_fpn.predict.large import LargeOutputs, ThresholdModel, segment_large
     from sharp_fpn.predict.tiling import tile_grid
 
-    rng = np.random.default_rng(5)
-    pixels = np.rint(gaussian(rng.integers(0, 65535, (200, 180)).astype(np.float64), sigma=2,
-                              preserve_range=True)).astype(np.uint16)
-    tifffile.imwrite(tmp_path / "big.tif", pixels, tile=(64, 64))
+    pixels = _smooth_uint16(np.random.default_rng(5), (200, 180))
     victim = tile_grid(200, 180, 64, 16)[5]  # a tile in the middle of the run
     marker = tmp_path / "died-once"
-    runs = {}
-    for name, map_tiles in (("one", None), ("dask", tile_mapper(
-            client, partial(DiesOnATile, (victim.top, victim.left), str(marker)),
-            in_flight=4))):
-        out = tmp_path / name
-        runs[name] = segment_large(
-            tmp_path / "big.tif", LargeOutputs(out / "big_labels.ome.zarr", out / "big.csv",
-                                               chunk=64),
-            predictor=ThresholdModel(150.0), tile=64, overlap=16, progress=False,
-            map_tiles=map_tiles)
+    runs = _large_image_both_ways(tmp_path, pixels, tile_mapper(
+        client, partial(DiesOnATile, (victim.top, victim.left), str(marker)), in_flight=4))
     assert marker.exists()  # a worker did die on that tile
-    one, on_dask = (zarr.open_group(str(tmp_path / n / "big_labels.ome.zarr"), mode="r")["0"][:]
-                    for n in ("one", "dask"))
-    np.testing.assert_array_equal(one, on_dask)
-    assert (tmp_path / "one" / "big.csv").read_bytes() == (
-        tmp_path / "dask" / "big.csv").read_bytes()
     assert runs["dask"].nuclei == runs["one"].nuclei > 5

@@ -115,24 +115,23 @@ def _diameter(text: str) -> float:
     return value
 
 
-def _megapixels(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of megapixels: {text!r}") from None
-    if not value > 0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be > 0 megapixels, got {text}")
-    return value
+def _positive(unit: str):
+    """An argparse type: a number > 0 of ``unit`` (NaN refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
+        if not value > 0:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be > 0 {unit}, got {text}")
+        return value
+
+    return parse
 
 
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of megabytes: {text!r}") from None
-    if not value > 0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be > 0 MB, got {text}")
-    return value
+_megapixels = _positive("megapixels")
+_megabytes = _positive("MB")
 
 
 def _pixel_size(text: str) -> float:
