@@ -898,10 +898,11 @@ class GridStitcher(ChunkedStitch):
             return []
         self.pending.sort(key=lambda p: p.key)
         boxes = _boxes(self.pending)
-        ready = np.flatnonzero(self._untouched(boxes))
+        untouched = self._untouched(boxes)
+        ready = np.flatnonzero(untouched)
         if ready.size == 0:
             return []
-        open_ = np.flatnonzero(~self._untouched(boxes))
+        open_ = np.flatnonzero(~untouched)
         blocked = np.zeros(ready.size, dtype=bool)
         for start in range(0, ready.size, 512):  # a better undecided box overlapping: wait
             part = ready[start:start + 512]
@@ -1316,8 +1317,8 @@ def choose_scale(runner: TileRunner, shape: Tuple[int, int], tile: int, overlap:
     stitch; this is a sample of it (at most 9 tiles, run twice), the price of never holding
     the image. Fewer than :data:`~.scale.MIN_NUCLEI_TO_ESTIMATE` nuclei, or a scale within
     :data:`~.scale.KEEP_RANGE`: scale 1."""
-    from .scale import (ESTIMATED, GIVEN, KEEP_RANGE, MIN_NUCLEI_TO_ESTIMATE, TOO_FEW,
-                        UNKNOWN, ScaleChoice, clamp_scale)
+    from .scale import (ESTIMATED, GIVEN, TOO_FEW, UNKNOWN, ScaleChoice, clamp_scale,
+                        diameter_of_areas, estimated_scale)
 
     if not trained:
         return ScaleChoice(None, UNKNOWN, 1.0), 0
@@ -1341,11 +1342,10 @@ def choose_scale(runner: TileRunner, shape: Tuple[int, int], tile: int, overlap:
             y, x = found.centres()
             areas.extend(int(found.masks[j].sum())
                          for j in np.flatnonzero(t.owns(y + t.top, x + t.left)))
-    if len(areas) < MIN_NUCLEI_TO_ESTIMATE:
+    estimate = diameter_of_areas(np.asarray(areas))
+    if estimate is None:
         return ScaleChoice(None, TOO_FEW, 1.0), len(picked)
-    estimate = float(np.median(2.0 * np.sqrt(np.asarray(areas, dtype=np.float64) / np.pi)))
-    needed = trained / estimate
-    scale = 1.0 if KEEP_RANGE[0] <= needed <= KEEP_RANGE[1] else clamp_scale(needed)
+    scale = estimated_scale(trained, estimate)
     return ScaleChoice(estimate, ESTIMATED, scale, passes=2 if scale != 1.0 else 1), len(picked)
 
 

@@ -32,6 +32,8 @@ __all__ = [
     "check_diameter",
     "clamp_scale",
     "compact_labels",
+    "diameter_of_areas",
+    "estimated_scale",
     "median_diameter",
     "predict_at_scale",
     "resize_labels",
@@ -129,10 +131,24 @@ def median_diameter(labels: np.ndarray,
     """The median equivalent diameter (``2 sqrt(area / pi)``, px) of the nuclei of ``labels``,
     None for fewer than ``min_count``."""
     areas = np.bincount(labels.ravel())[1:]
-    areas = areas[areas > 0]
+    return diameter_of_areas(areas[areas > 0], min_count)
+
+
+def diameter_of_areas(areas: np.ndarray,
+                      min_count: int = MIN_NUCLEI_TO_ESTIMATE) -> Optional[float]:
+    """The median equivalent diameter (px) of nuclei of these ``areas`` (px), None for fewer
+    than ``min_count``."""
+    areas = np.asarray(areas, dtype=np.float64)
     if areas.size < min_count:
         return None
     return float(np.median(2.0 * np.sqrt(areas / np.pi)))
+
+
+def estimated_scale(model_diameter: float, estimate: float) -> float:
+    """The scale a first pass's ``estimate`` (px) asks for: 1 when ``model_diameter /
+    estimate`` lies in :data:`KEEP_RANGE` (the first pass stands), else that ratio clamped."""
+    needed = model_diameter / estimate
+    return 1.0 if KEEP_RANGE[0] <= needed <= KEEP_RANGE[1] else clamp_scale(needed)
 
 
 def _at_scale(predict: Callable[[np.ndarray], Any], rgb: np.ndarray, scale: float):
@@ -158,9 +174,8 @@ def predict_at_scale(predict: Callable[[np.ndarray], Any], rgb: np.ndarray,
     estimate = median_diameter(labels)
     if estimate is None:
         return Scaled(labels, scores, prediction, ScaleChoice(None, TOO_FEW, 1.0))
-    needed = model_diameter / estimate
-    if KEEP_RANGE[0] <= needed <= KEEP_RANGE[1]:
+    scale = estimated_scale(model_diameter, estimate)
+    if scale == 1.0:
         return Scaled(labels, scores, prediction, ScaleChoice(estimate, ESTIMATED, 1.0))
-    scale = clamp_scale(needed)
     labels, scores, prediction = _at_scale(predict, rgb, scale)
     return Scaled(labels, scores, prediction, ScaleChoice(estimate, ESTIMATED, scale, passes=2))
